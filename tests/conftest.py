@@ -1,0 +1,103 @@
+"""Shared fixtures. They make their own DICOM (no test reaches the network) and run the real
+pipeline (synth → ingest → train → predict) once per session on a tiny cohort."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from workbench.config import Settings
+
+TINY_COHORT = "tiny"
+TINY_MODEL = "tiny-model"
+
+
+def make_settings(home: Path) -> Settings:
+    home.mkdir(parents=True, exist_ok=True)
+    return Settings(
+        home=home,
+        database_url=f"sqlite:///{home / 'workbench.db'}",
+        models_dir=home / "models",
+        cache_dir=home / "cache",
+        device="cpu",
+        precision="bf16",
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """An empty workbench home of its own."""
+    return make_settings(tmp_path / "home")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    settings: Settings
+    source: Path  # the synthetic DICOM folder
+    cohort: str
+    model: str
+    bundle: Path
+
+
+def _env_for(settings: Settings) -> dict[str, str]:
+    return {
+        "WORKBENCH_HOME": str(settings.home),
+        "WORKBENCH_DATABASE_URL": settings.database_url,
+        "WORKBENCH_MODELS": str(settings.models_dir),
+        "WORKBENCH_CACHE": str(settings.cache_dir),
+        "WORKBENCH_DEVICE": "cpu",
+        "WORKBENCH_PRECISION": "bf16",
+    }
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    """A tiny trained model with stored predictions: 36 synthetic studies, 2 epochs at 32 px.
+
+    The environment points at this home while the session runs, so code that reads
+    ``get_settings()`` (the app, the CLI) sees the same catalog.
+    """
+    from workbench.dicom.synth import synthesize_cohort
+
+    from workbench.bundle import load_bundle
+    from workbench.catalog import cohort_items, ingest
+    from workbench.inference import predict_items
+    from workbench.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("pipeline")
+    settings = make_settings(root / "home")
+    src = root / "studies"
+    synthesize_cohort(src, n_studies=36, seed=7, modality="DX", image_size=96)
+    ingest(settings, src, src / "labels.csv", TINY_COHORT, progress=False)
+    result = train(
+        settings,
+        TrainConfig(
+            cohort=TINY_COHORT,
+            name=TINY_MODEL,
+            epochs=2,
+            image_size=32,
+            batch_size=8,
+            precision="bf16",
+            device="cpu",
+        ),
+        progress=False,
+    )
+    bundle = load_bundle(settings.models_dir, TINY_MODEL)
+    items = cohort_items(settings, TINY_COHORT, "test") + cohort_items(
+        settings, TINY_COHORT, "calibration"
+    )
+    predict_items(settings, bundle, items, explain="gradcam", progress=False)
+    saved = {k: os.environ.get(k) for k in _env_for(settings)}
+    os.environ.update(_env_for(settings))
+    try:
+        yield Pipeline(settings, src, TINY_COHORT, TINY_MODEL, result.bundle)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+from typing import cast
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import DenseNet, DenseNet121
+
+from workbench.explain import gradcam_layer, overlay, saliency
+
+METHODS = ("gradcam", "ig", "occlusion")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def net2d() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return DenseNet121(spatial_dims=2, in_channels=1, out_channels=3).eval()
+
+
+@pytest.fixture(scope="module")
+def net3d() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return DenseNet121(spatial_dims=3, in_channels=1, out_channels=3).eval()
+
+
+def _check_map(s: np.ndarray, shape: tuple[int, ...]) -> None:
+    assert s.shape == shape
+    assert s.dtype == np.float32
+    assert np.all(np.isfinite(s))
+    assert s.min() >= 0.0 and s.max() <= 1.0
+    assert s.max() == pytest.approx(1.0)
+    assert s.std() > 1e-3  # not constant
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_saliency_2d(net2d: torch.nn.Module, method: str) -> None:
+    image = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    _check_map(saliency(net2d, image, target=1, method=method, ig_steps=8), (64, 64))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_saliency_3d(net3d: torch.nn.Module, method: str) -> None:
+    image = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    kwargs: dict = {"ig_steps": 4, "internal_batch_size": 4}
+    if method == "occlusion":
+        # default window (4 voxels, 3375 forward passes) is ~20 s here; 8 voxels: 343
+        kwargs = {"occlusion_window": 8, "internal_batch_size": 32}
+    if method == "gradcam":
+        # DenseNet121's last block is 1x1x1 at 32^3: falls back to an earlier block
+        with pytest.warns(UserWarning, match="single voxel"):
+            s = saliency(net3d, image, target=2, method="gradcam")
+    else:
+        s = saliency(net3d, image, target=2, method=method, **kwargs)  # type: ignore[arg-type]
+    _check_map(s, (32, 32, 32))
+
+
+def test_channels_last_matches_and_state_is_preserved() -> None:
+    torch.manual_seed(0)
+    model = DenseNet121(spatial_dims=2, in_channels=1, out_channels=3)
+    image = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    # simulate a caller mid-training: existing grads, some None
+    model(torch.rand(2, 1, 64, 64)).sum().backward()
+    model.eval()
+    params = list(model.parameters())
+    params[0].grad = None
+    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    weights = [p.detach().clone() for p in params]
+
+    ref = {m: saliency(model, image, 0, m, ig_steps=8) for m in ("gradcam", "ig")}  # type: ignore[arg-type]
+    for p, g, w in zip(params, grads, weights, strict=True):
+        assert (p.grad is None) if g is None else torch.equal(cast(torch.Tensor, p.grad), g)
+        assert torch.equal(p.detach(), w)
+    assert not model.training
+
+    cl = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    for m in ("gradcam", "ig"):
+        s = saliency(cl, image.to(memory_format=torch.channels_last), 0, m, ig_steps=8)  # type: ignore[arg-type]
+        np.testing.assert_allclose(s, ref[m], atol=1e-3)
+    s = saliency(cl, image, 0, "occlusion", internal_batch_size=32)
+    _check_map(s, (64, 64))
+
+    # train mode is left alone too; works inside a caller's no_grad block
+    model.train()
+    with torch.no_grad():
+        saliency(model, torch.rand(1, 1, 64, 64), 0, "gradcam")
+    assert model.training
+
+
+def test_occlusion_odd_size_is_fully_covered(net2d: torch.nn.Module) -> None:
+    image = torch.rand(1, 1, 50, 70, generator=torch.Generator().manual_seed(3))
+    _check_map(saliency(net2d, image, 0, "occlusion", internal_batch_size=64), (50, 70))
+
+
+def test_gradcam_layer() -> None:
+    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)
+    assert gradcam_layer(net) is net.features.norm5
+
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU())
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.features(x).mean(dim=(2, 3)))
+
+    plain = Plain()
+    assert gradcam_layer(plain) is plain.features
+    with pytest.raises(ValueError, match="Grad-CAM layer"):
+        gradcam_layer(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))
+    with pytest.raises(ValueError):
+        saliency(net, torch.rand(1, 64, 64), 0)
+    with pytest.raises(ValueError):
+        saliency(net, torch.rand(1, 1, 64, 64), 0, "lime")  # type: ignore[arg-type]
+
+
+def _square_batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise images; class 1 has a bright 16x16 square in the top-left corner."""
+    x = torch.rand(n, 1, 64, 64, generator=g) * 0.3
+    y = torch.randint(0, 2, (n,), generator=g)
+    x[y == 1, :, 2:18, 2:18] += 0.7
+    return x, y
+
+
+def test_gradcam_localises_the_evidence() -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    # a small MONAI DenseNet (same layer names as DenseNet121; 8x8 final feature map)
+    model = DenseNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=2,
+        init_features=16,
+        growth_rate=8,
+        block_config=(2, 2),
+        bn_size=2,
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(50):
+        x, y = _square_batch(16, g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    x, y = _square_batch(32, g)
+    with torch.no_grad():
+        assert (model(x).argmax(1) == y).float().mean() > 0.9
+    half, quadrant = [], []
+    for img in x[y == 1]:
+        s = saliency(model, img[None], target=1, method="gradcam").astype(np.float64)
+        half.append(s[:, :32].sum() / s.sum())
+        quadrant.append(s[:32, :32].sum() / s.sum())
+    assert np.mean(half) > 0.75 and np.min(half) > 0.6
+    assert np.mean(quadrant) > 0.6  # a quarter of the image holds most of the map
+
+
+def test_overlay() -> None:
+    grey = np.linspace(0, 1, 20 * 30).reshape(20, 30)
+    heat = np.zeros((20, 30))
+    heat[5:10, 5:10] = 1.0
+    rgb = overlay(grey, heat)
+    assert rgb.shape == (20, 30, 3) and rgb.dtype == np.uint8
+    pure = overlay(grey, heat, alpha=0.0)
+    expected = np.round(grey * 255).astype(np.uint8)
+    for c in range(3):
+        np.testing.assert_array_equal(pure[..., c], expected)
+    # hot region is red-ish with jet, cold region blue-ish
+    assert rgb[7, 7, 0] > rgb[7, 7, 2]
+    assert overlay(grey, heat, alpha=1.0)[0, 0, 2] > overlay(grey, heat, alpha=1.0)[0, 0, 0]
+    with pytest.raises(ValueError):
+        overlay(grey, heat[:10])
+    with pytest.raises(ValueError):
+        overlay(grey, heat, alpha=1.5)

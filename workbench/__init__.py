@@ -1,0 +1,3 @@
+"""Medical imaging classification workbench."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,278 @@
+"""Save and load trained models as MONAI bundles under ``models/NAME/VERSION/``.
+
+Layout (MONAI's bundle specification)::
+
+    configs/metadata.json   MONAI metadata + a "workbench" section: the model's whole contract
+                            (classes, input size, intensity window, calibration, cohort hash,
+                            split, metrics, code version) — enough to predict and to audit
+    configs/inference.json  the network definition in MONAI's config syntax, for MONAI tools
+    models/model.pt         the state dict, loaded with ``weights_only=True``
+    docs/README.md          a short model card
+
+Nothing executable is read back: the loader builds the network from our own factory with the
+architecture named in the metadata, and weights are plain tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import monai
+import numpy as np
+import torch
+from torch import nn
+
+import workbench
+from workbench.calibration import Calibration
+from workbench.data import InputSpec
+from workbench.nets import create_network
+
+
+class BundleError(Exception):
+    """A bundle that is missing, incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded model bundle: the network in eval mode and its contract."""
+
+    path: Path
+    name: str
+    version: str
+    network: nn.Module
+    classes: tuple[str, ...]
+    spec: InputSpec
+    calibration: Calibration
+    negative_class: str | None
+    metadata: dict[str, Any]
+    bundle_hash: str
+
+    @property
+    def workbench(self) -> dict[str, Any]:
+        return dict(self.metadata["workbench"])
+
+
+def code_version() -> str:
+    """Package version plus the git commit (and '+dirty') when run from a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        return f"{workbench.__version__}+g{commit}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return workbench.__version__
+
+
+def hash_bundle(path: Path) -> str:
+    """sha256 over the weights and the metadata: what a prediction is traced back to."""
+    h = hashlib.sha256()
+    for rel in ("models/model.pt", "configs/metadata.json"):
+        f = path / rel
+        if not f.exists():
+            raise BundleError(f"bundle {path} lacks {rel}")
+        h.update(rel.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _next_version(model_dir: Path) -> str:
+    numbers = [
+        int(m.group(1))
+        for p in model_dir.glob("v*")
+        if p.is_dir() and (m := re.fullmatch(r"v(\d+)", p.name))
+    ]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+def save_bundle(
+    models_dir: Path,
+    name: str,
+    network: nn.Module,
+    classes: tuple[str, ...],
+    spec: InputSpec,
+    calibration: Calibration,
+    extra: dict[str, Any],
+    negative_class: str | None = None,
+) -> Path:
+    """Write a new version of model ``name``; returns the bundle folder.
+
+    Written to a temporary folder and renamed into place, so a crash never leaves half a bundle.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise BundleError(f"model name {name!r}: use letters, digits, '.', '_' and '-'")
+    model_dir = models_dir / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = _next_version(model_dir)
+    tmp = model_dir / f".{version}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for sub in ("configs", "models", "docs"):
+        (tmp / sub).mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    torch.save(state, tmp / "models" / "model.pt")
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    in_shape = [1] + [spec.image_size] * spec.spatial_dims
+    metadata = {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
+        "0.8.1/meta_schema_20240725.json",
+        "version": version.removeprefix("v") + ".0.0",
+        "changelog": {version.removeprefix("v") + ".0.0": f"trained {now}"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"workbench": workbench.__version__},
+        "name": name,
+        "task": f"{'3D' if spec.spatial_dims == 3 else '2D'} image classification",
+        "description": f"DenseNet121 classifying {', '.join(classes)}",
+        "authors": "medical imaging classification workbench",
+        "copyright": "trained locally; see the training cohort hash",
+        "intended_use": "Research and decision support under clinician review; not for "
+        "autonomous diagnosis.",
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "modality": extra.get("modality", "DX"),
+                    "num_channels": 1,
+                    "spatial_shape": in_shape[1:],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "display-pipeline intensity"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "probabilities",
+                    "format": "classes",
+                    "num_channels": len(classes),
+                    "spatial_shape": [1],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_onehot": True,
+                    "channel_def": {str(i): c for i, c in enumerate(classes)},
+                }
+            },
+        },
+        "workbench": {
+            "architecture": "densenet121",
+            "classes": list(classes),
+            "negative_class": negative_class,
+            "image_size": spec.image_size,
+            "spatial_dims": spec.spatial_dims,
+            "intensity_window": {
+                "source": "DICOM display pipeline (VOI window or LUT), output in [0, 1]",
+                "range": [0.0, 1.0],
+            },
+            "transform_hash": spec.transform_hash(),
+            "calibration": calibration.to_dict(),
+            "created": now,
+            "code_version": code_version(),
+            "platform": platform.platform(),
+            **extra,
+        },
+    }
+    (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2, default=float))
+    inference = {
+        "network_def": {
+            "_target_": "monai.networks.nets.DenseNet121",
+            "spatial_dims": spec.spatial_dims,
+            "in_channels": 1,
+            "out_channels": len(classes),
+        },
+        "network": "$@network_def",
+    }
+    (tmp / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
+    (tmp / "docs" / "README.md").write_text(_model_card(name, version, metadata))
+    final = model_dir / version
+    os.replace(tmp, final)
+    return final
+
+
+def _model_card(name: str, version: str, metadata: dict[str, Any]) -> str:
+    wb = metadata["workbench"]
+    metrics = wb.get("metrics", {}).get("test", {})
+    lines = [
+        f"# {name} {version}",
+        "",
+        metadata["description"] + ".",
+        "",
+        f"Intended use: {metadata['intended_use']}",
+        "",
+        f"- input: {wb['spatial_dims']}D, {wb['image_size']} px, display pixels in [0, 1]",
+        f"- training cohort: {wb.get('cohort')} (hash {str(wb.get('cohort_hash'))[:16]})",
+        f"- calibration: {wb['calibration']['method']}",
+        f"- code: {wb['code_version']}",
+    ]
+    lines += [f"- test {k}: {v:.3f}" for k, v in metrics.items() if isinstance(v, float)]
+    return "\n".join(lines) + "\n"
+
+
+def resolve_bundle_path(models_dir: Path, model: str) -> Path:
+    """A bundle folder from a path, ``NAME/VERSION`` or ``NAME`` (its latest version)."""
+    p = Path(model)
+    if (p / "configs" / "metadata.json").exists():
+        return p
+    candidate = models_dir / model
+    if (candidate / "configs" / "metadata.json").exists():
+        return candidate
+    if candidate.is_dir():
+        versions = sorted(
+            (int(m.group(1)), d)
+            for d in candidate.iterdir()
+            if d.is_dir() and (m := re.fullmatch(r"v(\d+)", d.name))
+        )
+        if versions:
+            return versions[-1][1]
+    raise BundleError(f"no model bundle {model!r} (looked in {models_dir})")
+
+
+def load_bundle(models_dir: Path, model: str, device: str | torch.device = "cpu") -> Bundle:
+    """Load a bundle for inference: weights only, network built by our factory, eval mode."""
+    path = resolve_bundle_path(models_dir, model)
+    try:
+        metadata = json.loads((path / "configs" / "metadata.json").read_text())
+        wb = metadata["workbench"]
+        classes = tuple(wb["classes"])
+        spec = InputSpec(image_size=int(wb["image_size"]), spatial_dims=int(wb["spatial_dims"]))
+        network = create_network(spec.spatial_dims, len(classes), architecture=wb["architecture"])
+        state = torch.load(path / "models" / "model.pt", map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+    except (OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as err:
+        raise BundleError(f"bundle {path} is unreadable: {err}") from err
+    network.to(device).eval()
+    return Bundle(
+        path=path,
+        name=metadata.get("name", path.parent.name),
+        version=path.name,
+        network=network,
+        classes=classes,
+        spec=spec,
+        calibration=Calibration.from_dict(wb["calibration"]),
+        negative_class=wb.get("negative_class"),
+        metadata=metadata,
+        bundle_hash=hash_bundle(path),
+    )

@@ -1,0 +1,75 @@
+"""Typed settings, read from the environment (``WORKBENCH_*``).
+
+The home folder holds everything the workbench writes: the SQLite catalog, the decoded-pixel
+cache, the pseudonymisation key and (by default) the model bundles.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things live and how to compute. Build with :func:`get_settings`."""
+
+    home: Path
+    database_url: str
+    models_dir: Path
+    cache_dir: Path
+    device: Device = "auto"
+    precision: Precision = "auto"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key_file(self) -> Path:
+        return self.home / "pseudonym.key"
+
+
+def get_settings() -> Settings:
+    """Settings from the environment; defaults put everything under the current folder."""
+    home = Path(os.environ.get("WORKBENCH_HOME", ".")).resolve()
+    url = os.environ.get("WORKBENCH_DATABASE_URL") or f"sqlite:///{home / 'workbench.db'}"
+    models = Path(os.environ.get("WORKBENCH_MODELS", home / "models")).resolve()
+    cache = Path(os.environ.get("WORKBENCH_CACHE", home / "cache")).resolve()
+    device = os.environ.get("WORKBENCH_DEVICE", "auto")
+    precision = os.environ.get("WORKBENCH_PRECISION", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"WORKBENCH_DEVICE must be auto, cpu or cuda, not {device!r}")
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"WORKBENCH_PRECISION must be auto, bf16, fp16 or fp32, not {precision!r}")
+    return Settings(
+        home=home,
+        database_url=url,
+        models_dir=models,
+        cache_dir=cache,
+        device=device,  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]
+    )
+
+
+def pseudonym_key(settings: Settings) -> bytes:
+    """The installation's secret key for keyed-hash pseudonyms.
+
+    ``WORKBENCH_PSEUDONYM_KEY`` wins; otherwise a random key is generated once per installation
+    and kept (mode 0600) in the home folder. It is never committed (the home's files are ignored).
+    """
+    env = os.environ.get("WORKBENCH_PSEUDONYM_KEY")
+    if env:
+        return env.encode()
+    path = settings.key_file
+    if path.exists():
+        return path.read_bytes().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    return key

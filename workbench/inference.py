@@ -1,0 +1,249 @@
+"""Predict: a study's cached images in, a calibrated, explained, traceable prediction out.
+
+Per image the network gives logits; the study's logit is their mean (the calibration was
+fitted on the same study-level logits). Saliency is computed for the most probable finding
+(the most probable class other than the negative one), mapped back from the network's input
+grid to the image's own rows and columns by inverting the eval transforms, and cached as
+``.npy`` keyed by bundle hash, pixel hash and method.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+from tqdm import tqdm
+
+from workbench.bundle import Bundle, code_version
+from workbench.calibration import softmax
+from workbench.catalog import CohortItem
+from workbench.config import Settings
+from workbench.data import eval_transforms
+from workbench.explain import saliency
+from workbench.nets import embed
+from workbench.runtime import autocast, resolve_precision, to_device
+from workbench.store import Prediction, new_session
+
+EXPLAIN_METHODS: tuple[str, ...] = ("gradcam", "ig", "occlusion", "none")
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    view: str
+    pixel_hash: str
+    cache_key: str
+    probabilities: dict[str, float]
+    saliency_file: str | None  # relative to the cache folder
+    saliency_target: str | None
+
+
+@dataclass(frozen=True)
+class StudyPrediction:
+    study_id: int
+    study_key: str
+    probabilities: dict[str, float]  # calibrated, study level
+    raw_probabilities: dict[str, float]  # uncalibrated softmax of the study logit
+    predicted_label: str
+    top_k: list[tuple[str, float]]
+    priority: float  # calibrated probability of the most probable finding
+    images: tuple[ImagePrediction, ...]
+    embedding: np.ndarray  # mean image embedding (F,)
+
+
+def saliency_path(settings: Settings, bundle_hash: str, pixel_hash: str, method: str) -> Path:
+    key = hashlib.sha256(f"{bundle_hash}|{pixel_hash}|{method}".encode()).hexdigest()
+    return settings.cache_dir / "saliency" / key[:2] / f"{key}.npy"
+
+
+def _finding_index(bundle: Bundle, probs: np.ndarray) -> int:
+    """Index of the most probable class that is not the negative one."""
+    order = np.argsort(-probs)
+    for k in order:
+        if bundle.classes[int(k)] != bundle.negative_class:
+            return int(k)
+    return int(order[0])
+
+
+def predict_study(
+    settings: Settings,
+    bundle: Bundle,
+    item: CohortItem,
+    explain: str = "gradcam",
+    precision: str = "auto",
+) -> StudyPrediction:
+    """Run the bundle on one study; saliency maps are written to the cache."""
+    if explain not in EXPLAIN_METHODS:
+        raise ValueError(f"--explain must be one of {', '.join(EXPLAIN_METHODS)}")
+    model = bundle.network
+    device = next(model.parameters()).device
+    prec = resolve_precision(precision, device)
+    transform = eval_transforms(bundle.spec)
+    inputs = [transform({"image": [str(p) for p in paths]})["image"] for paths in item.images]
+    x = to_device(
+        torch.stack([torch.as_tensor(t) for t in inputs]), device, bundle.spec.spatial_dims
+    )
+    with torch.no_grad(), autocast(device, prec):
+        logits_t, emb_t = embed(model, x)
+    logits = logits_t.float().cpu().numpy()
+    study_logit = logits.mean(axis=0, keepdims=True)
+    calibrated = bundle.calibration.apply(study_logit)[0]
+    raw = softmax(study_logit)[0]
+    per_image_cal = bundle.calibration.apply(logits)
+    target = _finding_index(bundle, calibrated)
+    images = []
+    for j, inp in enumerate(inputs):
+        sal_file: str | None = None
+        if explain != "none":
+            path = saliency_path(settings, bundle.bundle_hash, item.pixel_hashes[j], explain)
+            if not path.exists():
+                heat = saliency(model, inp[None].to(device), target, method=explain)  # type: ignore[arg-type]
+                native = _to_native(transform, inp, heat)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, native.astype(np.float16))
+            sal_file = str(path.relative_to(settings.cache_dir))
+        images.append(
+            ImagePrediction(
+                view=item.views[j],
+                pixel_hash=item.pixel_hashes[j],
+                cache_key=item.cache_keys[j],
+                probabilities=_as_dict(bundle.classes, per_image_cal[j]),
+                saliency_file=sal_file,
+                saliency_target=bundle.classes[target] if explain != "none" else None,
+            )
+        )
+    order = np.argsort(-calibrated)[: min(5, len(bundle.classes))]
+    finding = [k for k, c in enumerate(bundle.classes) if c != bundle.negative_class]
+    priority = float(calibrated[finding].max()) if finding else float(calibrated.max())
+    return StudyPrediction(
+        study_id=item.study_id,
+        study_key=item.study_key,
+        probabilities=_as_dict(bundle.classes, calibrated),
+        raw_probabilities=_as_dict(bundle.classes, raw),
+        predicted_label=bundle.classes[int(np.argmax(calibrated))],
+        top_k=[(bundle.classes[int(k)], float(calibrated[k])) for k in order],
+        priority=priority,
+        images=tuple(images),
+        embedding=emb_t.float().mean(dim=0).cpu().numpy(),
+    )
+
+
+def _to_native(transform: Any, model_input: torch.Tensor, heat: np.ndarray) -> np.ndarray:
+    """Undo pad and resize: a map on the network's grid onto the image's own grid."""
+    meta = MetaTensor(torch.from_numpy(heat[None].astype(np.float32)))
+    meta.copy_meta_from(model_input)
+    inverted = transform.inverse({"image": meta})["image"]
+    return np.clip(np.asarray(inverted[0]), 0.0, 1.0)
+
+
+def _as_dict(classes: Sequence[str], values: np.ndarray) -> dict[str, float]:
+    return {c: float(v) for c, v in zip(classes, values, strict=True)}
+
+
+def predict_items(
+    settings: Settings,
+    bundle: Bundle,
+    items: Sequence[CohortItem],
+    explain: str = "gradcam",
+    precision: str = "auto",
+    progress: bool = True,
+    force: bool = False,
+) -> list[StudyPrediction]:
+    """Predict and store each study; studies already predicted by this bundle are skipped
+    (so an interrupted batch resumes) unless ``force``. Returns the new predictions."""
+    done: set[int] = set()
+    with new_session(settings.database_url) as session:
+        if not force:
+            done = set(
+                session.scalars(
+                    select(Prediction.study_id).where(
+                        Prediction.bundle_hash == bundle.bundle_hash,
+                        Prediction.explain_method == explain,
+                    )
+                )
+            )
+        code = code_version()
+        out = []
+        for n, item in enumerate(tqdm(items, desc="predict", unit="study", disable=not progress)):
+            if item.study_id in done or not item.images:
+                continue
+            pred = predict_study(settings, bundle, item, explain, precision)
+            session.add(to_row(pred, bundle, code, explain))
+            out.append(pred)
+            if n % 16 == 15:
+                session.commit()
+        session.commit()
+    return out
+
+
+def to_row(pred: StudyPrediction, bundle: Bundle, code: str, explain: str) -> Prediction:
+    return Prediction(
+        study_id=pred.study_id,
+        model_name=bundle.name,
+        model_version=bundle.version,
+        bundle_hash=bundle.bundle_hash,
+        code_version=code,
+        transform_hash=bundle.spec.transform_hash(),
+        pixel_hashes=[im.pixel_hash for im in pred.images],
+        probabilities=pred.probabilities,
+        raw_probabilities=pred.raw_probabilities,
+        predicted_label=pred.predicted_label,
+        top_k=[list(t) for t in pred.top_k],
+        priority=pred.priority,
+        per_image=[
+            {
+                "view": im.view,
+                "pixel_hash": im.pixel_hash,
+                "cache_key": im.cache_key,
+                "probabilities": im.probabilities,
+                "saliency_file": im.saliency_file,
+                "saliency_target": im.saliency_target,
+            }
+            for im in pred.images
+        ],
+        explain_method=explain,
+    )
+
+
+def latest_predictions(
+    settings: Settings, bundle_hash: str, study_ids: Sequence[int] | None = None
+) -> dict[int, Prediction]:
+    """The newest stored prediction per study for one bundle."""
+    with new_session(settings.database_url) as session:
+        q = (
+            select(Prediction)
+            .where(Prediction.bundle_hash == bundle_hash)
+            .options(selectinload(Prediction.study))
+        )
+        if study_ids is not None:
+            q = q.where(Prediction.study_id.in_(list(study_ids)))
+        rows: dict[int, Prediction] = {}
+        for row in session.scalars(q.order_by(Prediction.id)):
+            rows[row.study_id] = row
+        return rows
+
+
+def write_csv(path: Path, bundle: Bundle, preds: Sequence[Prediction]) -> None:
+    """One row per study: pseudonymous study key, label, calibrated probabilities, top-k."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            ["study_key", "predicted_label", *[f"p_{c}" for c in bundle.classes], "top_k"]
+            + ["priority", "model", "version", "bundle_hash"]
+        )
+        for p in preds:
+            w.writerow(
+                [p.study.study_key, p.predicted_label]
+                + [f"{p.probabilities[c]:.6f}" for c in bundle.classes]
+                + [";".join(f"{c}:{v:.4f}" for c, v in p.top_k)]
+                + [f"{p.priority:.6f}", bundle.name, bundle.version, bundle.bundle_hash]
+            )

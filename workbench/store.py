@@ -1,0 +1,312 @@
+"""The database: SQLAlchemy tables, engines and sessions, and the audit log.
+
+SQLite is the default (WAL, a busy timeout, ``BEGIN IMMEDIATE`` for every transaction so that
+concurrent writers queue instead of failing); PostgreSQL or any other SQLAlchemy URL works through
+``WORKBENCH_DATABASE_URL``. The schema is created and upgraded by Alembic (``migrations/``).
+
+No PHI is stored here: patients are known only by a keyed-hash pseudonym, studies by their UID and
+a short study key used in every export and log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    pseudonym: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sex: Mapped[str | None] = mapped_column(String(8))
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_key: Mapped[str] = mapped_column(String(16), unique=True)
+    patient_pseudonym: Mapped[str] = mapped_column(ForeignKey("patient.pseudonym"), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    age_years: Mapped[int | None] = mapped_column(Integer)
+    site: Mapped[str | None] = mapped_column(String(128))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(64))
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    manufacturer: Mapped[str | None] = mapped_column(String(128))
+    institution: Mapped[str | None] = mapped_column(String(128))
+    station: Mapped[str | None] = mapped_column(String(128))
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    file_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    pixel_hash: Mapped[str] = mapped_column(String(64), index=True)
+    cache_key: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int] = mapped_column(Integer)
+    columns: Mapped[int] = mapped_column(Integer)
+    frames: Mapped[int] = mapped_column(Integer, default=1)
+    photometric: Mapped[str] = mapped_column(String(16))
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    pixel_spacing: Mapped[float | None] = mapped_column(Float)
+    voi_source: Mapped[str] = mapped_column(String(16))
+    slice_position: Mapped[float | None] = mapped_column(Float)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    ingested_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Quarantine(Base):
+    __tablename__ = "quarantine"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String(1024), unique=True)
+    file_sha256: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(String(1024))
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Cohort(Base):
+    __tablename__ = "cohort"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    split_seed: Mapped[int | None] = mapped_column(Integer)
+    split_fractions: Mapped[list[Any] | None] = mapped_column(JSON)
+
+
+class CohortMember(Base):
+    __tablename__ = "cohort_member"
+    __table_args__ = (UniqueConstraint("cohort_name", "study_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cohort_name: Mapped[str] = mapped_column(ForeignKey("cohort.name"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    split: Mapped[str | None] = mapped_column(String(16))
+    study: Mapped[Study] = relationship()
+
+
+class Prediction(Base):
+    __tablename__ = "prediction"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(128), index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    bundle_hash: Mapped[str] = mapped_column(String(64))
+    code_version: Mapped[str] = mapped_column(String(64))
+    transform_hash: Mapped[str] = mapped_column(String(64))
+    pixel_hashes: Mapped[list[Any]] = mapped_column(JSON)
+    probabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
+    raw_probabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
+    predicted_label: Mapped[str] = mapped_column(String(64))
+    top_k: Mapped[list[Any]] = mapped_column(JSON)
+    priority: Mapped[float] = mapped_column(Float, index=True)
+    per_image: Mapped[list[Any]] = mapped_column(JSON)
+    explain_method: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    study: Mapped[Study] = relationship()
+
+
+class Review(Base):
+    __tablename__ = "review"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("prediction.id"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    reviewer: Mapped[str] = mapped_column(String(128))
+    agree: Mapped[bool] = mapped_column(Boolean)
+    label: Mapped[str] = mapped_column(String(64))
+    comment: Mapped[str] = mapped_column(String(4096), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class AuditEvent(Base):
+    """Append-only; each row carries the hash of the previous one so tampering is detectable."""
+
+    __tablename__ = "audit_event"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    object_type: Mapped[str] = mapped_column(String(64))
+    object_id: Mapped[str] = mapped_column(String(64))
+    old_value: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    new_value: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    reason: Mapped[str] = mapped_column(String(1024), default="")
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+# --- engines and sessions -------------------------------------------------------------------
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    # SQLAlchemy's documented recipe for pysqlite: take over transaction control so that every
+    # transaction starts with BEGIN IMMEDIATE (writers queue on the busy timeout, no upgrade
+    # deadlocks), and switch the journal to WAL so readers never block the writer.
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@cache
+def get_engine(url: str) -> Engine:
+    """One engine per URL, with the schema migrated to the latest revision."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        _sqlite_pragmas(engine)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    migrate(engine)
+    return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to Alembic's head revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    factory = sessionmaker(get_engine(url), expire_on_commit=False)
+    with factory() as session, session.begin():
+        yield session
+
+
+# --- audit log -------------------------------------------------------------------------------
+
+GENESIS = "0" * 64
+
+
+def _event_hash(prev_hash: str, fields: dict[str, Any]) -> str:
+    payload = json.dumps(fields, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256((prev_hash + payload).encode()).hexdigest()
+
+
+def _audit_fields(ev: AuditEvent) -> dict[str, Any]:
+    return {
+        "at": ev.at.isoformat(),
+        "actor": ev.actor,
+        "action": ev.action,
+        "object_type": ev.object_type,
+        "object_id": ev.object_id,
+        "old_value": ev.old_value,
+        "new_value": ev.new_value,
+        "reason": ev.reason,
+    }
+
+
+def record_audit(
+    session: Session,
+    actor: str,
+    action: str,
+    object_type: str,
+    object_id: str | int,
+    old_value: dict[str, Any] | None = None,
+    new_value: dict[str, Any] | None = None,
+    reason: str = "",
+) -> AuditEvent:
+    """Append one audit event, chained to the previous one by hash."""
+    last = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(1)).first()
+    prev = last.hash if last else GENESIS
+    ev = AuditEvent(
+        at=utcnow(),
+        actor=actor,
+        action=action,
+        object_type=object_type,
+        object_id=str(object_id),
+        old_value=old_value,
+        new_value=new_value,
+        reason=reason,
+        prev_hash=prev,
+        hash="",
+    )
+    ev.hash = _event_hash(prev, _audit_fields(ev))
+    session.add(ev)
+    session.flush()
+    return ev
+
+
+def verify_audit(session: Session) -> int | None:
+    """Id of the first audit row whose chain does not hold, or None when all rows check out."""
+    prev = GENESIS
+    for ev in session.scalars(select(AuditEvent).order_by(AuditEvent.id)):
+        if ev.prev_hash != prev or ev.hash != _event_hash(prev, _audit_fields(ev)):
+            return ev.id
+        prev = ev.hash
+    return None
+
+
+def new_session(url: str) -> Session:
+    """A plain session for long jobs that commit in batches (``session.commit()``)."""
+    return sessionmaker(get_engine(url), expire_on_commit=False)()

@@ -1,0 +1,308 @@
+"""The fit loop: patient-level split, AMP, channels_last, checkpoints, early stopping, then
+calibration on the calibration split and a bundle under ``models/NAME/vN/``.
+
+Recipe (2 CPU cores, the demo cohort)::
+
+    workbench train --cohort demo --name chest-xray --epochs 6 --image-size 96
+
+The calibration split doubles as the validation split for early stopping (as in Guo et al.
+2017, where the validation set also fits the temperature); the test split is touched only once,
+after the model and its calibration are fixed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import DataLoader
+from monai.utils import set_determinism
+from torch import nn
+from tqdm import tqdm
+
+from workbench.bundle import save_bundle
+from workbench.calibration import fit_calibration, softmax
+from workbench.catalog import CohortItem, cohort_hash, cohort_items, split_cohort
+from workbench.config import Settings
+from workbench.data import InputSpec, make_dataset, to_records
+from workbench.metrics import classification_metrics
+from workbench.nets import create_network
+from workbench.runtime import (
+    autocast,
+    forward_dataset,
+    mean_by_study,
+    resolve_device,
+    resolve_precision,
+    to_device,
+)
+
+NEGATIVE_NAMES = ("normal", "no_lesion", "negative", "no_finding")
+
+
+class TrainingError(Exception):
+    """A user-facing training problem (empty cohort, one class only, diverged loss...)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cohort: str
+    name: str
+    epochs: int = 6
+    image_size: int = 96
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    patience: int = 3
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests)
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    bundle: Path
+    history: list[dict[str, float]]
+    best_epoch: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    set_determinism(seed=seed)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _labelled(items: list[CohortItem]) -> list[CohortItem]:
+    return [i for i in items if i.label]
+
+
+def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Train, calibrate and bundle a model on ``cfg.cohort``."""
+    started = time.time()
+    _seed_everything(cfg.seed)
+    split_counts = split_cohort(settings, cfg.cohort, cfg.seed, cfg.split_fractions)
+    items = _labelled(cohort_items(settings, cfg.cohort))
+    if not items:
+        raise TrainingError(f"cohort {cfg.cohort!r} has no labelled studies")
+    classes = tuple(sorted({i.label for i in items if i.label}))
+    if len(classes) < 2:
+        raise TrainingError(f"cohort {cfg.cohort!r} has only one class ({classes[0]})")
+    by_split = {s: [i for i in items if i.split == s] for s in ("train", "calibration", "test")}
+    for s, its in by_split.items():
+        if not its:
+            raise TrainingError(f"the {s} split of {cfg.cohort!r} is empty; ingest more studies")
+    modality = items[0].modality or ""
+    spatial_dims = 3 if any(len(paths) > 1 for i in items for paths in i.images) else 2
+    spec = InputSpec(image_size=cfg.image_size, spatial_dims=spatial_dims)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    negative = next((c for c in classes if c.lower() in NEGATIVE_NAMES), None)
+
+    records = {s: to_records(its, classes) for s, its in by_split.items()}
+    train_ds = make_dataset(records["train"], spec, train=True)
+    val_ds = make_dataset(records["calibration"], spec, train=False)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(
+        train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=generator
+    )
+
+    model = create_network(spatial_dims, len(classes)).to(device)
+    if spatial_dims == 2:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # Class weights (inverse frequency) so a rare finding is not drowned by the negatives.
+    counts = np.bincount([r["label"] for r in records["train"]], minlength=len(classes))
+    weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(classes), dtype=torch.float)
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    run_dir = settings.models_dir / cfg.name / ".training"
+    ckpt_path = run_dir / "checkpoint.pt"
+    history: list[dict[str, float]] = []
+    best_loss, best_epoch, bad_epochs, start_epoch, step = float("inf"), -1, 0, 0, 0
+    best_state: dict[str, torch.Tensor] | None = None
+    if cfg.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+        if ckpt["config"]["cohort"] != cfg.cohort or tuple(ckpt["classes"]) != classes:
+            raise TrainingError("the checkpoint belongs to another cohort; train without --resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        history, best_loss, best_epoch = ckpt["history"], ckpt["best_loss"], ckpt["best_epoch"]
+        bad_epochs, start_epoch, step = ckpt["bad_epochs"], ckpt["epoch"] + 1, ckpt["step"]
+        best_state = ckpt["best_state"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        generator.set_state(ckpt["rng"]["loader"])
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+        for batch in bar:
+            x = to_device(torch.as_tensor(batch["image"]), device, spatial_dims)
+            y = torch.as_tensor(batch["label"]).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, precision):
+                loss = loss_fn(model(x).float(), y)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}; the last good "
+                    f"checkpoint is kept at {ckpt_path}. Lower --lr or use --precision fp32"
+                )
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            step += 1
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+        scheduler.step()
+        val = forward_dataset(model, val_ds, device, precision, spatial_dims)
+        val_loss = float(
+            nn.functional.cross_entropy(
+                torch.from_numpy(val["logits"]),
+                torch.as_tensor([r["label"] for r in records["calibration"]]),
+            )
+        )
+        history.append(
+            {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss}
+        )
+        if progress:
+            print(f"epoch {epoch + 1}: train loss {np.mean(losses):.4f}, val loss {val_loss:.4f}")
+        if val_loss < best_loss:
+            best_loss, best_epoch, bad_epochs = val_loss, epoch + 1, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        _atomic_save(
+            {
+                "config": asdict(cfg),
+                "classes": classes,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "history": history,
+                "best_loss": best_loss,
+                "best_epoch": best_epoch,
+                "best_state": best_state,
+                "bad_epochs": bad_epochs,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                    "loader": generator.get_state(),
+                },
+            },
+            ckpt_path,
+        )
+        if bad_epochs >= cfg.patience or (cfg.max_steps and step >= cfg.max_steps):
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+
+    # Calibrate on study-level logits of the calibration split, then test once.
+    cal_ids, cal_logits = mean_by_study(
+        *_logits(model, records["calibration"], spec, device, precision)
+    )
+    cal_labels = _study_labels(records["calibration"], cal_ids)
+    result = fit_calibration(cal_logits, cal_labels, classes, seed=cfg.seed)
+    test_ids, test_logits = mean_by_study(*_logits(model, records["test"], spec, device, precision))
+    test_labels = _study_labels(records["test"], test_ids)
+    raw = softmax(test_logits)
+    calibrated = result.calibration.apply(test_logits)
+    from workbench.calibration import brier_score, expected_calibration_error
+
+    test_metrics = classification_metrics(calibrated, test_labels, classes, n_resamples=200)
+    test_metrics["ece_before"] = expected_calibration_error(raw, test_labels)
+    test_metrics["ece_after"] = expected_calibration_error(calibrated, test_labels)
+    test_metrics["brier_before"] = brier_score(raw, test_labels)
+    test_metrics["brier_after"] = brier_score(calibrated, test_labels)
+    summary = {
+        "accuracy": test_metrics["accuracy"],
+        "auroc_macro": test_metrics["auroc_macro"],
+        "ece_before": test_metrics["ece_before"],
+        "ece_after": test_metrics["ece_after"],
+    }
+    extra = {
+        "modality": modality,
+        "cohort": cfg.cohort,
+        "cohort_hash": cohort_hash(items),
+        "split": {
+            "seed": cfg.seed,
+            "fractions": list(cfg.split_fractions),
+            "studies": split_counts,
+            "patients": {s: len({i.patient for i in its}) for s, its in by_split.items()},
+        },
+        "training": {
+            **asdict(cfg),
+            "device": str(device),
+            "precision": precision,
+            "best_epoch": best_epoch,
+            "history": history,
+            "seconds": round(time.time() - started, 1),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "calibration_fit": {
+            "held_out_log_loss": result.held_out_log_loss,
+            "before": result.before,
+            "after": result.after,
+        },
+        "metrics": {"test": summary, "test_detail": test_metrics},
+    }
+    bundle = save_bundle(
+        settings.models_dir,
+        cfg.name,
+        model,
+        classes,
+        spec,
+        result.calibration,
+        extra,
+        negative_class=negative,
+    )
+    ckpt_path.unlink(missing_ok=True)
+    return TrainResult(bundle=bundle, history=history, best_epoch=best_epoch, metrics=summary)
+
+
+def _logits(
+    model: nn.Module,
+    records: list[dict[str, Any]],
+    spec: InputSpec,
+    device: torch.device,
+    precision: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    out = forward_dataset(
+        model, make_dataset(records, spec, train=False), device, precision, spec.spatial_dims
+    )
+    return out["study_ids"], out["logits"]
+
+
+def _study_labels(records: list[dict[str, Any]], study_ids: np.ndarray) -> np.ndarray:
+    by_study = {r["study_id"]: r["label"] for r in records}
+    return np.asarray([by_study[int(s)] for s in study_ids], dtype=np.int64)
