@@ -260,3 +260,10 @@ def test_ct_lesion_findings_mark_a_bright_sphere(ct_cohort: Path) -> None:
         assert int(ds.InstanceNumber) == z + 1
         hu = ds.pixel_array.astype(float) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         assert hu[y - 1 : y + 2, x - 1 : x + 2].mean() > 50
+
+
+def test_every_instance_of_a_larger_ct_cohort_has_its_own_uid(tmp_path: Path) -> None:
+    # 12 studies x 32 slices: (study 1, slice 11) and (study 11, slice 1) must not collide.
+    synthesize_cohort(tmp_path, n_studies=12, seed=1, modality="CT", image_size=32)
+    uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in _files(tmp_path)]
+    assert len(uids) == 12 * 32 == len(set(uids))

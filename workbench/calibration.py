@@ -406,6 +406,10 @@ class CalibrationResult:
     notes: tuple[str, ...] = field(default=())
 
 
+# Minimum calibration-set size (studies) for each method to be a candidate.
+MIN_SAMPLES: dict[str, int] = {"temperature": 10, "sigmoid": 40, "isotonic": 200}
+
+
 def fit_calibration(
     logits: np.ndarray,
     labels: np.ndarray,
@@ -446,6 +450,12 @@ def fit_calibration(
         candidates, n_folds = [], 0
     elif not candidates:
         n_folds = 0
+    # Flexible calibrators overfit small calibration sets (a per-class sigmoid fitted on a
+    # handful of studies can take slopes in the hundreds): each needs a minimum sample size.
+    too_small = [m for m in candidates if len(y) < MIN_SAMPLES[m]]
+    for m in too_small:
+        notes.append(f"{m} skipped: {len(y)} calibration samples, needs {MIN_SAMPLES[m]}")
+    candidates = [m for m in candidates if m not in too_small]
 
     if candidates:
         folds = list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(z, y))

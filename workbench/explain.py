@@ -13,7 +13,6 @@ The model's train/eval mode is left exactly as given (eval mode is the caller's 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal, cast
@@ -26,6 +25,10 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occ
 ExplainMethod = Literal["gradcam", "ig", "occlusion"]
 
 _METHODS = ("gradcam", "ig", "occlusion")
+
+
+# Grad-CAM needs a grid of at least this many cells per side to point anywhere useful.
+MIN_GRADCAM_GRID = 4
 
 
 def gradcam_layer(model: torch.nn.Module) -> torch.nn.Module:
@@ -108,14 +111,14 @@ def _feature_output_shapes(
 def _gradcam(
     model: torch.nn.Module, image: torch.Tensor, target: int, layer: torch.nn.Module
 ) -> tuple[torch.Tensor, int]:
-    """(upsampled ReLU'd Grad-CAM map, number of voxels of the layer's output map)."""
+    """(upsampled ReLU'd Grad-CAM map, smallest side of the layer's output grid)."""
     spatial = tuple(image.shape[2:])
     mode = "bilinear" if len(spatial) == 2 else "trilinear"
     inp = image.detach().clone().requires_grad_(True)
     raw = LayerGradCam(model, layer).attribute(inp, target=target)
     raw = cast(torch.Tensor, raw).detach()
     up = LayerAttribution.interpolate(raw.float(), spatial, interpolate_mode=mode)
-    return torch.relu(up)[0, 0], int(np.prod(raw.shape[2:]))
+    return torch.relu(up)[0, 0], int(min(raw.shape[2:]))
 
 
 def _occlusion_window(side: int) -> tuple[int, int]:
@@ -143,10 +146,10 @@ def saliency(
     (an all-zero or spatially constant map is returned as all zeros).
 
     * ``gradcam``: Captum ``LayerGradCam`` on :func:`gradcam_layer` (or ``layer``),
-      upsampled (bi/trilinear) to the image size, ReLU.  If that layer's output is a single
-      voxel at this input size (e.g. DenseNet121 on 32^3 volumes), Grad-CAM cannot
-      localise anything, so the deepest child of ``model.features`` with more than one
-      output voxel is used instead (with a warning).
+      upsampled (bi/trilinear) to the image size, ReLU.  If that layer's grid is coarser
+      than MIN_GRADCAM_GRID cells per side at this input size (DenseNet121's norm5 is 3x3 at
+      96 px, 1 voxel on 32^3 volumes), the map cannot localise much (and is often all
+      zero), so the deepest child of ``model.features`` with a fine enough grid is used.
     * ``ig``: Integrated Gradients from a black (zeros) baseline, ``ig_steps`` steps in
       batches of ``internal_batch_size``; |attribution| summed over channels.
     * ``occlusion``: zero-valued windows ~1/8 of each side (``occlusion_window``
@@ -168,15 +171,10 @@ def saliency(
         if method == "gradcam":
             with torch.enable_grad():
                 chosen = layer if layer is not None else gradcam_layer(model)
-                attr, n_voxels = _gradcam(model, image, target, chosen)
-                if layer is None and n_voxels == 1:
-                    fallback = _deeper_multi_voxel_layer(model, image, chosen)
+                attr, side = _gradcam(model, image, target, chosen)
+                if layer is None and side < MIN_GRADCAM_GRID:
+                    fallback = _finer_layer(model, image, chosen)
                     if fallback is not None:
-                        warnings.warn(
-                            "Grad-CAM layer output is a single voxel at this input size; "
-                            "using an earlier feature block",
-                            stacklevel=2,
-                        )
                         attr, _ = _gradcam(model, image, target, fallback)
             out = attr.detach().float().cpu().numpy()
         elif method == "ig":
@@ -218,12 +216,18 @@ def saliency(
     return _to_unit(out)
 
 
-def _deeper_multi_voxel_layer(
+def _finer_layer(
     model: torch.nn.Module, image: torch.Tensor, layer: torch.nn.Module
 ) -> torch.nn.Module | None:
+    """The deepest feature block before ``layer`` whose grid has at least MIN_GRADCAM_GRID
+    cells per side (else the deepest with more than one voxel)."""
     shapes = _feature_output_shapes(model, image)
     idx = next((i for i, (mod, _) in enumerate(shapes) if mod is layer), len(shapes))
-    for mod, shape in reversed(shapes[:idx]):
+    earlier = list(reversed(shapes[:idx]))
+    for mod, shape in earlier:
+        if min(shape) >= MIN_GRADCAM_GRID:
+            return mod
+    for mod, shape in earlier:
         if int(np.prod(shape)) > 1:
             return mod
     return None

@@ -85,7 +85,7 @@ def predict_study(
         raise ValueError(f"--explain must be one of {', '.join(EXPLAIN_METHODS)}")
     model = bundle.network
     device = next(model.parameters()).device
-    prec = resolve_precision(precision, device)
+    prec = resolve_precision(precision, device, bundle.spec.spatial_dims, training=False)
     transform = eval_transforms(bundle.spec)
     inputs = [transform({"image": [str(p) for p in paths]})["image"] for paths in item.images]
     x = to_device(

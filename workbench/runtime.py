@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import DataLoader, Dataset, MetaTensor
 from torch import nn
 
 from workbench.nets import embed
@@ -25,12 +25,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on the CPU and on CUDA GPUs that support it, fp16 on older GPUs."""
+def resolve_precision(
+    precision: str, device: torch.device, spatial_dims: int = 2, training: bool = True
+) -> str:
+    """Resolve ``auto`` to the fastest precision that is safe here.
+
+    CUDA: bf16 where the GPU supports it, else fp16 (with a GradScaler in training).
+    CPU: bf16 autocast for 2D training; fp32 for 3D training (torch 2.13's CPU bf16 backward
+    of 3D convolutions overflowed to NaN on 32^3 DenseNet121 inputs here) and for inference,
+    where reproducible probabilities matter more than the small speed-up.
+    """
     if precision == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return "fp16"
-        return "bf16"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if training and spatial_dims == 2 else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, bf16, fp16 or fp32, not {precision!r}")
     if precision == "fp16" and device.type != "cuda":
@@ -49,6 +57,10 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
 
 
 def to_device(x: torch.Tensor, device: torch.device, spatial_dims: int) -> torch.Tensor:
+    """A batch ready for the network: a plain tensor (a MONAI MetaTensor would route every op
+    through its ``__torch_function__``), on ``device``, channels_last in 2D."""
+    if isinstance(x, MetaTensor):
+        x = x.as_tensor()
     x = x.to(device, non_blocking=True)
     if spatial_dims == 2:
         x = x.contiguous(memory_format=torch.channels_last)

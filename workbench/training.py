@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,12 @@ from torch import nn
 from tqdm import tqdm
 
 from workbench.bundle import save_bundle
-from workbench.calibration import fit_calibration, softmax
+from workbench.calibration import (
+    brier_score,
+    expected_calibration_error,
+    fit_calibration,
+    softmax,
+)
 from workbench.catalog import CohortItem, cohort_hash, cohort_items, split_cohort
 from workbench.config import Settings
 from workbench.data import InputSpec, make_dataset, to_records
@@ -112,7 +118,10 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
     spatial_dims = 3 if any(len(paths) > 1 for i in items for paths in i.images) else 2
     spec = InputSpec(image_size=cfg.image_size, spatial_dims=spatial_dims)
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, spatial_dims, training=True)
+    # Validation, calibration and test logits use the precision that `predict` will use, so
+    # the calibration is fitted on the same numbers it will be applied to.
+    eval_precision = resolve_precision(cfg.precision, device, spatial_dims, training=False)
     negative = next((c for c in classes if c.lower() in NEGATIVE_NAMES), None)
 
     records = {s: to_records(its, classes) for s, its in by_split.items()}
@@ -156,30 +165,22 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
         generator.set_state(ckpt["rng"]["loader"])
 
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        losses = []
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
-        for batch in bar:
-            x = to_device(torch.as_tensor(batch["image"]), device, spatial_dims)
-            y = torch.as_tensor(batch["label"]).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, precision):
-                loss = loss_fn(model(x).float(), y)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}; the last good "
-                    f"checkpoint is kept at {ckpt_path}. Lower --lr or use --precision fp32"
-                )
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
-            step += 1
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-            if cfg.max_steps and step >= cfg.max_steps:
-                break
+        losses = train_epoch(
+            model,
+            loader,
+            loss_fn,
+            optimizer,
+            scaler,
+            device,
+            precision,
+            spatial_dims,
+            max_steps=cfg.max_steps - step if cfg.max_steps else None,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            progress=progress,
+        )
+        step += len(losses)
         scheduler.step()
-        val = forward_dataset(model, val_ds, device, precision, spatial_dims)
+        val = forward_dataset(model, val_ds, device, eval_precision, spatial_dims)
         val_loss = float(
             nn.functional.cross_entropy(
                 torch.from_numpy(val["logits"]),
@@ -228,17 +229,16 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
     model.eval()
 
     # Calibrate on study-level logits of the calibration split, then test once.
-    cal_ids, cal_logits = mean_by_study(
-        *_logits(model, records["calibration"], spec, device, precision)
-    )
+    cal = forward_dataset(model, val_ds, device, eval_precision, spatial_dims)
+    cal_ids, cal_logits = mean_by_study(cal["study_ids"], cal["logits"])
     cal_labels = _study_labels(records["calibration"], cal_ids)
     result = fit_calibration(cal_logits, cal_labels, classes, seed=cfg.seed)
-    test_ids, test_logits = mean_by_study(*_logits(model, records["test"], spec, device, precision))
+    test_ids, test_logits = mean_by_study(
+        *_logits(model, records["test"], spec, device, eval_precision)
+    )
     test_labels = _study_labels(records["test"], test_ids)
     raw = softmax(test_logits)
     calibrated = result.calibration.apply(test_logits)
-    from workbench.calibration import brier_score, expected_calibration_error
-
     test_metrics = classification_metrics(calibrated, test_labels, classes, n_resamples=200)
     test_metrics["ece_before"] = expected_calibration_error(raw, test_labels)
     test_metrics["ece_after"] = expected_calibration_error(calibrated, test_labels)
@@ -264,6 +264,7 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
             **asdict(cfg),
             "device": str(device),
             "precision": precision,
+            "eval_precision": eval_precision,
             "best_epoch": best_epoch,
             "history": history,
             "seconds": round(time.time() - started, 1),
@@ -288,6 +289,49 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
     )
     ckpt_path.unlink(missing_ok=True)
     return TrainResult(bundle=bundle, history=history, best_epoch=best_epoch, metrics=summary)
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    precision: str,
+    spatial_dims: int,
+    max_steps: int | None = None,
+    desc: str = "train",
+    progress: bool = False,
+) -> list[float]:
+    """One pass over ``loader`` under autocast; returns the loss of each step.
+
+    Raises TrainingError on a non-finite loss before the optimiser touches the weights.
+    """
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(loader, desc=desc, disable=not progress)
+    for batch in bar:
+        x = to_device(torch.as_tensor(batch["image"]), device, spatial_dims)
+        y = torch.as_tensor(batch["label"]).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            logits = model(x)  # (B, K), in bf16/fp16 under autocast
+        loss = loss_fn(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss.item()} after {len(losses)} steps of this epoch; "
+                "the last good checkpoint is kept. Lower --lr or use --precision fp32"
+            )
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", refresh=False)
+        if max_steps is not None and len(losses) >= max_steps:
+            break
+    bar.close()
+    return losses
 
 
 def _logits(

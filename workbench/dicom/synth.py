@@ -804,7 +804,9 @@ def synthesize_cohort(
     namespace = ["workbench.synth", str(seed), modality, str(n_studies), str(image_size)]
 
     def uid(*parts: Any) -> UID:
-        return generate_uid(entropy_srcs=[*namespace, *(str(p) for p in parts)])
+        # generate_uid joins its entropy sources with no separator ("1","11" == "11","1"):
+        # join them ourselves so that distinct parts always give distinct UIDs.
+        return generate_uid(entropy_srcs=["|".join([*namespace, *(str(p) for p in parts)])])
 
     patients, studies = _plan(rng, n_studies, modality)
     findings: dict[str, Any] = {}

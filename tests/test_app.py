@@ -1,0 +1,276 @@
+"""The review app driven headless by Streamlit's AppTest, on the session's tiny pipeline.
+
+Each test gets its own copy of the pipeline's database (reviews written here must not leak into
+other tests' reports), while the cache and the model bundles are shared read-only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from streamlit.testing.v1 import AppTest
+
+from workbench.store import AuditEvent, Prediction, Review, session_scope, verify_audit
+from workbench.ui import data
+from workbench.ui.common import OPEN_PREDICTION, page_file
+from workbench.ui.imaging import blend, window_level
+
+APP = Path(__file__).resolve().parents[1] / "streamlit_app.py"
+TIMEOUT = 60
+
+
+@pytest.fixture
+def app_db(pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A private copy of the pipeline's catalog; the app sees it through the environment."""
+    src = pipeline.settings.database_url.removeprefix("sqlite:///")
+    home = tmp_path / "home"
+    home.mkdir()
+    dst = home / "workbench.db"
+    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+        a.backup(b)
+    url = f"sqlite:///{dst}"
+    monkeypatch.setenv("WORKBENCH_HOME", str(home))
+    monkeypatch.setenv("WORKBENCH_DATABASE_URL", url)
+    monkeypatch.setenv("WORKBENCH_CACHE", str(pipeline.settings.cache_dir))
+    monkeypatch.setenv("WORKBENCH_MODELS", str(pipeline.settings.models_dir))
+    yield url
+
+
+def new_app() -> AppTest:
+    return AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+
+
+def button(at: AppTest, label: str):
+    matches = [b for b in at.button if b.label == label]
+    assert matches, f"no button {label!r} among {[b.label for b in at.button]}"
+    return matches[0]
+
+
+def sign_in(name: str = "Dr Grey") -> AppTest:
+    at = new_app().run()
+    at.text_input(key="signin_name").input(name)
+    button(at, "Sign in").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def open_first_study(at: AppTest) -> int:
+    assert [t.value for t in at.title] == ["Worklist"]
+    button(at, "Open study").click().run()
+    assert not at.exception, at.exception
+    return int(at.session_state[OPEN_PREDICTION])
+
+
+def test_an_unsigned_session_sees_only_the_sign_in(app_db: str) -> None:
+    at = new_app().run()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Clinician review workbench"]
+    assert [w.label for w in at.text_input] == ["Your name"]
+    assert len(at.dataframe) == 0
+    for name in ("worklist", "study", "cohorts", "reports"):
+        at.switch_page(str(page_file(name))).run()
+        assert not at.exception, (name, at.exception)
+        assert [w.value for w in at.warning] == ["Please sign in to use the review workbench."]
+        assert len(at.title) == 0 and len(at.dataframe) == 0 and len(at.selectbox) == 0, name
+
+
+def test_a_blank_name_does_not_sign_in(app_db: str) -> None:
+    at = new_app().run()
+    button(at, "Sign in").click().run()
+    assert [e.value for e in at.error] == ["Enter your name to sign in."]
+    assert [t.value for t in at.title] == ["Clinician review workbench"]
+
+
+def test_signing_out_returns_to_the_sign_in(app_db: str) -> None:
+    at = sign_in()
+    button(at, "Sign out").click().run()
+    assert not at.exception, at.exception
+    assert [t.value for t in at.title] == ["Clinician review workbench"]
+    assert [w.label for w in at.text_input] == ["Your name"]
+
+
+def test_the_worklist_shows_the_predicted_studies_by_priority(app_db: str) -> None:
+    at = sign_in()
+    table = at.dataframe[0].value
+    with session_scope(app_db) as session:
+        preds = session.scalars(select(Prediction)).all()
+        expected = sorted(
+            ((p.priority, p.study.study_key) for p in preds), key=lambda t: (-t[0], t[1])
+        )
+    assert list(table["Study"]) == [key for _, key in expected]
+    probs = list(table["Probability"])
+    assert probs == sorted(probs, reverse=True)
+    assert np.allclose(probs, [round(100 * p, 1) for p, _ in expected])
+    assert set(table["Review"]) == {"Unreviewed"}
+    assert list(table.columns) == [
+        "Study",
+        "Site",
+        "Modality",
+        "Predicted",
+        "Top finding",
+        "Probability",
+        "Top-k",
+        "Review",
+    ]
+    # No UIDs or paths anywhere on the page: study keys are short pseudonyms.
+    assert all(len(k) <= 16 and "." not in k for k in table["Study"])
+
+
+def test_a_review_is_stored_with_its_audit_event(app_db: str) -> None:
+    at = sign_in("Dr Grey")
+    pid = open_first_study(at)
+    with session_scope(app_db) as session:
+        pred = session.get(Prediction, pid)
+        assert pred is not None
+        predicted, key = pred.predicted_label, pred.study.study_key
+        corrected = next(c for c in pred.probabilities if c != predicted)
+    assert [t.value for t in at.title] == [f"Study {key}"]
+    assert {s.label for s in at.slider} >= {
+        "Window level (center)",
+        "Window width",
+        "Heat-map opacity",
+    }
+    at.radio(key=f"review_{pid}_assessment").set_value("Disagree")
+    at.selectbox(key=f"review_{pid}_label").set_value(corrected)
+    at.text_area(key=f"review_{pid}_comment").input("Opacity is a positioning artefact.")
+    button(at, "Submit review").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert any("saved" in s.value for s in at.success)
+
+    with session_scope(app_db) as session:
+        reviews = session.scalars(select(Review)).all()
+        assert len(reviews) == 1
+        review = reviews[0]
+        assert (review.prediction_id, review.reviewer, review.agree, review.label) == (
+            pid,
+            "Dr Grey",
+            False,
+            corrected,
+        )
+        assert review.comment == "Opacity is a positioning artefact."
+        events = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == data.REVIEW_ACTION)
+        ).all()
+        assert len(events) == 1
+        ev = events[0]
+        assert (ev.actor, ev.object_type, ev.object_id) == ("Dr Grey", "review", str(review.id))
+        assert ev.new_value is not None
+        assert ev.new_value["agree"] is False
+        assert ev.new_value["label"] == corrected
+        assert ev.new_value["comment"] == "Opacity is a positioning artefact."
+        assert ev.new_value["prediction_id"] == pid
+        assert ev.new_value["study_key"] == key
+        assert verify_audit(session) is None
+
+    # "Next unreviewed" moves on to another study; the worklist shows this one as disagreed.
+    button(at, "Next unreviewed").click().run()
+    assert int(at.session_state[OPEN_PREDICTION]) != pid
+    assert [t.value for t in at.title] != [f"Study {key}"]
+    button(at, "Worklist").click().run()
+    table = at.dataframe[0].value
+    assert table.loc[table["Study"] == key, "Review"].tolist() == ["Disagreed"]
+
+
+def test_an_inconsistent_review_is_refused_and_nothing_is_stored(app_db: str) -> None:
+    at = sign_in()
+    pid = open_first_study(at)
+    with session_scope(app_db) as session:
+        pred = session.get(Prediction, pid)
+        assert pred is not None
+        other = next(c for c in pred.probabilities if c != pred.predicted_label)
+    at.radio(key=f"review_{pid}_assessment").set_value("Agree")
+    at.selectbox(key=f"review_{pid}_label").set_value(other)
+    button(at, "Submit review").click().run()
+    assert any("choose Disagree" in e.value for e in at.error)
+    at.radio(key=f"review_{pid}_assessment").set_value("Disagree")
+    button(at, "Submit review").click().run()
+    assert [e.value for e in at.error] == ["Give a reason for disagreeing in the comment."]
+    with session_scope(app_db) as session:
+        assert session.scalars(select(Review)).all() == []
+
+
+def test_a_review_survives_a_database_error(app_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = sign_in()
+    pid = open_first_study(at)
+
+    def locked(*args, **kwargs):
+        raise OperationalError("INSERT INTO review", {}, Exception("database is locked"))
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "save_review", locked)
+        at.radio(key=f"review_{pid}_assessment").set_value("Agree")
+        at.text_area(key=f"review_{pid}_comment").input("Clear lungs.")
+        button(at, "Submit review").click().run()
+        assert not at.exception, at.exception
+        assert any("not saved" in e.value and "database is locked" in e.value for e in at.error)
+        assert at.radio(key=f"review_{pid}_assessment").value == "Agree"
+        assert at.text_area(key=f"review_{pid}_comment").value == "Clear lungs."
+        with session_scope(app_db) as session:
+            assert session.scalars(select(Review)).all() == []
+    # The database is back: the same entries are submitted again and stored.
+    button(at, "Submit review").click().run()
+    assert not at.error, [e.value for e in at.error]
+    with session_scope(app_db) as session:
+        reviews = session.scalars(select(Review)).all()
+        assert [(r.agree, r.comment) for r in reviews] == [(True, "Clear lungs.")]
+
+
+def test_the_cohort_page_shows_the_cohort_and_the_model_metrics(pipeline, app_db: str) -> None:
+    at = sign_in()
+    at.switch_page(str(page_file("cohorts"))).run()
+    assert not at.exception, at.exception
+    assert f"Cohort {pipeline.cohort}" in [h.value for h in at.subheader]
+    counts = at.dataframe[0].value
+    total = counts.loc[counts["Label"] == "total"]
+    assert int(total["total"].iloc[0]) == 36
+    assert {"train", "calibration", "test"} <= set(counts.columns)
+    assert {m.label for m in at.metric} >= {"Accuracy", "AUROC (macro)"}
+    assert any(pipeline.model in s.value for s in at.selectbox)
+
+
+def test_the_report_page_builds_the_report_and_offers_four_downloads(pipeline, app_db: str) -> None:
+    at = sign_in("Dr Audit")
+    at.switch_page(str(page_file("reports"))).run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="report_model").value.startswith(f"{pipeline.model}/")
+    button(at, "Build report").click().run(timeout=300)
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    labels = [b.label for b in at.download_button]
+    assert labels == ["Download HTML", "Download PDF", "Download JSON", "Download CSV"]
+    with session_scope(app_db) as session:
+        events = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == data.REPORT_ACTION)
+        ).all()
+        assert [e.actor for e in events] == ["Dr Audit"]
+        assert events[0].new_value is not None
+        assert set(events[0].new_value["files"]) == {
+            "report.html",
+            "report.pdf",
+            "report.json",
+            "cases.csv",
+        }
+
+
+def test_the_study_page_without_a_study_points_to_the_worklist(app_db: str) -> None:
+    at = sign_in()
+    at.switch_page(str(page_file("study"))).run()
+    assert [i.value for i in at.info] == ["Open a study from the worklist."]
+
+
+def test_window_level_and_overlay_arithmetic() -> None:
+    img = np.linspace(0.0, 1.0, 11, dtype=np.float32).reshape(1, 11)
+    assert np.allclose(window_level(img, 0.5, 1.0), img)
+    narrow = window_level(img, 0.5, 0.2)
+    assert narrow.min() == 0.0 and narrow.max() == 1.0 and narrow[0, 5] == pytest.approx(0.5)
+    plain = blend(img, np.ones_like(img), alpha=0.0)
+    assert plain.shape == (1, 11, 3) and (plain[..., 0] == plain[..., 2]).all()
+    hot = blend(img, np.ones_like(img), alpha=0.5)
+    assert not (hot[..., 0] == hot[..., 2]).all()

@@ -1,0 +1,99 @@
+"""Training under bf16 autocast on the CPU, bundles that load back and predict identically."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import Pipeline
+from workbench.bundle import hash_bundle, load_bundle
+from workbench.catalog import CatalogError, cohort_items
+from workbench.inference import latest_predictions, predict_study
+from workbench.nets import create_network
+from workbench.training import TrainConfig, TrainingError, train, train_epoch
+
+
+def test_a_few_bf16_steps_on_cpu_lower_the_loss() -> None:
+    torch.manual_seed(0)
+    model = create_network(2, 3).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    x = torch.rand(8, 1, 32, 32)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    x[y == 1, :, 8:16, 8:16] += 1.0  # a visible difference per class
+    x[y == 2, :, 20:28, 4:30] += 0.8
+    batch = [{"image": x, "label": y}] * 12
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cpu = torch.device("cpu")
+    losses = train_epoch(model, batch, loss_fn, opt, scaler, cpu, "bf16", 2)
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+
+
+def test_a_nan_loss_stops_with_a_clear_message() -> None:
+    model = create_network(2, 2)
+    batch = [{"image": torch.full((2, 1, 32, 32), float("nan")), "label": torch.tensor([0, 1])}]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with pytest.raises(TrainingError, match="loss became nan"):
+        train_epoch(
+            model,
+            batch,
+            nn.CrossEntropyLoss(),
+            opt,
+            torch.amp.GradScaler("cpu", enabled=False),
+            torch.device("cpu"),
+            "fp32",
+            2,
+        )
+    after = model.state_dict()
+    assert all(
+        torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point
+    )
+
+
+def test_training_writes_a_complete_bundle(pipeline: Pipeline) -> None:
+    path = pipeline.bundle
+    meta = json.loads((path / "configs" / "metadata.json").read_text())
+    wb = meta["workbench"]
+    assert wb["classes"] == ["effusion", "nodule", "normal"]
+    assert wb["negative_class"] == "normal"
+    assert wb["image_size"] == 64 and wb["spatial_dims"] == 2
+    assert len(wb["cohort_hash"]) == 64
+    assert set(wb["split"]["studies"]) == {"train", "calibration", "test"}
+    assert wb["training"]["precision"] == "bf16"
+    assert wb["calibration"]["method"] in ("none", "temperature", "sigmoid", "isotonic")
+    assert "auroc_macro" in wb["metrics"]["test"]
+    assert wb["code_version"]
+    for rel in ("configs/inference.json", "models/model.pt", "docs/README.md"):
+        assert (path / rel).exists()
+    # Weights load with weights_only=True: nothing executable is unpickled.
+    state = torch.load(path / "models" / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_a_bundle_loads_again_and_predicts_identically(pipeline: Pipeline) -> None:
+    s = pipeline.settings
+    first = load_bundle(s.models_dir, pipeline.model)
+    second = load_bundle(s.models_dir, str(pipeline.bundle))
+    assert first.bundle_hash == second.bundle_hash == hash_bundle(pipeline.bundle)
+    item = cohort_items(s, pipeline.cohort, "test")[0]
+    a = predict_study(s, first, item, explain="none", precision="fp32")
+    b = predict_study(s, second, item, explain="none", precision="fp32")
+    assert a.probabilities == b.probabilities
+    stored = latest_predictions(s, first.bundle_hash, [item.study_id])[item.study_id]
+    again = predict_study(s, first, item, explain="none", precision="auto")
+    assert np.allclose(
+        [stored.probabilities[c] for c in first.classes],
+        [again.probabilities[c] for c in first.classes],
+        atol=1e-6,
+    )
+
+
+def test_training_an_unknown_cohort_is_a_clear_error(pipeline: Pipeline) -> None:
+    with pytest.raises(CatalogError, match="no cohort named 'missing'"):
+        train(pipeline.settings, TrainConfig(cohort="missing", name="x"), progress=False)

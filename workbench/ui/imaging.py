@@ -1,0 +1,77 @@
+"""Pixels for the screen: cached display arrays, window / level, the heat-map overlay.
+
+The app never decodes DICOM. It reads the display-pipeline pixels the catalog cached at
+ingest (float16 in [0, 1], native rows x cols, or slices x rows x cols for a volume) and the
+saliency maps inference cached beside them (same shape, in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from workbench.catalog import cache_path
+from workbench.config import Settings
+from workbench.explain import overlay
+
+MIN_WIDTH = 0.02
+
+
+@st.cache_data(max_entries=128, show_spinner=False)
+def _load(path: str) -> np.ndarray:
+    # Global cache: the key is a content-addressed file, the value a pure pixel array.
+    return np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
+
+
+def load_display(settings: Settings, cache_key: str) -> np.ndarray | None:
+    """The cached display pixels of one image, or None when the cache lacks them."""
+    path = cache_path(settings, cache_key)
+    return _load(str(path)) if path.is_file() else None
+
+
+def load_saliency(settings: Settings, saliency_file: str | None) -> np.ndarray | None:
+    """A cached saliency map, or None when there is none (or it would leave the cache folder)."""
+    if not saliency_file:
+        return None
+    root = settings.cache_dir.resolve()
+    path = (root / saliency_file).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        return None
+    return _load(str(path))
+
+
+def n_slices(arr: np.ndarray) -> int:
+    return int(arr.shape[0]) if arr.ndim == 3 else 1
+
+
+def plane(arr: np.ndarray, index: int = 0) -> np.ndarray:
+    """The 2-D plane to show: the image itself, or slice ``index`` of a volume."""
+    if arr.ndim == 2:
+        return arr
+    if arr.ndim == 3:
+        return arr[int(np.clip(index, 0, arr.shape[0] - 1))]
+    raise ValueError(f"expected a 2-D image or a 3-D volume, got shape {arr.shape}")
+
+
+def window_level(image: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Re-window a [0, 1] display image: ``center - width/2`` maps to black, ``+ width/2`` to white.
+
+    center 0.5 / width 1.0 leaves the image as the DICOM display pipeline produced it.
+    """
+    width = max(float(width), MIN_WIDTH)
+    low = float(center) - width / 2.0
+    out = (np.nan_to_num(image.astype(np.float32), nan=0.0) - low) / width
+    return np.clip(out, 0.0, 1.0)
+
+
+def to_grey_rgb(image: np.ndarray) -> np.ndarray:
+    """A [0, 1] grey image as uint8 RGB, so both panels go through the same encoder."""
+    grey = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def blend(image: np.ndarray, heat: np.ndarray | None, alpha: float) -> np.ndarray:
+    """Heat map over the windowed image (uint8 RGB); the plain image when there is no map."""
+    if heat is None or heat.shape != image.shape or alpha <= 0.0:
+        return to_grey_rgb(image)
+    return overlay(image, heat, alpha=float(np.clip(alpha, 0.0, 1.0)))
