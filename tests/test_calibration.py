@@ -190,3 +190,19 @@ def test_metrics_multiclass_and_perfect() -> None:
     assert curve["count"] == [4.0] and curve["accuracy"] == [1.0]
     uniform = np.full((4, 3), 1 / 3)
     assert brier_score(uniform, labels) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_calibrated_probabilities_sum_to_one_and_held_out_ece_does_not_get_worse(k: int) -> None:
+    # Fit on one set, judge on another drawn independently: the clinician's situation.
+    z_cal, y_cal = _overconfident(400, k, seed=1)
+    z_test, y_test = _overconfident(400, k, seed=2)
+    classes = [f"c{i}" for i in range(k)]
+    cal = fit_calibration(z_cal, y_cal, classes, seed=0).calibration
+    assert cal.method != "none"
+    probs = cal.apply(z_test)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    before = expected_calibration_error(softmax(z_test), y_test)
+    after = expected_calibration_error(probs, y_test)
+    assert after <= before
+    assert after < 0.6 * before  # a real improvement, not a tie

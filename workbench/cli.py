@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train, calibrate and bundle a model on a cohort")
     s.add_argument("--cohort", required=True)
     s.add_argument("--name", required=True, help="model name (bundle folder under models/)")
-    s.add_argument("--epochs", type=int, default=6)
+    s.add_argument("--epochs", type=int, default=12)
     s.add_argument("--image-size", type=int, default=96)
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--lr", type=float, default=1e-3)
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="synth → ingest → train → predict → report → app")
     s.add_argument("--studies", type=int, default=300)
-    s.add_argument("--epochs", type=int, default=6)
+    s.add_argument("--epochs", type=int, default=12)
     s.add_argument("--image-size", type=int, default=96)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-app", action="store_true", help="stop after the report")

@@ -3,7 +3,7 @@ calibration on the calibration split and a bundle under ``models/NAME/vN/``.
 
 Recipe (2 CPU cores, the demo cohort)::
 
-    workbench train --cohort demo --name chest-xray --epochs 6 --image-size 96
+    workbench train --cohort demo --name chest-xray --epochs 12 --image-size 96
 
 The calibration split doubles as the validation split for early stopping (as in Guo et al.
 2017, where the validation set also fits the temperature); the test split is touched only once,
@@ -59,7 +59,7 @@ class TrainingError(Exception):
 class TrainConfig:
     cohort: str
     name: str
-    epochs: int = 6
+    epochs: int = 12
     image_size: int = 96
     batch_size: int = 16
     lr: float = 1e-3

@@ -432,14 +432,15 @@ def _dx_finding(rng: np.random.Generator, label: str) -> dict[str, Any]:
             "w": float(rng.uniform(-0.55, 0.25)),
             "u": float(rng.uniform(-0.35, 0.55)),
             "u_lat": float(rng.uniform(-0.2, 0.6)),
-            "radius": float(rng.uniform(0.03, 0.05)),
-            "amplitude": float(rng.uniform(0.24, 0.32)),
+            # Conspicuity varies as in real cohorts: some nodules are small and faint.
+            "radius": float(rng.uniform(0.022, 0.05)),
+            "amplitude": float(rng.uniform(0.07, 0.3)),
         }
     if label == "effusion":
         which = int(rng.integers(3))
         return {
             "sides": [0, 1] if which == 2 else [which],
-            "fraction": float(rng.uniform(0.28, 0.42)),
+            "fraction": float(rng.uniform(0.1, 0.42)),  # from a trace to a large effusion
         }
     return {}
 
