@@ -17,7 +17,10 @@ TINY_MODEL = "tiny-model"
 
 
 def make_settings(home: Path) -> Settings:
+    """A workbench home with a fixed pseudonymisation key, so that pseudonyms, and with them
+    the patient-level splits and the trained model, are the same in every run."""
     home.mkdir(parents=True, exist_ok=True)
+    (home / "pseudonym.key").write_bytes(b"test-installation-key")
     return Settings(
         home=home,
         database_url=f"sqlite:///{home / 'workbench.db'}",

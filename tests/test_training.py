@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ from torch import nn
 
 from tests.conftest import Pipeline
 from workbench.bundle import hash_bundle, load_bundle
-from workbench.catalog import CatalogError, cohort_items
+from workbench.catalog import CatalogError, cache_path, cohort_items, ingest
+from workbench.config import Settings
+from workbench.dicom.synth import synthesize_cohort
 from workbench.inference import latest_predictions, predict_study
 from workbench.nets import create_network
 from workbench.training import TrainConfig, TrainingError, train, train_epoch
@@ -97,3 +100,25 @@ def test_a_bundle_loads_again_and_predicts_identically(pipeline: Pipeline) -> No
 def test_training_an_unknown_cohort_is_a_clear_error(pipeline: Pipeline) -> None:
     with pytest.raises(CatalogError, match="no cohort named 'missing'"):
         train(pipeline.settings, TrainConfig(cohort="missing", name="x"), progress=False)
+
+
+def test_a_ct_cohort_trains_a_3d_densenet_and_explains_whole_volumes(
+    settings: Settings, tmp_path: Path
+) -> None:
+    src = tmp_path / "ct"
+    synthesize_cohort(src, n_studies=10, seed=4, modality="CT", image_size=48)
+    ingest(settings, src, src / "labels.csv", "ct", progress=False)
+    cfg = TrainConfig(cohort="ct", name="ct", epochs=1, image_size=32, batch_size=4, device="cpu")
+    result = train(settings, cfg, progress=False)
+    wb = json.loads((result.bundle / "configs" / "metadata.json").read_text())["workbench"]
+    assert wb["spatial_dims"] == 3 and wb["classes"] == ["lesion", "no_lesion"]
+    assert wb["training"]["precision"] == "fp32"  # auto: no bf16 for 3D on the CPU
+    bundle = load_bundle(settings.models_dir, "ct")
+    item = cohort_items(settings, "ct", "test")[0]
+    pred = predict_study(settings, bundle, item, explain="gradcam")
+    (image,) = pred.images
+    volume = np.load(cache_path(settings, image.cache_key))
+    assert volume.shape == (32, 48, 48)  # slices stacked along the normal at ingest
+    assert image.saliency_file is not None
+    heat = np.load(settings.cache_dir / image.saliency_file)
+    assert heat.shape == volume.shape and np.isfinite(heat).all()

@@ -38,6 +38,7 @@ from workbench.store import (
 )
 
 SPLITS = ("train", "calibration", "test")
+VOLUMETRIC = frozenset({"CT", "MR", "PT"})
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 # Sidecar files that sit beside DICOM in a cohort folder and are not images.
 SIDECAR_SUFFIXES = frozenset({".csv", ".json", ".md", ".txt.labels"})
@@ -78,11 +79,15 @@ class CohortItem:
     sex: str | None
     age_years: int | None
     modality: str | None
-    # One entry per model input: a 2D image (one path) or a 3D series (slice paths in order).
-    images: tuple[tuple[Path, ...], ...]
+    # One cached array per model input: a 2D image, or a 3D series stacked along its normal.
+    images: tuple[Path, ...]
     views: tuple[str, ...]
     pixel_hashes: tuple[str, ...]
     cache_keys: tuple[str, ...]
+
+    @property
+    def spatial_dims(self) -> int:
+        return 3 if self.modality in VOLUMETRIC else 2
 
 
 # --- pseudonyms and hashes ------------------------------------------------------------------
@@ -206,6 +211,26 @@ def _get_or_create_series(session: Session, study: Study, facts: HeaderFacts) ->
     return series
 
 
+def _cache_volumes(settings: Settings, session: Session, series_ids: set[int]) -> None:
+    """Stack each volumetric series that gained slices into one cached array.
+
+    Slices are ordered by their position along the slice normal (then instance number); a
+    series whose slices differ in size is left without a volume (and so is not a model input).
+    """
+    if not series_ids:
+        return
+    for series in session.scalars(select(Series).where(Series.id.in_(series_ids))):
+        insts = list(series.instances)
+        if series.modality not in VOLUMETRIC or len(insts) < 2:
+            continue
+        insts.sort(key=lambda i: (i.slice_position or 0.0, i.instance_number or 0))
+        if len({(i.rows, i.columns, i.frames) for i in insts}) != 1:
+            series.volume_cache_key = None
+            continue
+        volume = np.stack([np.load(cache_path(settings, i.cache_key)) for i in insts])
+        series.volume_cache_key = _write_cache(settings, volume)
+
+
 def ingest(
     settings: Settings,
     src: Path,
@@ -225,11 +250,13 @@ def ingest(
     files = list(iter_files(src))
     ingested = present = quarantined = skipped = 0
     study_uids: set[str] = set()
+    touched_series: set[int] = set()
     with session_scope(settings.database_url) as session:
         if cohort and session.get(Cohort, cohort) is None:
             session.add(Cohort(name=cohort))
     bar = tqdm(files, desc="ingest", unit="file", disable=not progress)
     with new_session(settings.database_url) as session:
+        quarantined_paths = set(session.scalars(select(Quarantine.path)))
         for n, path in enumerate(bar, 1):
             if path.suffix.lower() in SIDECAR_SUFFIXES or (labels and path == labels):
                 skipped += 1
@@ -276,12 +303,15 @@ def ingest(
                     instance_number=facts.instance_number,
                 )
             )
-            # A file that reads now (e.g. after a codec was installed) leaves the quarantine.
-            session.execute(delete(Quarantine).where(Quarantine.path == str(path)))
+            touched_series.add(series.id)
+            if str(path) in quarantined_paths:  # it reads now (e.g. a codec was installed)
+                session.execute(delete(Quarantine).where(Quarantine.path == str(path)))
             ingested += 1
             if n % COMMIT_EVERY == 0:  # an interrupted ingest keeps what it committed
                 session.commit()
             bar.set_postfix(new=ingested, present=present, quarantined=quarantined, refresh=False)
+        session.commit()
+        _cache_volumes(settings, session, touched_series)
         session.commit()
     bar.close()
 
@@ -408,23 +438,24 @@ def items_for_studies(settings: Settings, study_ids: Sequence[int]) -> list[Coho
 
 
 def _item(settings: Settings, study: Study, split: str | None) -> CohortItem:
-    images: list[tuple[Path, ...]] = []
+    images: list[Path] = []
     views: list[str] = []
     hashes: list[str] = []
     keys: list[str] = []
     for series in sorted(study.series, key=lambda s: (s.view_position or "", s.series_uid)):
         insts = list(series.instances)
-        volumetric = series.modality in ("CT", "MR", "PT") and len(insts) > 1
-        if volumetric:
+        if series.modality in VOLUMETRIC and len(insts) > 1:
+            if series.volume_cache_key is None:
+                continue  # inconsistent slices: no volume to show or to learn from
             insts.sort(key=lambda i: (i.slice_position or 0.0, i.instance_number or 0))
-            images.append(tuple(cache_path(settings, i.cache_key) for i in insts))
+            images.append(cache_path(settings, series.volume_cache_key))
             views.append(series.view_position or series.modality or "")
             digest = hashlib.sha256("".join(i.pixel_hash for i in insts).encode()).hexdigest()
             hashes.append(digest)
-            keys.append(insts[0].cache_key)
+            keys.append(series.volume_cache_key)
         else:
             for inst in sorted(insts, key=lambda i: (i.instance_number or 0, i.sop_uid)):
-                images.append((cache_path(settings, inst.cache_key),))
+                images.append(cache_path(settings, inst.cache_key))
                 views.append(series.view_position or "")
                 hashes.append(inst.pixel_hash)
                 keys.append(inst.cache_key)

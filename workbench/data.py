@@ -12,7 +12,6 @@ import hashlib
 import json
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +47,7 @@ class InputSpec:
 
 
 class LoadCachedd(MapTransform):
-    """Load cached display arrays: one ``.npy`` for a 2D image, a list of slices for a volume.
+    """Load a cached display array (``.npy``): (H, W) image or (D, H, W) volume.
 
     Hand-written because the cache layout is the workbench's own; output is channel-first
     float32: (1, H, W) or (1, D, H, W).
@@ -60,12 +59,7 @@ class LoadCachedd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            paths = d[key]
-            if isinstance(paths, str | Path):
-                paths = [paths]
-            arrays = [np.load(p) for p in paths]
-            arr = arrays[0] if len(arrays) == 1 else np.stack(arrays)
-            d[key] = arr.astype(np.float32)[None]
+            d[key] = np.load(d[key]).astype(np.float32)[None]
         return d
 
 
@@ -109,10 +103,10 @@ def to_records(items: Sequence[CohortItem], classes: Sequence[str]) -> list[dict
     index = {c: i for i, c in enumerate(classes)}
     out = []
     for it in items:
-        for paths, view, ph in zip(it.images, it.views, it.pixel_hashes, strict=True):
+        for path, view, ph in zip(it.images, it.views, it.pixel_hashes, strict=True):
             out.append(
                 {
-                    "image": [str(p) for p in paths],
+                    "image": str(path),
                     "label": index.get(it.label or "", -1),
                     "study_id": it.study_id,
                     "view": view,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
@@ -17,9 +19,12 @@ from sklearn.metrics import (
 
 
 def _safe(fn: Callable[..., float], *args: Any, **kwargs: Any) -> float | None:
+    """The metric, or None where it is undefined (e.g. one class only in a subgroup)."""
     try:
-        value = float(fn(*args, **kwargs))
-    except ValueError:  # e.g. only one class present in a subgroup
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            value = float(fn(*args, **kwargs))
+    except ValueError:
         return None
     return value if np.isfinite(value) else None
 

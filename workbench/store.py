@@ -84,6 +84,8 @@ class Series(Base):
     manufacturer: Mapped[str | None] = mapped_column(String(128))
     institution: Mapped[str | None] = mapped_column(String(128))
     station: Mapped[str | None] = mapped_column(String(128))
+    # A volumetric series (CT, MR, PT) is also cached as one (slices, rows, columns) array.
+    volume_cache_key: Mapped[str | None] = mapped_column(String(64))
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
 

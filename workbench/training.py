@@ -115,7 +115,10 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
         if not its:
             raise TrainingError(f"the {s} split of {cfg.cohort!r} is empty; ingest more studies")
     modality = items[0].modality or ""
-    spatial_dims = 3 if any(len(paths) > 1 for i in items for paths in i.images) else 2
+    dims = {i.spatial_dims for i in items}
+    if len(dims) > 1:
+        raise TrainingError(f"cohort {cfg.cohort!r} mixes 2D images and 3D volumes")
+    spatial_dims = dims.pop()
     spec = InputSpec(image_size=cfg.image_size, spatial_dims=spatial_dims)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, spatial_dims, training=True)
@@ -128,8 +131,14 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
     train_ds = make_dataset(records["train"], spec, train=True)
     val_ds = make_dataset(records["calibration"], spec, train=False)
     generator = torch.Generator().manual_seed(cfg.seed)
+    # drop_last: a final batch of one image breaks BatchNorm (and is noise anyway).
     loader = DataLoader(
-        train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=generator
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=0,
+        generator=generator,
+        drop_last=len(records["train"]) > cfg.batch_size,
     )
 
     model = create_network(spatial_dims, len(classes)).to(device)

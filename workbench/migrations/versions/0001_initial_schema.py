@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-30 01:43:02.603872
+Create Date: 2026-11-30
 
 """
 
@@ -148,6 +148,7 @@ def upgrade() -> None:
         sa.Column("manufacturer", sa.String(length=128), nullable=True),
         sa.Column("institution", sa.String(length=128), nullable=True),
         sa.Column("station", sa.String(length=128), nullable=True),
+        sa.Column("volume_cache_key", sa.String(length=64), nullable=True),
         sa.ForeignKeyConstraint(
             ["study_id"],
             ["study.id"],
