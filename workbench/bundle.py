@@ -97,13 +97,52 @@ def hash_bundle(path: Path) -> str:
     return h.hexdigest()
 
 
+def version_number(version: str) -> int:
+    """``v7`` -> 7; -1 for anything that is not a version folder name."""
+    m = re.fullmatch(r"v(\d+)", version)
+    return int(m.group(1)) if m else -1
+
+
 def _next_version(model_dir: Path) -> str:
-    numbers = [
-        int(m.group(1))
-        for p in model_dir.glob("v*")
-        if p.is_dir() and (m := re.fullmatch(r"v(\d+)", p.name))
-    ]
+    numbers = [version_number(p.name) for p in model_dir.glob("v*") if p.is_dir()]
     return f"v{max(numbers, default=0) + 1}"
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A model bundle's identity and its metadata (read as JSON; no weights are loaded)."""
+
+    name: str
+    version: str
+    path: Path
+    metadata: dict[str, Any]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    @property
+    def workbench(self) -> dict[str, Any]:
+        return dict(self.metadata.get("workbench", {}))
+
+
+def list_bundles(models_dir: Path) -> list[BundleInfo]:
+    """Every readable bundle under ``models_dir``, by name, newest version first.
+
+    Reads ``configs/metadata.json`` only; a bundle whose metadata is unreadable is left out.
+    """
+    found: list[BundleInfo] = []
+    for meta in models_dir.glob("*/v*/configs/metadata.json") if models_dir.is_dir() else []:
+        version_dir = meta.parent.parent
+        if version_number(version_dir.name) < 0:
+            continue
+        try:
+            metadata = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        name = str(metadata.get("name") or version_dir.parent.name)
+        found.append(BundleInfo(name, version_dir.name, version_dir, metadata))
+    return sorted(found, key=lambda b: (b.name, -version_number(b.version)))
 
 
 def save_bundle(
@@ -241,9 +280,9 @@ def resolve_bundle_path(models_dir: Path, model: str) -> Path:
         return candidate
     if candidate.is_dir():
         versions = sorted(
-            (int(m.group(1)), d)
+            (version_number(d.name), d)
             for d in candidate.iterdir()
-            if d.is_dir() and (m := re.fullmatch(r"v(\d+)", d.name))
+            if d.is_dir() and version_number(d.name) >= 0
         )
         if versions:
             return versions[-1][1]

@@ -106,6 +106,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sha_or_none(path: Path) -> str | None:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
 def cache_path(settings: Settings, cache_key: str) -> Path:
     return settings.cache_dir / "pixels" / cache_key[:2] / f"{cache_key}.npy"
 
@@ -261,23 +268,20 @@ def ingest(
             if path.suffix.lower() in SIDECAR_SUFFIXES or (labels and path == labels):
                 skipped += 1
                 continue
-            sha: str | None = None
             try:
-                sha = file_sha256(path)
                 facts = read_header(path)
                 study_uids.add(facts.study_instance_uid)
                 if session.scalars(
                     select(Instance.id).where(Instance.sop_uid == facts.sop_instance_uid)
                 ).first():
-                    present += 1
+                    present += 1  # known instance: skipped after a header-only read
                     continue
+                sha = file_sha256(path)
                 image = read_image(path)
-            except UnreadableDicomError as err:
-                _quarantine(session, path, sha, err.reason, err.detail)
-                quarantined += 1
-                continue
-            except OSError as err:
-                _quarantine(session, path, sha, "not_readable", str(err))
+            except (UnreadableDicomError, OSError) as err:
+                reason = getattr(err, "reason", "not_readable")
+                detail = getattr(err, "detail", str(err))
+                _quarantine(session, path, _sha_or_none(path), reason, detail)
                 quarantined += 1
                 continue
             cache_key = _write_cache(settings, image.pixels)

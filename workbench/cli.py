@@ -120,20 +120,18 @@ def cmd_quarantine(a: argparse.Namespace) -> None:
 
 
 def cmd_models(a: argparse.Namespace) -> None:
-    import json
+    from workbench.bundle import list_bundles
 
-    settings = _settings()
-    for meta in sorted(settings.models_dir.glob("*/v*/configs/metadata.json")):
-        wb = json.loads(meta.read_text())["workbench"]
-        m = wb.get("metrics", {}).get("test", {})
-        auroc = m.get("auroc_macro")
+    bundles = list_bundles(_settings().models_dir)
+    for b in bundles:
+        wb = b.workbench
+        auroc = wb.get("metrics", {}).get("test", {}).get("auroc_macro")
+        shown = f"{auroc:.3f}" if auroc is not None else "n/a"
         print(
-            f"{meta.parent.parent.parent.name}/{meta.parent.parent.name}  cohort {wb.get('cohort')}"
-            f"  classes {','.join(wb['classes'])}  test AUROC "
-            f"{auroc:.3f}"
-            if auroc is not None
-            else "n/a"
+            f"{b.ref}  cohort {wb.get('cohort')}  classes {','.join(wb.get('classes', []))}  "
+            f"test AUROC {shown}  created {wb.get('created')}"
         )
+    print(f"{len(bundles)} model bundles")
 
 
 def cmd_train(a: argparse.Namespace) -> None:

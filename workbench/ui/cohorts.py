@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from workbench.bundle import BundleInfo, list_bundles
 from workbench.ui import data
 from workbench.ui.auth import require_reviewer
 from workbench.ui.common import settings
@@ -45,7 +46,7 @@ def counts_table(summary: data.CohortSummary) -> pd.DataFrame:
     return frame.reset_index()
 
 
-def metrics_panel(bundle: data.BundleInfo) -> None:
+def metrics_panel(bundle: BundleInfo) -> None:
     wb = bundle.workbench
     metrics = wb.get("metrics") or {}
     test = metrics.get("test") or {}
@@ -102,7 +103,7 @@ def main() -> None:
     s = settings()
     st.title("Cohorts and models")
     summaries = data.cohort_summaries(s)
-    bundles = data.list_bundles(s.models_dir)
+    bundles = list_bundles(s.models_dir)
     if not summaries:
         st.info("No cohorts yet. Ingest a folder of studies with `workbench ingest --cohort NAME`.")
     for summary in summaries:

@@ -8,8 +8,6 @@ this module, so every function is usable (and testable) without a running app.
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +16,7 @@ from typing import Any, Literal
 
 from sqlalchemy import distinct, func, select
 
+from workbench.bundle import version_number
 from workbench.config import Settings
 from workbench.inference import latest_predictions
 from workbench.store import (
@@ -129,23 +128,6 @@ class CohortSummary:
     patients_per_split: dict[str, int]
 
 
-@dataclass(frozen=True)
-class BundleInfo:
-    """A model bundle's identity and its metadata (read as JSON; no weights are loaded)."""
-
-    name: str
-    version: str
-    metadata: dict[str, Any]
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}/{self.version}"
-
-    @property
-    def workbench(self) -> dict[str, Any]:
-        return dict(self.metadata.get("workbench", {}))
-
-
 # --- reads -----------------------------------------------------------------------------------
 
 
@@ -175,7 +157,7 @@ def list_models(settings: Settings) -> list[ModelRef]:
             ).group_by(Prediction.model_name, Prediction.model_version, Prediction.bundle_hash)
         ).all()
     models = [ModelRef(n, v, h, int(c), t) for n, v, h, c, t in rows]
-    return sorted(models, key=lambda m: (m.newest, _version_number(m.version)), reverse=True)
+    return sorted(models, key=lambda m: (m.newest, version_number(m.version)), reverse=True)
 
 
 def _latest_reviews(session: Any, prediction_ids: list[int]) -> dict[int, Review]:
@@ -316,33 +298,6 @@ def cohort_summaries(settings: Settings) -> list[CohortSummary]:
         )
         for c in cohorts
     ]
-
-
-def _version_number(version: str) -> int:
-    m = re.fullmatch(r"v(\d+)", version)
-    return int(m.group(1)) if m else -1
-
-
-def list_bundles(models_dir: Path) -> list[BundleInfo]:
-    """Every readable bundle under ``models_dir``, by name, newest version first.
-
-    Reads ``configs/metadata.json`` only (the layout of :mod:`workbench.bundle`); a bundle
-    whose metadata is unreadable is left out.
-    """
-    found: list[BundleInfo] = []
-    if not models_dir.is_dir():
-        return found
-    for meta in models_dir.glob("*/v*/configs/metadata.json"):
-        version_dir = meta.parent.parent
-        if _version_number(version_dir.name) < 0:
-            continue
-        try:
-            metadata = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            continue
-        name = str(metadata.get("name") or version_dir.parent.name)
-        found.append(BundleInfo(name=name, version=version_dir.name, metadata=metadata))
-    return sorted(found, key=lambda b: (b.name, -_version_number(b.version)))
 
 
 # --- the one write ---------------------------------------------------------------------------

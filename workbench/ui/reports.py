@@ -12,6 +12,7 @@ from typing import Any
 import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
+from workbench.bundle import list_bundles
 from workbench.ui import data
 from workbench.ui.auth import require_reviewer
 from workbench.ui.common import settings
@@ -86,7 +87,7 @@ def main() -> None:
         "intervals, calibration, subgroups and reader agreement, traced to the exact model "
         "bundle and inputs. The training cohort is evaluated on its test split only."
     )
-    bundles = data.list_bundles(s.models_dir)
+    bundles = list_bundles(s.models_dir)
     cohorts = [c.name for c in data.cohort_summaries(s)]
     if not bundles or not cohorts:
         st.info("A report needs a trained model and a cohort with stored predictions.")
