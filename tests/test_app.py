@@ -231,6 +231,10 @@ def test_the_cohort_page_shows_the_cohort_and_the_model_metrics(pipeline, app_db
     total = counts.loc[counts["Label"] == "total"]
     assert int(total["total"].iloc[0]) == 36
     assert {"train", "calibration", "test"} <= set(counts.columns)
+    content = at.dataframe[1].value  # what the cohort is made of, from the headers
+    views = content.loc[content["facet"] == "view"]
+    assert set(views["value"]) == {"PA", "LL"} and int(views["count"].sum()) == 72
+    assert "transfer syntax" in set(content["facet"])
     assert {m.label for m in at.metric} >= {"Accuracy", "AUROC (macro)"}
     assert any(pipeline.model in s.value for s in at.selectbox)
 

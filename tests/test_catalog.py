@@ -9,10 +9,18 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, select, text
 
-from workbench.catalog import CatalogError, cohort_items, ingest, split_cohort
+from tests.conftest import make_settings
+from workbench.catalog import (
+    CatalogError,
+    cohort_items,
+    cohort_summary,
+    ingest,
+    retry_quarantine,
+    split_cohort,
+)
 from workbench.config import Settings
 from workbench.dicom.synth import synthesize_cohort
-from workbench.store import Instance, Quarantine, Study, get_engine, session_scope
+from workbench.store import Instance, Quarantine, Series, Study, get_engine, session_scope
 
 FAKE_MARKERS = ("Fakename", "FAKEID", "FAKEACC", "Fakedoc")
 
@@ -110,3 +118,120 @@ def test_split_puts_no_patient_in_two_splits_and_is_reproducible(
 def test_unknown_cohort_is_a_clear_error(settings: Settings) -> None:
     with pytest.raises(CatalogError, match="no cohort named 'nope'"):
         split_cohort(settings, "nope")
+
+
+def _first_dcm(folder: Path) -> Path:
+    return next(p for p in sorted(folder.rglob("*.dcm")))
+
+
+def test_a_process_pool_and_a_single_process_catalog_the_same_pixels(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    synthesize_cohort(src, n_studies=20, seed=8, modality="DX", image_size=48)
+    catalogs = []
+    for workers in (1, 2):
+        s = make_settings(tmp_path / f"home{workers}")
+        summary = ingest(s, src, progress=False, workers=workers)
+        assert summary.ingested == 40
+        with session_scope(s.database_url) as session:
+            catalogs.append(
+                sorted(
+                    (i.sop_uid, i.pixel_hash, i.cache_key)
+                    for i in session.scalars(select(Instance))
+                )
+            )
+    assert catalogs[0] == catalogs[1]
+
+
+def test_reingest_skips_known_files_without_opening_them(
+    settings: Settings, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingest(settings, source, progress=False)
+    import workbench.catalog as catalog
+
+    def boom(path: Path, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{path} was opened again")
+
+    monkeypatch.setattr(catalog, "read_image", boom)
+    again = ingest(settings, source, progress=False, workers=1)
+    assert again.ingested == 0 and again.already_present == 24
+
+
+def test_an_image_that_may_carry_burned_in_text_is_quarantined_unless_allowed(
+    settings: Settings, tmp_path: Path, source: Path
+) -> None:
+    import pydicom
+
+    folder = tmp_path / "burned"
+    folder.mkdir()
+    ds = pydicom.dcmread(_first_dcm(source))
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(folder / "burned.dcm")
+    us = pydicom.dcmread(_first_dcm(source))
+    del us.BurnedInAnnotation
+    us.Modality = "US"
+    us.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["burned-in test"])
+    us.file_meta.MediaStorageSOPInstanceUID = us.SOPInstanceUID
+    us.save_as(folder / "us.dcm")
+    refused = ingest(settings, folder, progress=False)
+    assert (refused.ingested, refused.quarantined) == (0, 2)
+    with session_scope(settings.database_url) as s:
+        assert {q.reason for q in s.scalars(select(Quarantine))} == {"burned_in_annotation"}
+    allowed = retry_quarantine(settings, progress=False, allow_burned_in=True)
+    assert (allowed.ingested, allowed.quarantined) == (2, 0)
+    with session_scope(settings.database_url) as s:
+        assert s.scalars(select(Quarantine)).all() == []
+
+
+def test_a_quarantined_file_that_reads_now_leaves_the_quarantine_on_retry(
+    settings: Settings, tmp_path: Path, source: Path
+) -> None:
+    folder = tmp_path / "retry"
+    folder.mkdir()
+    good = _first_dcm(source).read_bytes()
+    target = folder / "x.dcm"
+    target.write_bytes(good[: len(good) // 3])
+    assert ingest(settings, folder, progress=False).quarantined == 1
+    target.write_bytes(good)  # e.g. the transfer finished, or a codec was installed
+    summary = retry_quarantine(settings, progress=False)
+    assert (summary.ingested, summary.quarantined) == (1, 0)
+    with session_scope(settings.database_url) as s:
+        assert s.scalars(select(Quarantine)).all() == []
+
+
+def test_a_ct_series_with_a_missing_slice_is_reported_not_resampled(
+    settings: Settings, tmp_path: Path
+) -> None:
+    import pydicom
+
+    src = tmp_path / "ct"
+    synthesize_cohort(src, n_studies=2, seed=9, modality="CT", image_size=32)
+    by_series: dict[str, list[Path]] = {}
+    for p in sorted(src.rglob("*.dcm")):
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        by_series.setdefault(ds.SeriesInstanceUID, []).append((int(ds.InstanceNumber), p))
+    broken_uid, slices = sorted(by_series.items())[0]
+    dict(slices)[10].unlink()  # a slice in the middle goes missing
+    ingest(settings, src, src / "labels.csv", "ct", progress=False)
+    with session_scope(settings.database_url) as s:
+        series = {se.series_uid: se for se in s.scalars(select(Series))}
+        assert series[broken_uid].volume_cache_key is None
+        assert "missing positions" in " ".join(series[broken_uid].problems or [])
+        (other,) = [se for uid, se in series.items() if uid != broken_uid]
+        assert other.volume_cache_key and not other.problems
+    items = cohort_items(settings, "ct")
+    assert sorted(len(i.images) for i in items) == [0, 1]
+
+
+def test_the_cohort_summary_counts_sites_views_sizes_and_transfer_syntaxes(
+    settings: Settings, source: Path
+) -> None:
+    ingest(settings, source, source / "labels.csv", "c", progress=False)
+    summary = cohort_summary(settings, "c")
+    assert (summary.studies, summary.instances) == (12, 24)
+    c = summary.counts
+    assert set(c["view"]) == {"PA", "LL"} and sum(c["view"].values()) == 24
+    assert len(c["transfer syntax"]) >= 2 and "MONOCHROME1" in c["photometric"]
+    assert sum(c["label"].values()) == 12 and sum(c["site"].values()) == 24
+    assert summary.lines()[0].startswith("cohort c: 12 studies")

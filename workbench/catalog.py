@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import hmac
+import multiprocessing
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,16 @@ from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 from workbench.config import Settings, pseudonym_key
-from workbench.dicom.read import HeaderFacts, UnreadableDicomError, read_header, read_image
+
+# One definition of the keyed hash and the patient pseudonym, shared with de-identification.
+from workbench.dicom.deid import keyed_hash, patient_pseudonym
+from workbench.dicom.read import (
+    HeaderFacts,
+    UnreadableDicomError,
+    check_series_geometry,
+    read_header,
+    read_image,
+)
 from workbench.store import (
     Cohort,
     CohortMember,
@@ -93,11 +103,6 @@ class CohortItem:
 # --- pseudonyms and hashes ------------------------------------------------------------------
 
 
-def keyed_hash(key: bytes, value: str, length: int = 16) -> str:
-    """A keyed hash (HMAC-SHA256) of an identifier: stable per installation, not reversible."""
-    return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:length]
-
-
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -106,22 +111,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _sha_or_none(path: Path) -> str | None:
-    try:
-        return file_sha256(path)
-    except OSError:
-        return None
-
-
 def cache_path(settings: Settings, cache_key: str) -> Path:
     return settings.cache_dir / "pixels" / cache_key[:2] / f"{cache_key}.npy"
 
 
 def _write_cache(settings: Settings, pixels: np.ndarray) -> str:
+    return _write_cache_dir(settings.cache_dir, pixels)
+
+
+def _write_cache_dir(cache_dir: Path, pixels: np.ndarray) -> str:
     """Store display-pipeline pixels (float16 in [0, 1]) content-addressed; return the key."""
     arr = np.ascontiguousarray(pixels, dtype=np.float16)
     key = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()
-    path = cache_path(settings, key)
+    path = cache_dir / "pixels" / key[:2] / f"{key}.npy"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -166,6 +168,7 @@ def _slice_position(facts: HeaderFacts) -> float | None:
 
 
 def _quarantine(session: Session, path: Path, sha: str | None, reason: str, detail: str) -> None:
+    path = path.resolve()
     row = session.scalars(select(Quarantine).where(Quarantine.path == str(path))).first()
     if row is None:
         session.add(
@@ -175,67 +178,172 @@ def _quarantine(session: Session, path: Path, sha: str | None, reason: str, deta
         row.reason, row.detail, row.file_sha256 = reason, detail[:1000], sha
 
 
-def _get_or_create_study(session: Session, key: bytes, facts: HeaderFacts) -> Study:
-    study = session.scalars(
-        select(Study).where(Study.study_uid == facts.study_instance_uid)
-    ).first()
-    if study is not None:
-        return study
-    pseudonym = "P" + keyed_hash(key, "patient:" + facts.patient_id, 15)
-    if session.get(Patient, pseudonym) is None:
-        session.add(Patient(pseudonym=pseudonym, sex=facts.patient_sex))
-    study = Study(
-        study_uid=facts.study_instance_uid,
-        study_key="S" + keyed_hash(key, "study:" + facts.study_instance_uid, 11),
-        patient_pseudonym=pseudonym,
-        study_date=facts.study_date,
-        age_years=facts.patient_age_years,
-        site=facts.institution_name,
-        modality=facts.modality,
-    )
-    session.add(study)
-    session.flush()
-    return study
+# Modalities that often carry burned-in text: without BurnedInAnnotation = NO they are refused.
+BURNED_IN_MODALITIES = frozenset({"US", "SC", "OT", "XC", "ES", "GM", "SM"})
 
 
-def _get_or_create_series(session: Session, study: Study, facts: HeaderFacts) -> Series:
-    series = session.scalars(
-        select(Series).where(Series.series_uid == facts.series_instance_uid)
-    ).first()
-    if series is None:
-        series = Series(
-            series_uid=facts.series_instance_uid,
-            study_id=study.id,
-            modality=facts.modality,
-            view_position=facts.view_position,
-            body_part=facts.body_part_examined,
-            manufacturer=facts.manufacturer,
-            institution=facts.institution_name,
-            station=facts.station_name,
-        )
-        session.add(series)
-        session.flush()
-    return series
+def burned_in_reason(facts: HeaderFacts) -> str | None:
+    """Why an image may show burned-in PHI, or None when its header says it does not."""
+    value = (getattr(facts, "burned_in_annotation", None) or "").upper()
+    if value == "YES":
+        return "BurnedInAnnotation is YES"
+    if not value and facts.modality in BURNED_IN_MODALITIES:
+        return f"BurnedInAnnotation is missing and {facts.modality} images often carry text"
+    return None
 
 
-def _cache_volumes(settings: Settings, session: Session, series_ids: set[int]) -> None:
+def _cache_volumes(
+    settings: Settings, session: Session, new_facts: dict[int, list[HeaderFacts]]
+) -> None:
     """Stack each volumetric series that gained slices into one cached array.
 
-    Slices are ordered by their position along the slice normal (then instance number); a
-    series whose slices differ in size is left without a volume (and so is not a model input).
+    Slices are ordered by their position along the slice normal (then instance number). A
+    series whose geometry is inconsistent (:func:`check_series_geometry`) is not resampled: it
+    gets no volume (so it is no model input) and its problems are recorded for
+    ``workbench quarantine`` to list. The check uses the headers read in this run, or reads
+    the headers of the series' files again when the series grew over several runs.
     """
-    if not series_ids:
+    if not new_facts:
         return
-    for series in session.scalars(select(Series).where(Series.id.in_(series_ids))):
+    for series in session.scalars(select(Series).where(Series.id.in_(list(new_facts)))):
         insts = list(series.instances)
         if series.modality not in VOLUMETRIC or len(insts) < 2:
             continue
-        insts.sort(key=lambda i: (i.slice_position or 0.0, i.instance_number or 0))
-        if len({(i.rows, i.columns, i.frames) for i in insts}) != 1:
+        facts = new_facts[series.id]
+        if len(facts) != len(insts):
+            try:
+                facts = [read_header(Path(i.path)) for i in insts]
+            except (UnreadableDicomError, OSError) as err:
+                facts, series.problems = [], [f"a slice can no longer be read: {err}"]
+        problems = check_series_geometry(facts) if facts else list(series.problems or [])
+        series.problems = problems or None
+        if problems:
             series.volume_cache_key = None
             continue
+        insts.sort(key=lambda i: (i.slice_position or 0.0, i.instance_number or 0))
         volume = np.stack([np.load(cache_path(settings, i.cache_key)) for i in insts])
         series.volume_cache_key = _write_cache(settings, volume)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """What a worker learned about one file (picklable, no database objects)."""
+
+    path: str
+    size: int | None
+    mtime_ns: int | None
+    file_sha256: str | None
+    facts: HeaderFacts | None = None
+    pixel_hash: str | None = None
+    cache_key: str | None = None
+    voi_source: str | None = None
+    reason: str | None = None
+    detail: str = ""
+
+
+def _decode_file(path: str, cache_dir: str, allow_burned_in: bool) -> _Decoded:
+    """Read one file once: header facts, display pixels into the cache. Runs in a worker."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        sha = file_sha256(p)
+    except OSError as err:
+        return _Decoded(path, None, None, None, reason="not_readable", detail=str(err))
+    try:
+        image = read_image(p)
+        why = None if allow_burned_in else burned_in_reason(image.facts)
+        if why:
+            raise UnreadableDicomError("burned_in_annotation", why)
+        key = _write_cache_dir(Path(cache_dir), image.pixels)
+    except UnreadableDicomError as err:
+        reason, detail = err.reason, err.detail
+    except OSError as err:
+        reason, detail = "not_readable", str(err)
+    else:
+        return _Decoded(
+            path,
+            st.st_size,
+            st.st_mtime_ns,
+            sha,
+            facts=image.facts,
+            pixel_hash=image.pixel_hash,
+            cache_key=key,
+            voi_source=image.voi_source,
+        )
+    return _Decoded(path, st.st_size, st.st_mtime_ns, sha, reason=reason, detail=detail)
+
+
+def _decoded_stream(
+    paths: Sequence[str], settings: Settings, allow_burned_in: bool, workers: int
+) -> Iterator[_Decoded]:
+    """Decode files in a process pool (spawned: safe beside torch threads), in order."""
+    if workers <= 1 or len(paths) < 32:
+        for path in paths:
+            yield _decode_file(path, str(settings.cache_dir), allow_burned_in)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    job = partial(_decode_file, cache_dir=str(settings.cache_dir), allow_burned_in=allow_burned_in)
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap(job, paths, chunksize=16)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+class _Registry:
+    """Patient / study / series rows by UID for one ingest run: one query per new UID."""
+
+    def __init__(self, session: Session, key: bytes) -> None:
+        self.session, self.key = session, key
+        self.studies: dict[str, Study] = {}
+        self.series: dict[str, Series] = {}
+        self.patients: set[str] = set()
+
+    def study(self, facts: HeaderFacts) -> Study:
+        uid = facts.study_instance_uid
+        if uid in self.studies:
+            return self.studies[uid]
+        study = self.session.scalars(select(Study).where(Study.study_uid == uid)).first()
+        if study is None:
+            pseudonym = patient_pseudonym(facts.patient_id, self.key)
+            if pseudonym not in self.patients and self.session.get(Patient, pseudonym) is None:
+                self.session.add(Patient(pseudonym=pseudonym, sex=facts.patient_sex))
+            self.patients.add(pseudonym)
+            study = Study(
+                study_uid=uid,
+                study_key="S" + keyed_hash(self.key, "study:" + uid, 11),
+                patient_pseudonym=pseudonym,
+                study_date=facts.study_date,
+                age_years=facts.patient_age_years,
+                site=facts.institution_name,
+                modality=facts.modality,
+            )
+            self.session.add(study)
+            self.session.flush()
+        self.studies[uid] = study
+        return study
+
+    def series_of(self, study: Study, facts: HeaderFacts) -> Series:
+        uid = facts.series_instance_uid
+        if uid in self.series:
+            return self.series[uid]
+        series = self.session.scalars(select(Series).where(Series.series_uid == uid)).first()
+        if series is None:
+            series = Series(
+                series_uid=uid,
+                study_id=study.id,
+                modality=facts.modality,
+                view_position=facts.view_position,
+                body_part=facts.body_part_examined,
+                manufacturer=facts.manufacturer,
+                institution=facts.institution_name,
+                station=facts.station_name,
+            )
+            self.session.add(series)
+            self.session.flush()
+        self.series[uid] = series
+        return series
 
 
 def ingest(
@@ -244,78 +352,135 @@ def ingest(
     labels: Path | None = None,
     cohort: str | None = None,
     progress: bool = True,
+    workers: int | None = None,
+    allow_burned_in: bool = False,
 ) -> IngestSummary:
     """Walk ``src``, catalog every readable DICOM instance, quarantine the rest.
 
-    Safe to interrupt and run again: work is committed in batches, and instances already in
-    the catalog (by SOPInstanceUID) are skipped after a header-only read.
+    Files are decoded once, in a pool of ``workers`` processes (default: every core), into the
+    decoded-pixel cache; the catalog is written by this process in batches. Safe to interrupt
+    and run again: a file already catalogued under the same path, size and modification time
+    is skipped without being opened, and an instance already known by SOPInstanceUID (a copy
+    elsewhere) is not added twice. Images that may carry burned-in PHI are quarantined unless
+    ``allow_burned_in``.
     """
     if not src.exists():
         raise CatalogError(f"no such file or folder: {src}")
+    return ingest_files(
+        settings, iter_files(src), labels, cohort, progress, workers, allow_burned_in
+    )
+
+
+def retry_quarantine(
+    settings: Settings, progress: bool = True, allow_burned_in: bool = False
+) -> IngestSummary:
+    """Try every quarantined file again (e.g. after installing a codec); those that read now
+    leave the quarantine, the others keep it with a fresh reason."""
+    with session_scope(settings.database_url) as session:
+        paths = [Path(p) for p in session.scalars(select(Quarantine.path))]
+        gone = [p for p in paths if not p.exists()]
+        for p in gone:  # a file deleted since has nothing left to retry
+            session.execute(delete(Quarantine).where(Quarantine.path == str(p)))
+    return ingest_files(
+        settings,
+        [p for p in paths if p.exists()],
+        progress=progress,
+        allow_burned_in=allow_burned_in,
+    )
+
+
+def ingest_files(
+    settings: Settings,
+    files: Iterable[Path],
+    labels: Path | None = None,
+    cohort: str | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+    allow_burned_in: bool = False,
+) -> IngestSummary:
+    """Catalog the given files (see :func:`ingest`)."""
     label_map = read_labels(labels) if labels else {}
     key = pseudonym_key(settings)
-    files = list(iter_files(src))
+    labels_path = labels.resolve() if labels else None
     ingested = present = quarantined = skipped = 0
     study_uids: set[str] = set()
-    touched_series: set[int] = set()
+    new_facts: dict[int, list[HeaderFacts]] = defaultdict(list)  # series id -> facts
     with session_scope(settings.database_url) as session:
         if cohort and session.get(Cohort, cohort) is None:
             session.add(Cohort(name=cohort))
-    bar = tqdm(files, desc="ingest", unit="file", disable=not progress)
-    with new_session(settings.database_url) as session:
+        known = {
+            path: (size, mtime, uid)
+            for path, size, mtime, uid in session.execute(
+                select(Instance.path, Instance.file_size, Instance.file_mtime_ns, Study.study_uid)
+                .join(Series, Series.id == Instance.series_id)
+                .join(Study, Study.id == Series.study_id)
+            )
+        }
+        known_sops = set(session.scalars(select(Instance.sop_uid)))
         quarantined_paths = set(session.scalars(select(Quarantine.path)))
-        for n, path in enumerate(bar, 1):
-            if path.suffix.lower() in SIDECAR_SUFFIXES or (labels and path == labels):
-                skipped += 1
+    todo: list[str] = []
+    for path in files:
+        resolved = path.resolve()
+        if path.suffix.lower() in SIDECAR_SUFFIXES or resolved == labels_path:
+            skipped += 1
+            continue
+        entry = known.get(str(resolved))
+        if entry is not None:
+            st = resolved.stat()
+            if (entry[0], entry[1]) == (st.st_size, st.st_mtime_ns):
+                present += 1
+                study_uids.add(entry[2])
                 continue
-            try:
-                facts = read_header(path)
-                study_uids.add(facts.study_instance_uid)
-                if session.scalars(
-                    select(Instance.id).where(Instance.sop_uid == facts.sop_instance_uid)
-                ).first():
-                    present += 1  # known instance: skipped after a header-only read
-                    continue
-                sha = file_sha256(path)
-                image = read_image(path)
-            except (UnreadableDicomError, OSError) as err:
-                reason = getattr(err, "reason", "not_readable")
-                detail = getattr(err, "detail", str(err))
-                _quarantine(session, path, _sha_or_none(path), reason, detail)
+        todo.append(str(resolved))
+
+    n_workers = workers or default_workers()
+    bar = tqdm(total=len(todo), desc="ingest", unit="file", disable=not progress)
+    with new_session(settings.database_url) as session:
+        registry = _Registry(session, key)
+        for n, d in enumerate(_decoded_stream(todo, settings, allow_burned_in, n_workers), 1):
+            bar.update()
+            if d.reason is not None or d.facts is None:
+                _quarantine(session, Path(d.path), d.file_sha256, d.reason or "", d.detail)
                 quarantined += 1
                 continue
-            cache_key = _write_cache(settings, image.pixels)
-            study = _get_or_create_study(session, key, facts)
-            series = _get_or_create_series(session, study, facts)
-            spacing = facts.pixel_spacing[0] if facts.pixel_spacing else None
+            facts = d.facts
+            study_uids.add(facts.study_instance_uid)
+            if facts.sop_instance_uid in known_sops:
+                present += 1  # the same instance under another path
+                continue
+            known_sops.add(facts.sop_instance_uid)
+            study = registry.study(facts)
+            series = registry.series_of(study, facts)
             session.add(
                 Instance(
                     sop_uid=facts.sop_instance_uid,
                     series_id=series.id,
-                    path=str(path.resolve()),
-                    file_sha256=sha,
-                    pixel_hash=image.pixel_hash,
-                    cache_key=cache_key,
+                    path=d.path,
+                    file_size=d.size,
+                    file_mtime_ns=d.mtime_ns,
+                    file_sha256=d.file_sha256,
+                    pixel_hash=d.pixel_hash,
+                    cache_key=d.cache_key,
                     rows=facts.rows,
                     columns=facts.columns,
                     frames=facts.number_of_frames,
                     photometric=facts.photometric_interpretation,
                     transfer_syntax=facts.transfer_syntax_uid,
-                    pixel_spacing=spacing,
-                    voi_source=image.voi_source,
+                    pixel_spacing=facts.pixel_spacing[0] if facts.pixel_spacing else None,
+                    voi_source=d.voi_source,
                     slice_position=_slice_position(facts),
                     instance_number=facts.instance_number,
                 )
             )
-            touched_series.add(series.id)
-            if str(path) in quarantined_paths:  # it reads now (e.g. a codec was installed)
-                session.execute(delete(Quarantine).where(Quarantine.path == str(path)))
+            new_facts[series.id].append(facts)
+            if d.path in quarantined_paths:  # it reads now (e.g. a codec was installed)
+                session.execute(delete(Quarantine).where(Quarantine.path == d.path))
             ingested += 1
             if n % COMMIT_EVERY == 0:  # an interrupted ingest keeps what it committed
                 session.commit()
-            bar.set_postfix(new=ingested, present=present, quarantined=quarantined, refresh=False)
+                bar.set_postfix(new=ingested, quarantined=quarantined, refresh=False)
         session.commit()
-        _cache_volumes(settings, session, touched_series)
+        _cache_volumes(settings, session, new_facts)
         session.commit()
     bar.close()
 
@@ -486,3 +651,75 @@ def cohort_hash(items: Sequence[CohortItem]) -> str:
     for it in sorted(items, key=lambda i: i.study_key):
         h.update(f"{it.study_key}|{it.split}|{it.label}|{','.join(it.pixel_hashes)}\n".encode())
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CohortSummary:
+    """What a cohort is made of: counts per value of the header facts that matter."""
+
+    name: str
+    studies: int
+    patients: int
+    instances: int
+    counts: dict[str, dict[str, int]]  # facet -> value -> number of instances (studies for labels)
+    series_with_problems: int
+
+    def lines(self) -> list[str]:
+        out = [
+            f"cohort {self.name}: {self.studies} studies, {self.patients} patients, "
+            f"{self.instances} instances"
+            + (
+                f", {self.series_with_problems} series with problems"
+                if self.series_with_problems
+                else ""
+            )
+        ]
+        for facet, values in self.counts.items():
+            shown = ", ".join(f"{v} {n}" for v, n in sorted(values.items(), key=lambda t: -t[1]))
+            out.append(f"  {facet:18s} {shown}")
+        return out
+
+
+def cohort_summary(settings: Settings, cohort: str) -> CohortSummary:
+    """Modalities, manufacturers, sites, views, sizes, transfer syntaxes, photometric
+    interpretations (per instance), and labels and splits (per study) of a cohort."""
+    from collections import Counter
+
+    with session_scope(settings.database_url) as session:
+        if session.get(Cohort, cohort) is None:
+            raise CatalogError(f"no cohort named {cohort!r}")
+        members = session.scalars(
+            select(CohortMember).where(CohortMember.cohort_name == cohort)
+        ).all()
+        facets: dict[str, Counter[str]] = defaultdict(Counter)
+        instances = problems = 0
+        for m in members:
+            st = m.study
+            facets["label"][st.label or "(none)"] += 1
+            facets["split"][m.split or "(not split)"] += 1
+            for se in st.series:
+                problems += bool(se.problems)
+                for inst in se.instances:
+                    instances += 1
+                    facets["modality"][se.modality or "?"] += 1
+                    facets["manufacturer"][se.manufacturer or "?"] += 1
+                    facets["site"][se.institution or "?"] += 1
+                    facets["view"][se.view_position or "-"] += 1
+                    facets["size"][f"{inst.rows}x{inst.columns}"] += 1
+                    facets["transfer syntax"][_syntax_name(inst.transfer_syntax)] += 1
+                    facets["photometric"][inst.photometric] += 1
+        return CohortSummary(
+            name=cohort,
+            studies=len(members),
+            patients=len({m.study.patient_pseudonym for m in members}),
+            instances=instances,
+            counts={k: dict(v) for k, v in facets.items()},
+            series_with_problems=problems,
+        )
+
+
+def _syntax_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return name if name and name != uid else uid

@@ -34,12 +34,55 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", choices=["DX", "CT"], default="DX")
     s.add_argument("--image-size", type=int, help="in-plane size (default 256 DX, 128 CT)")
 
-    s = sub.add_parser("ingest", help="catalog a folder of DICOM files")
-    s.add_argument("src", type=Path)
+    s = sub.add_parser(
+        "ingest",
+        help="catalog a folder of DICOM files, or pull from a PACS over DICOMweb",
+        description="Credentials for --dicomweb come from WORKBENCH_DICOMWEB_USER and "
+        "WORKBENCH_DICOMWEB_PASSWORD, or a file named by WORKBENCH_DICOMWEB_CREDENTIALS "
+        "(user:password, mode 600); never from the command line.",
+    )
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("src", type=Path, nargs="?", help="a folder (or file) of DICOM")
+    g.add_argument("--dicomweb", metavar="URL", help="a DICOMweb service root (QIDO / WADO)")
+    s.add_argument("--patient", help="DICOMweb: PatientID to pull")
+    s.add_argument("--study", help="DICOMweb: StudyInstanceUID to pull")
+    s.add_argument("--modality", help="DICOMweb: modality, e.g. DX or CT")
+    s.add_argument("--from", dest="date_from", metavar="YYYYMMDD", help="DICOMweb: first date")
+    s.add_argument("--to", dest="date_to", metavar="YYYYMMDD", help="DICOMweb: last date")
     s.add_argument("--labels", type=Path, help="CSV with StudyInstanceUID,label")
     s.add_argument("--cohort", help="add the studies to this named cohort")
+    s.add_argument("--workers", type=int, help="decoding processes (default: every core)")
+    s.add_argument(
+        "--allow-burned-in",
+        action="store_true",
+        help="accept images that may carry burned-in text (BurnedInAnnotation YES or missing "
+        "for US, SC, OT...)",
+    )
 
-    sub.add_parser("quarantine", help="list files that could not be ingested, with reasons")
+    s.add_argument(
+        "--deid-to",
+        type=Path,
+        metavar="DIR",
+        help="de-identify (PS3.15 Basic Profile) into DIR first and catalog those copies",
+    )
+    s.add_argument("--keep-dates", action="store_true", help="with --deid-to: shift dates")
+
+    s = sub.add_parser(
+        "export", help="export a cohort's DICOM de-identified (PS3.15 Basic Profile)"
+    )
+    s.add_argument("out", type=Path)
+    s.add_argument("--cohort", required=True)
+    s.add_argument(
+        "--keep-dates", action="store_true", help="shift dates per patient instead of removing"
+    )
+    s.add_argument("--keep-device-identity", action="store_true")
+    s.add_argument("--allow-burned-in", action="store_true")
+
+    s = sub.add_parser("quarantine", help="list files that could not be ingested, with reasons")
+    s.add_argument("--retry", action="store_true", help="try every quarantined file again")
+
+    s = sub.add_parser("cohort", help="what a cohort is made of (modalities, sites, sizes...)")
+    s.add_argument("name")
     sub.add_parser("models", help="list trained model bundles")
 
     s = sub.add_parser("train", help="train, calibrate and bundle a model on a cohort")
@@ -104,19 +147,151 @@ def cmd_synth(a: argparse.Namespace) -> None:
 def cmd_ingest(a: argparse.Namespace) -> None:
     from workbench.catalog import ingest
 
-    print(ingest(_settings(), a.src, a.labels, a.cohort).line())
+    if a.dicomweb:
+        from workbench.dicom.dicomweb import load_credentials
+        from workbench.pull import pull_dicomweb
+
+        pulled = pull_dicomweb(
+            _settings(),
+            a.dicomweb,
+            load_credentials(),
+            patient_id=a.patient,
+            study_uid=a.study,
+            modality=a.modality,
+            date_from=a.date_from,
+            date_to=a.date_to,
+            labels=a.labels,
+            cohort=a.cohort,
+        )
+        print(pulled.line())
+        return
+    settings = _settings()
+    src, labels = a.src, a.labels
+    if a.deid_to:
+        from workbench.catalog import SIDECAR_SUFFIXES, iter_files
+        from workbench.config import pseudonym_key
+        from workbench.dicom.deid import DeidConfig, export_deidentified
+
+        if not src.exists():
+            raise FileNotFoundError(f"no such file or folder: {src}")
+        config = DeidConfig(
+            key=pseudonym_key(settings),
+            keep_dates=a.keep_dates,
+            allow_burned_in=a.allow_burned_in,
+        )
+        files = (p for p in iter_files(src) if p.suffix.lower() not in SIDECAR_SUFFIXES)
+        print("de-identify: " + export_deidentified(files, a.deid_to, config).line())
+        if labels:
+            labels = _remap_labels(labels, a.deid_to / "labels.csv", config.key)
+        src = a.deid_to
+    summary = ingest(
+        settings, src, labels, a.cohort, workers=a.workers, allow_burned_in=a.allow_burned_in
+    )
+    print(summary.line())
+
+
+def _remap_labels(src: Path, dst: Path, key: bytes) -> Path:
+    """The labels CSV with StudyInstanceUIDs remapped as de-identification remapped them."""
+    import csv
+
+    from workbench.catalog import read_labels
+    from workbench.dicom.deid import remap_uid
+
+    rows = read_labels(src)
+    with dst.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["StudyInstanceUID", "label"])
+        for uid, label in rows.items():
+            w.writerow([remap_uid(uid, key), label])
+    return dst
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    import getpass
+
+    from sqlalchemy import select
+
+    from workbench.config import pseudonym_key
+    from workbench.dicom.deid import DeidConfig, export_deidentified
+    from workbench.store import (
+        Cohort,
+        CohortMember,
+        Instance,
+        Series,
+        record_audit,
+        session_scope,
+    )
+
+    settings = _settings()
+    with session_scope(settings.database_url) as session:
+        if session.get(Cohort, a.cohort) is None:
+            raise LookupError(f"no cohort named {a.cohort!r}")
+        paths = [
+            Path(p)
+            for p in session.scalars(
+                select(Instance.path)
+                .join(Series, Series.id == Instance.series_id)
+                .join(CohortMember, CohortMember.study_id == Series.study_id)
+                .where(CohortMember.cohort_name == a.cohort)
+                .order_by(Instance.path)
+            )
+        ]
+    config = DeidConfig(
+        key=pseudonym_key(settings),
+        keep_dates=a.keep_dates,
+        keep_device_identity=a.keep_device_identity,
+        allow_burned_in=a.allow_burned_in,
+    )
+    summary = export_deidentified(paths, a.out, config)
+    with session_scope(settings.database_url) as session:
+        record_audit(
+            session,
+            getpass.getuser(),
+            "export.deidentified",
+            "cohort",
+            a.cohort,
+            new_value={
+                "written": summary.written,
+                "refused": summary.refused,
+                "keep_dates": a.keep_dates,
+                "keep_device_identity": a.keep_device_identity,
+                "allow_burned_in": a.allow_burned_in,
+            },
+        )
+    print(f"export of {a.cohort} to {a.out}: {summary.line()}")
 
 
 def cmd_quarantine(a: argparse.Namespace) -> None:
     from sqlalchemy import select
 
-    from workbench.store import Quarantine, session_scope
+    from workbench.catalog import retry_quarantine
+    from workbench.store import Quarantine, Series, Study, session_scope
 
-    with session_scope(_settings().database_url) as session:
-        rows = session.scalars(select(Quarantine).order_by(Quarantine.id)).all()
+    settings = _settings()
+    if a.retry:
+        print("retry: " + retry_quarantine(settings).line())
+    with session_scope(settings.database_url) as session:
+        rows = session.scalars(
+            select(Quarantine).order_by(Quarantine.reason, Quarantine.path)
+        ).all()
         for r in rows:
             print(f"{r.reason:28s} {r.path}  ({r.detail})")
         print(f"{len(rows)} quarantined files")
+        bad = session.execute(
+            select(Study.study_key, Series.modality, Series.problems)
+            .join(Study, Study.id == Series.study_id)
+            .where(Series.problems.is_not(None))
+        ).all()
+        for key, modality, problems in bad:
+            print(f"inconsistent_series         study {key} ({modality}): {'; '.join(problems)}")
+        if bad:
+            print(f"{len(bad)} series left out of the volumes")
+
+
+def cmd_cohort(a: argparse.Namespace) -> None:
+    from workbench.catalog import cohort_summary
+
+    print("\n".join(cohort_summary(_settings(), a.name).lines()))
 
 
 def cmd_models(a: argparse.Namespace) -> None:
@@ -259,6 +434,8 @@ COMMANDS = {
     "synth": cmd_synth,
     "ingest": cmd_ingest,
     "quarantine": cmd_quarantine,
+    "cohort": cmd_cohort,
+    "export": cmd_export,
     "models": cmd_models,
     "train": cmd_train,
     "predict": cmd_predict,

@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Engine,
@@ -84,8 +85,10 @@ class Series(Base):
     manufacturer: Mapped[str | None] = mapped_column(String(128))
     institution: Mapped[str | None] = mapped_column(String(128))
     station: Mapped[str | None] = mapped_column(String(128))
-    # A volumetric series (CT, MR, PT) is also cached as one (slices, rows, columns) array.
+    # A volumetric series (CT, MR, PT) is also cached as one (slices, rows, columns) array,
+    # unless its geometry is inconsistent: then `problems` says why, in plain words.
     volume_cache_key: Mapped[str | None] = mapped_column(String(64))
+    problems: Mapped[list[Any] | None] = mapped_column(JSON)
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
 
@@ -95,7 +98,10 @@ class Instance(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
-    path: Mapped[str] = mapped_column(String(1024))
+    path: Mapped[str] = mapped_column(String(1024), index=True)
+    # Size and modification time let a re-ingest skip a known file without opening it.
+    file_size: Mapped[int | None] = mapped_column(BigInteger)
+    file_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
     file_sha256: Mapped[str] = mapped_column(String(64), index=True)
     pixel_hash: Mapped[str] = mapped_column(String(64), index=True)
     cache_key: Mapped[str] = mapped_column(String(64))

@@ -1,10 +1,22 @@
 """DICOM reading: header facts, pixel decoding and the display pipeline.
 
-Everything that can go wrong with a file on disk is reported as an :class:`UnreadableDicomError`
-whose ``reason`` is one of :data:`QUARANTINE_REASONS`, so that ingest can quarantine the file
-with a stable, countable reason instead of crashing.
+Everything that can go wrong with a file's contents is reported as an
+:class:`UnreadableDicomError` whose ``reason`` is one of :data:`QUARANTINE_REASONS`, so that
+ingest can quarantine the file with a stable, countable reason instead of crashing. Only an
+operating-system error about the path itself (no such file, no permission) is left as the
+:class:`OSError` it is.
 
-The display pipeline follows the order of the DICOM standard (PS3.3 C.11, PS3.4 N.2.1):
+Pixel data: every transfer syntax that pydicom decodes with the installed plugins (native little
+and big endian, deflate, RLE, JPEG, JPEG-LS, JPEG 2000, HTJ2K). A syntax without a codec is
+``unsupported_transfer_syntax`` and the detail names the plugin that would decode it.
+
+Reading is bounded by ``max_pixel_bytes``: the declared pixel size is checked before anything is
+decoded; no read asks the file for more bytes than it holds (a corrupt element length cannot
+make a huge buffer); a deflated data set is inflated only up to the budget; and a compressed
+frame whose own header (JPEG SOF, JPEG-LS SOF55, JPEG 2000 SIZ) declares a larger image than the
+DICOM header is refused before a codec allocates for it.
+
+The grayscale display pipeline follows the order of the DICOM standard (PS3.3 C.11, PS3.4 N.2.1):
 
 1. Pixel Padding Value (and Pixel Padding Range Limit) mask, on the stored values;
 2. Modality LUT or Rescale Slope/Intercept (:func:`pydicom.pixels.apply_modality_lut`);
@@ -12,9 +24,14 @@ The display pipeline follows the order of the DICOM standard (PS3.3 C.11, PS3.4 
    Sequence preferred when both are present); when neither exists, the min/max of the
    non-padding pixels;
 4. linear map to [0, 1];
-5. MONOCHROME1 inversion (``1 - x``).
+5. Presentation LUT: MONOCHROME1, or Presentation LUT Shape INVERSE, inverts (``1 - x``).
 
 Padding pixels are set to 0 (black) at the very end, after the inversion.
+
+Colour images have no modality or VOI stage: RGB as stored, YBR_FULL / YBR_FULL_422 converted
+to RGB by pydicom (``convert_color_space``, or the codec for JPEG / JPEG 2000), PALETTE COLOR
+through its LUT (:func:`pydicom.pixels.apply_color_lut`). They are kept as 8-bit RGB for display
+and reduced to ITU-R BT.601 luma in [0, 1] for the model.
 
 Multi-frame "enhanced" objects keep rescale and window values in functional groups; when the
 top level lacks them, those of the Shared (else the first Per-frame) Functional Groups are used.
@@ -25,33 +42,52 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import os
 import re
+import struct
 import warnings
+import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from types import TracebackType
+from typing import Any, Literal, cast
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    get_decoder,
+    pixel_array,
+)
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 
 __all__ = [
+    "DEFAULT_MAX_PIXEL_BYTES",
     "QUARANTINE_REASONS",
     "REQUIRED_ATTRIBUTES",
     "DecodedImage",
+    "FrameSelection",
     "HeaderFacts",
     "UnreadableDicomError",
+    "check_series_geometry",
+    "color_display",
     "display_pipeline",
     "pixel_hash",
     "read_header",
@@ -66,6 +102,12 @@ QUARANTINE_REASONS: tuple[str, ...] = (
     "unsupported_transfer_syntax",
     "too_large",
     "decode_error",
+    # raised by the catalog, not by this module: a file that cannot be opened at all
+    "not_readable",
+    # also raised by the catalog: a series whose slices do not make one volume
+    # (see check_series_geometry), and an image with burned-in annotation (possible PHI)
+    "inconsistent_series",
+    "burned_in_annotation",
 )
 
 #: Attributes without which a file cannot be catalogued (checked in this order).
@@ -80,8 +122,19 @@ REQUIRED_ATTRIBUTES: tuple[str, ...] = (
     "Modality",
 )
 
+#: The default ceiling on the declared pixel data of one file.
+DEFAULT_MAX_PIXEL_BYTES = 512 * 2**20
+
+#: ``read_image(frames=...)``: the whole (multi-frame) image, its first frame, or frame ``i``.
+FrameSelection = Literal["volume", "first"] | int
+
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_FORCE_REQUIRED = ("SOPClassUID", "Rows", "Columns", "PixelData")
+# What a header may add to a file beyond its pixel data (overlays, ICC profiles, private blobs).
+_HEADER_ALLOWANCE = 64 * 2**20
+# Header-only reads leave values larger than this on disk until something asks for them.
+_HEADER_DEFER = 2**20
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 class UnreadableDicomError(Exception):
@@ -96,10 +149,22 @@ class UnreadableDicomError(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple[type[UnreadableDicomError], tuple[str, str]]:
+        # picklable across a process pool (the default would call cls("reason: detail"))
+        return (type(self), (self.reason, self.detail))
+
+
+class _FrameIndexError(IndexError):
+    """``read_image(frames=i)`` asked for a frame the file does not have (a caller's mistake)."""
+
 
 @dataclass(frozen=True)
 class HeaderFacts:
-    """What the catalogue needs from a header. ``patient_id`` is raw identity: pseudonymise it."""
+    """What the catalogue needs from a header. ``patient_id`` is raw identity: pseudonymise it.
+
+    ``burned_in_annotation`` is the raw Burned In Annotation value ("YES", "NO") or None when
+    the header does not say.
+    """
 
     sop_instance_uid: str
     series_instance_uid: str
@@ -128,21 +193,119 @@ class HeaderFacts:
     image_position_patient: tuple[float, float, float] | None
     image_orientation_patient: tuple[float, ...] | None
     instance_number: int | None
+    burned_in_annotation: str | None = None
+    samples_per_pixel: int = 1
+    slice_thickness: float | None = None
+    series_number: int | None = None
+    frame_of_reference_uid: str | None = None
 
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A decoded image: display-pipeline output in [0, 1] plus a hash of the stored values."""
+    """A decoded image: what the model sees, what a person sees, and a hash of the stored values.
+
+    ``pixels`` is float32 in [0, 1], shaped ``(rows, columns)`` for one frame or ``(frames,
+    rows, columns)`` for a multi-frame volume: the grayscale display pipeline's output, or the
+    BT.601 luma of a colour image. ``rgb`` is None for grayscale; for colour it is the image as
+    a person sees it, uint8 with a trailing axis of 3. ``voi_source`` is ``"voi_lut"``,
+    ``"window"`` or ``"minmax"`` for grayscale and ``"none"`` for colour (no VOI stage).
+    """
 
     facts: HeaderFacts
     pixels: np.ndarray
     pixel_hash: str
     voi_source: str
+    rgb: np.ndarray | None = None
+
+    @property
+    def color(self) -> bool:
+        return self.rgb is not None
 
 
 # --------------------------------------------------------------------------------------------
 # Reading the file
 # --------------------------------------------------------------------------------------------
+
+
+class _CappedFile:
+    """A read-only file whose ``read(n)`` never asks for more than what is left of the file.
+
+    pydicom reads a value with ``fp.read(length)``; a buffered file allocates ``length`` bytes
+    before it finds out that the file is shorter, so a corrupt length (0xFFFFFFF0) would cost
+    4 GiB. pydicom re-opens a deferred value with ``type(fp)(name, "rb")``, so that read goes
+    through this class too.
+    """
+
+    def __init__(self, name: str | os.PathLike[str], mode: str = "rb") -> None:
+        if mode != "rb":
+            raise ValueError("read-only")
+        self._fh = open(name, "rb")  # noqa: SIM115 - closed by close() / the context manager
+        self.name = os.fspath(name)
+        self._size = os.fstat(self._fh.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self._fh.read()
+        return self._fh.read(max(0, min(size, self._size - self._fh.tell())))
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._fh.closed
+
+    def __enter__(self) -> _CappedFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+_DEFLATED = str(DeflatedExplicitVRLittleEndian).encode()
+
+
+def _check_inflated_size(path: Path, budget: int) -> None:
+    """Refuse a deflated data set that inflates past ``budget`` bytes, before pydicom inflates
+    all of it in one ``zlib.decompress`` call (a "zip bomb" would take all memory)."""
+    with _CappedFile(path) as fp:
+        if _DEFLATED not in fp.read(16384):
+            return
+        fp.seek(0)
+        try:
+            read_preamble(cast(Any, fp), False)
+            meta = _read_file_meta_info(cast(Any, fp))
+        except Exception:
+            return  # the real read says what is wrong
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        try:
+            while not inflater.eof:
+                data = fp.read(2**20)
+                if not data:
+                    return
+                while data and not inflater.eof:
+                    total += len(inflater.decompress(data, 2**22))
+                    if total > budget:
+                        raise UnreadableDicomError(
+                            "too_large", f"deflated data set inflates past {budget} bytes"
+                        )
+                    data = inflater.unconsumed_tail
+        except zlib.error:
+            return  # a corrupt stream: the real read reports it
 
 
 def _ensure_transfer_syntax(ds: Dataset) -> None:
@@ -162,33 +325,66 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
 
-def _dcmread(path: Path, *, stop_before_pixels: bool, defer_size: int | None = None) -> Dataset:
+def _pixel_data_length(ds: Dataset) -> int | None:
+    """The length of the PixelData value as read (undefined length for encapsulated), or None."""
+    try:
+        elem = ds.get_item("PixelData")
+    except Exception:
+        return None
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement):
+        return int(elem.length)
+    return len(elem.value) if elem.value is not None else 0
+
+
+def _forced_problems(ds: Dataset) -> list[str]:
+    """Why a dataset read without the "DICM" preamble is not an image we accept."""
+    problems = []
+    sop_class = _text(ds, "SOPClassUID")
+    if sop_class is None or len(sop_class) > 64 or not _UID_RE.match(sop_class):
+        problems.append("SOPClassUID")
+    for keyword in ("Rows", "Columns"):
+        value = _opt_int(_get(ds, keyword))
+        if value is None or not 0 < value < 2**16:
+            problems.append(keyword)
+    if not _pixel_data_length(ds):
+        problems.append("PixelData")
+    return problems
+
+
+def _dcmread(
+    path: Path, *, stop_before_pixels: bool, defer_size: int | None, inflate_budget: int
+) -> Dataset:
     """``dcmread`` with the quarantine rules for files that are not DICOM.
 
     A file without the 128-byte preamble and "DICM" is accepted only if it still parses (forced)
-    and has SOPClassUID, Rows, Columns and PixelData; otherwise it is ``not_dicom``.
+    and has a valid SOPClassUID, positive Rows and Columns, and non-empty PixelData; otherwise
+    it is ``not_dicom``.
     """
+    _check_inflated_size(path, inflate_budget)
+    fp = _CappedFile(path)  # an OSError here (no such file, no permission) is the caller's
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
+        with fp:
+            return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
     except InvalidDicomError:
         pass
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
     except Exception as exc:  # a "DICM" file whose header cannot be parsed
         raise UnreadableDicomError(
             "not_dicom", f"unparseable DICOM header ({type(exc).__name__}: {exc})"
         ) from exc
     try:
         # full parse (PixelData must be seen), but large values stay on disk until used
-        ds = pydicom.dcmread(path, force=True, defer_size=defer_size or 4096)
+        with _CappedFile(path) as fp:
+            ds = pydicom.dcmread(fp, force=True, defer_size=defer_size or 4096)
+        problems = _forced_problems(ds)
     except Exception as exc:
         raise UnreadableDicomError(
             "not_dicom", f"no DICOM preamble and not parseable ({type(exc).__name__})"
         ) from exc
-    missing = [k for k in _FORCE_REQUIRED if k not in ds]
-    if missing:
+    if problems:
         raise UnreadableDicomError(
-            "not_dicom", f"no DICOM preamble and no {', '.join(missing)} when forced"
+            "not_dicom", f"no DICOM preamble and no valid {', '.join(problems)} when forced"
         )
     _ensure_transfer_syntax(ds)
     if stop_before_pixels:
@@ -196,6 +392,10 @@ def _dcmread(path: Path, *, stop_before_pixels: bool, defer_size: int | None = N
             if kw in ds:
                 del ds[kw]
     return ds
+
+
+def _hit_eof(caught: Sequence[warnings.WarningMessage]) -> bool:
+    return any("End of file" in str(w.message) for w in caught)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,12 +409,6 @@ def _present(ds: Dataset, keyword: str) -> bool:
     except Exception:
         return False
     return value is not None and value != ""
-
-
-def _check_required(ds: Dataset) -> None:
-    for kw in REQUIRED_ATTRIBUTES:
-        if not _present(ds, kw):
-            raise UnreadableDicomError("missing_attribute", kw)
 
 
 def _get(ds: Dataset, keyword: str) -> Any:
@@ -286,7 +480,7 @@ def _opt_int(value: Any) -> int | None:
     value = _first(value)
     try:
         return int(value) if value is not None and value != "" else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -317,15 +511,65 @@ def _transfer_syntax(ds: Dataset) -> str:
 def _required_int(ds: Dataset, keyword: str) -> int:
     try:
         value = int(ds.get(keyword))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise UnreadableDicomError("missing_attribute", f"{keyword} (not an integer)") from exc
     if value <= 0:
         raise UnreadableDicomError("missing_attribute", f"{keyword} (not positive)")
     return value
 
 
-def _facts(ds: Dataset) -> HeaderFacts:
-    _check_required(ds)
+def _number_of_frames(ds: Dataset) -> int:
+    """Number of Frames, 1 when absent (or 0, as pydicom reads it); a value that is not a
+    number makes the pixel data's size unknown, so it is a missing attribute."""
+    value = _first(_lookup(ds, "NumberOfFrames"))
+    if value is None:
+        return 1
+    try:
+        frames = int(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UnreadableDicomError(
+            "missing_attribute", f"NumberOfFrames (not an integer: {str(value)[:20]!r})"
+        ) from exc
+    if frames < 0:
+        raise UnreadableDicomError("missing_attribute", "NumberOfFrames (negative)")
+    return max(1, frames)
+
+
+_IMAGE_PIXEL_KEYWORDS = (
+    "Rows",
+    "Columns",
+    "PhotometricInterpretation",
+    "SamplesPerPixel",
+    "BitsAllocated",
+)
+
+
+def _not_an_image(ds: Dataset, truncated: bool) -> bool:
+    """An object with no Image Pixel attribute at all (SR, RT plan, waveform...) that goes on
+    past where they would be (tags are ascending), so that it was not merely cut short."""
+    if truncated or any(_present(ds, kw) for kw in _IMAGE_PIXEL_KEYWORDS):
+        return False
+    if any(kw in ds for kw in _PIXEL_KEYWORDS):
+        return False
+    if "Image" in UID(str(ds.SOPClassUID)).name:  # "CT Image Storage" is one, however damaged
+        return False
+    return max(ds.keys(), default=0) > 0x00280011
+
+
+def _check_required(ds: Dataset, truncated: bool) -> None:
+    for kw in REQUIRED_ATTRIBUTES:
+        if _present(ds, kw):
+            continue
+        if kw == "Rows" and _not_an_image(ds, truncated):
+            sop_class = UID(str(ds.SOPClassUID))
+            raise UnreadableDicomError(
+                "no_pixel_data", f"not an image: {sop_class.name or sop_class} has no Rows"
+            )
+        raise UnreadableDicomError("missing_attribute", kw)
+
+
+def _facts(ds: Dataset, truncated: bool = False) -> HeaderFacts:
+    _check_required(ds, truncated)
     rows, columns = _required_int(ds, "Rows"), _required_int(ds, "Columns")
     sex = _text(ds, "PatientSex")
     sex = sex.upper() if sex else None
@@ -357,7 +601,7 @@ def _facts(ds: Dataset) -> HeaderFacts:
         body_part_examined=_text(ds, "BodyPartExamined"),
         rows=rows,
         columns=columns,
-        number_of_frames=max(1, _opt_int(_lookup(ds, "NumberOfFrames")) or 1),
+        number_of_frames=_number_of_frames(ds),
         photometric_interpretation=str(ds.PhotometricInterpretation).strip(),
         bits_stored=bits_stored,
         pixel_representation=_opt_int(_lookup(ds, "PixelRepresentation")) or 0,
@@ -368,16 +612,43 @@ def _facts(ds: Dataset) -> HeaderFacts:
         image_position_patient=cast("tuple[float, float, float] | None", ipp),
         image_orientation_patient=iop,
         instance_number=_opt_int(_lookup(ds, "InstanceNumber")),
+        burned_in_annotation=_text(ds, "BurnedInAnnotation"),
+        samples_per_pixel=max(1, _opt_int(_lookup(ds, "SamplesPerPixel")) or 1),
+        slice_thickness=_opt_float(_lookup(ds, "SliceThickness", "PixelMeasuresSequence")),
+        series_number=_opt_int(_lookup(ds, "SeriesNumber")),
+        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
     )
+
+
+def _safe_facts(ds: Dataset, truncated: bool) -> HeaderFacts:
+    """:func:`_facts`, with any surprise from a malformed value reported as ``not_dicom``."""
+    try:
+        return _facts(ds, truncated)
+    except UnreadableDicomError:
+        raise
+    except Exception as exc:
+        raise UnreadableDicomError(
+            "not_dicom", f"malformed header ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def read_header(path: Path) -> HeaderFacts:
     """Header facts without reading pixel data.
 
-    Raises :class:`UnreadableDicomError` with ``not_dicom`` or ``missing_attribute``.
+    Raises :class:`UnreadableDicomError` with ``not_dicom``, ``missing_attribute``,
+    ``no_pixel_data`` (an object that is not an image: SR, RT plan, waveform...) or
+    ``too_large`` (a deflated data set that inflates past the default pixel ceiling).
     """
-    ds = _dcmread(Path(path), stop_before_pixels=True)
-    return _facts(ds)
+    path = Path(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = _dcmread(
+            path,
+            stop_before_pixels=True,
+            defer_size=_HEADER_DEFER,
+            inflate_budget=DEFAULT_MAX_PIXEL_BYTES + _HEADER_ALLOWANCE,
+        )
+        return _safe_facts(ds, truncated=_hit_eof(caught))
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,8 +692,8 @@ def pixel_hash(arr: np.ndarray, ds: Dataset) -> str:
 
 
 def _declared_bytes(ds: Dataset, facts: HeaderFacts) -> int:
-    spp = _opt_int(ds.get("SamplesPerPixel")) or 1
-    bits = _opt_int(ds.get("BitsAllocated")) or 8
+    spp = max(1, _opt_int(ds.get("SamplesPerPixel")) or 1)
+    bits = max(1, _opt_int(ds.get("BitsAllocated")) or 8)
     return facts.rows * facts.columns * facts.number_of_frames * spp * math.ceil(bits / 8)
 
 
@@ -435,21 +706,198 @@ def _reread_header_or_truncated(path: Path, detail: str) -> UnreadableDicomError
     return UnreadableDicomError("truncated_pixel_data", detail)
 
 
-def read_image(path: Path, max_pixel_bytes: int = 512 * 2**20) -> DecodedImage:
+def _decoder(tsuid: UID) -> Any:
+    """pydicom's decoder for ``tsuid``; ``unsupported_transfer_syntax`` naming what is missing."""
+    name = tsuid.name if tsuid.name != str(tsuid) else "unknown"
+    try:
+        decoder = get_decoder(tsuid)
+    except Exception as exc:  # NotImplementedError: pydicom has no decoder for it at all
+        raise UnreadableDicomError(
+            "unsupported_transfer_syntax", f"{tsuid} ({name}): pydicom has no decoder for it"
+        ) from exc
+    if not decoder.is_available:
+        raise UnreadableDicomError(
+            "unsupported_transfer_syntax",
+            f"{tsuid} ({name}): no codec installed; {_missing_plugins(decoder)}",
+        )
+    return decoder
+
+
+def _missing_plugins(decoder: Any) -> str:
+    # pydicom words them "pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"
+    missing = [str(m).strip() for m in getattr(decoder, "missing_dependencies", [])]
+    return "plugins that would decode it: " + ("; ".join(missing) if missing else "none known")
+
+
+_JPEG_SOF = frozenset(
+    {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+)
+_JPEG_LS_SOF = 0xF7
+_JPEG_LS_LSE = 0xF8
+_OVERSIZE = (2**32, 2**32, 1)
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+# JPEG (baseline, extended, lossless) and JPEG-LS; JPEG 2000 and HTJ2K
+_JPEG_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81))
+_J2K_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 92, 93, 201, 202, 203))
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) of a JPEG / JPEG-LS frame's SOFn / SOF55 segment, or None.
+
+    A JPEG-LS LSE "oversize dimensions" segment counts as too large.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None  # not at a marker: the decoder will say what is wrong
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        if marker in _JPEG_SOF or marker == _JPEG_LS_SOF:
+            seg = data[pos + 4 : pos + 10]  # P, Y, X, Nf
+            if len(seg) < 6:
+                return None
+            return int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5]
+        if marker == _JPEG_LS_LSE and data[pos + 4 : pos + 5] == b"\x04":
+            return _OVERSIZE
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None
+
+
+def _j2k_size(data: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) of a JPEG 2000 / HTJ2K frame's SIZ segment, or None; the
+    codestream may sit in a JP2 wrapper."""
+    if data.startswith(_J2K_SOC_SIZ):
+        at = 0
+    elif data.startswith(_JP2_SIGNATURE):
+        at = data.find(_J2K_SOC_SIZ, 0, 65536)
+        if at < 0:
+            return None
+    else:
+        return None
+    # Lsiz Rsiz | Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz XTOsiz YTOsiz | Csiz
+    siz = data[at + 4 : at + 4 + 38]
+    if len(siz) < 38:
+        return None
+    xsiz, ysiz, x0, y0 = struct.unpack(">4I", siz[4:20])
+    return max(0, ysiz - y0), max(0, xsiz - x0), int.from_bytes(siz[36:38], "big")
+
+
+def _check_compressed_frames(ds: Dataset, facts: HeaderFacts) -> None:
+    """Refuse compressed frames that declare more pixels than the DICOM header, before a codec
+    allocates for them (a corrupt or hostile SOF / SIZ could ask for gigabytes)."""
+    syntax = facts.transfer_syntax_uid
+    size_of = (
+        _jpeg_size if syntax in _JPEG_SYNTAXES else _j2k_size if syntax in _J2K_SYNTAXES else None
+    )
+    if size_of is None:
+        return  # RLE: its decoders size the output from the DICOM header
+    try:
+        for fragment in generate_fragments(ds.PixelData):
+            size = size_of(fragment)
+            if size is None:
+                continue
+            rows, columns, components = size
+            if (
+                rows > facts.rows
+                or columns > facts.columns
+                or components > max(4, facts.samples_per_pixel)
+            ):
+                raise UnreadableDicomError(
+                    "decode_error",
+                    f"a compressed frame declares {rows}x{columns}x{components}, the header "
+                    f"{facts.rows}x{facts.columns}x{facts.samples_per_pixel}",
+                )
+    except UnreadableDicomError:
+        raise
+    except Exception:
+        return  # unparseable fragments: the decoder reports them
+
+
+def _frame_index(frames: FrameSelection) -> int | None:
+    if isinstance(frames, bool) or not isinstance(frames, (str, int)):
+        raise ValueError(f"frames must be 'volume', 'first' or a frame index, not {frames!r}")
+    if isinstance(frames, int):
+        return frames
+    if frames not in ("volume", "first"):
+        raise ValueError(f"frames must be 'volume', 'first' or a frame index, not {frames!r}")
+    return None if frames == "volume" else 0
+
+
+def read_image(
+    path: Path,
+    max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES,
+    *,
+    frames: FrameSelection = "volume",
+) -> DecodedImage:
     """Read, decode and run the display pipeline on one file.
 
-    The declared pixel size is checked before anything is decoded; pixel data values larger than
-    ``max_pixel_bytes`` are not even loaded into memory.
+    Args:
+        path: the file.
+        max_pixel_bytes: ceiling on the declared pixel data (rows x columns x frames x samples
+            x bytes per sample); a file over it is ``too_large`` and nothing is decoded, and
+            values larger than it are not even loaded into memory.
+        frames: ``"volume"`` (every frame: ``(frames, rows, columns)``, or ``(rows, columns)``
+            for a single-frame file), ``"first"`` or a 0-based frame index (one frame,
+            ``(rows, columns)``). Only the frames asked for are decoded and hashed.
+
+    Raises:
+        UnreadableDicomError: for anything wrong with the file, with a reason from
+            :data:`QUARANTINE_REASONS`.
+        IndexError: ``frames`` is an index the file does not have.
+        ValueError: ``frames`` is not one of the values above.
+        OSError: the path cannot be opened at all (missing, a folder, no permission).
     """
     path = Path(path)
+    index = _frame_index(frames)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a broken file's warnings become its reason
+            return _read_image(path, max_pixel_bytes, index)
+    except (UnreadableDicomError, _FrameIndexError):
+        raise
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+        raise
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # anything unforeseen is still a quarantine, never a crash
+        # (BaseException: a codec written in Rust reports a panic as pyo3's PanicException)
+        raise UnreadableDicomError("decode_error", f"{type(exc).__name__}: {exc}") from exc
+
+
+def _read_image(path: Path, max_pixel_bytes: int, index: int | None) -> DecodedImage:
+    # A file far larger than its pixel ceiling is refused before it is read at all (encapsulated
+    # pixel data of undefined length is read in full, whatever its declared size).
+    file_limit = max_pixel_bytes + max_pixel_bytes // 8 + _HEADER_ALLOWANCE
+    file_size = path.stat().st_size
+    if file_size > file_limit:
+        raise UnreadableDicomError(
+            "too_large", f"a file of {file_size} bytes > {file_limit} allowed for its pixels"
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # raises not_dicom itself; a cut file mostly reads "fine" with an end-of-file warning
-        ds = _dcmread(path, stop_before_pixels=False, defer_size=max_pixel_bytes + 1)
-    hit_eof = any("End of file" in str(w.message) for w in caught)
+        ds = _dcmread(
+            path,
+            stop_before_pixels=False,
+            defer_size=max_pixel_bytes + 1,
+            inflate_budget=max_pixel_bytes + _HEADER_ALLOWANCE,
+        )
+    hit_eof = _hit_eof(caught)
 
     try:
-        facts = _facts(ds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            facts = _safe_facts(ds, truncated=hit_eof)
     except UnreadableDicomError as exc:
         if hit_eof:
             raise _reread_header_or_truncated(path, "file ends inside a data element") from exc
@@ -466,19 +914,11 @@ def read_image(path: Path, max_pixel_bytes: int = 512 * 2**20) -> DecodedImage:
         raise UnreadableDicomError(
             "too_large", f"{declared} bytes declared > limit of {max_pixel_bytes}"
         )
+    if index is not None and not 0 <= index < facts.number_of_frames:
+        raise _FrameIndexError(f"frame {index} asked, the file has {facts.number_of_frames}")
 
     tsuid = UID(facts.transfer_syntax_uid)
-    try:
-        decoder = get_decoder(tsuid)
-    except NotImplementedError as exc:
-        raise UnreadableDicomError(
-            "unsupported_transfer_syntax", f"{tsuid} ({tsuid.name}): no decoder exists"
-        ) from exc
-    if not decoder.is_available:
-        raise UnreadableDicomError(
-            "unsupported_transfer_syntax", f"{tsuid} ({tsuid.name}): no codec installed"
-        )
-
+    decoder = _decoder(tsuid)
     if "PixelData" in ds and not tsuid.is_encapsulated:
         try:
             expected = int(get_expected_length(ds, "bytes"))
@@ -489,11 +929,13 @@ def read_image(path: Path, max_pixel_bytes: int = 512 * 2**20) -> DecodedImage:
             raise UnreadableDicomError(
                 "truncated_pixel_data", f"{actual} bytes of pixel data, {expected} expected"
             )
+    elif "PixelData" in ds:
+        _check_compressed_frames(ds, facts)
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            stored = ds.pixel_array
+            stored = pixel_array(ds, index=index)
     except (EOFError, OSError) as exc:
         raise UnreadableDicomError("truncated_pixel_data", f"{type(exc).__name__}: {exc}") from exc
     except Exception as exc:
@@ -501,20 +943,35 @@ def read_image(path: Path, max_pixel_bytes: int = 512 * 2**20) -> DecodedImage:
         if "less than expected" in message:
             raise UnreadableDicomError("truncated_pixel_data", message) from exc
         if ("missing" in message and "dependencies" in message) or "does not support" in message:
-            raise UnreadableDicomError("unsupported_transfer_syntax", message) from exc
+            # e.g. 12-bit JPEG Extended with only Pillow installed
+            raise UnreadableDicomError(
+                "unsupported_transfer_syntax",
+                f"{tsuid} ({tsuid.name}): the installed plugins cannot decode this file; "
+                f"{_missing_plugins(decoder)} ({' '.join(message.split())})",
+            ) from exc
         raise UnreadableDicomError("decode_error", f"{type(exc).__name__}: {message}") from exc
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # pyo3's PanicException from a Rust codec on corrupt data
+        raise UnreadableDicomError("decode_error", f"codec {type(exc).__name__}: {exc}") from exc
 
     try:
-        display, source = display_pipeline(ds, stored)
+        rgb: np.ndarray | None = None
+        if _is_color(ds):
+            pixels, rgb = color_display(ds, stored)
+            source = "none"
+        else:
+            pixels, source = display_pipeline(ds, stored)
     except Exception as exc:
         raise UnreadableDicomError(
             "decode_error", f"display pipeline: {type(exc).__name__}: {exc}"
         ) from exc
     return DecodedImage(
         facts=facts,
-        pixels=display,
+        pixels=pixels,
         pixel_hash=pixel_hash(stored, ds),
         voi_source=source,
+        rgb=rgb,
     )
 
 
@@ -643,14 +1100,40 @@ def _window_output_range(view: Dataset) -> tuple[float, float]:
     return y_min, y_max
 
 
-def _to_gray(ds: Dataset, arr: np.ndarray) -> np.ndarray:
-    """Colour images (RGB after pydicom's YBR conversion, or palette) as luminance."""
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-    if arr.shape[-1] != 3:
-        return arr.astype(np.float64)
-    weights = np.array([0.299, 0.587, 0.114])
-    return cast(np.ndarray, arr.astype(np.float64) @ weights)
+_BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _is_color(ds: Dataset) -> bool:
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    return (_opt_int(ds.get("SamplesPerPixel")) or 1) > 1 or photometric == "PALETTE COLOR"
+
+
+def color_display(ds: Dataset, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded colour pixels -> (BT.601 luma in [0, 1] as float32, RGB as uint8).
+
+    ``arr`` is what pydicom decodes: RGB (YBR_FULL / YBR_FULL_422 already converted by
+    ``convert_color_space``, YBR_ICT / YBR_RCT by the JPEG 2000 codec), or PALETTE COLOR
+    indices, which go through the palette (``apply_color_lut``). Full scale is 2**BitsStored - 1
+    for RGB and the LUT's own depth for a palette, so 8-, 16- and 32-bit copies of an image look
+    the same. ``ds`` is not modified.
+    """
+    arr = np.asarray(arr)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        full = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "ui" else 1.0
+    else:
+        if arr.ndim < 3 or arr.shape[-1] != 3:
+            raise ValueError(f"{photometric} pixels of shape {arr.shape} are not RGB")
+        rgb = arr
+        if arr.dtype.kind == "f":
+            full = 1.0
+        else:
+            bits = _opt_int(ds.get("BitsStored")) or arr.dtype.itemsize * 8
+            full = float(2 ** max(1, min(bits, arr.dtype.itemsize * 8)) - 1)
+    unit = np.clip(rgb.astype(np.float32) / np.float32(full), 0.0, 1.0)
+    luma = np.clip(unit @ _BT601, 0.0, 1.0).astype(np.float32)
+    return luma, np.rint(unit * 255.0).astype(np.uint8)
 
 
 def _unit_range(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -663,18 +1146,14 @@ def _unit_range(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def display_pipeline(ds: Dataset, arr: np.ndarray) -> tuple[np.ndarray, str]:
     """Stored values -> display values in [0, 1] (float32) and the VOI step used.
 
-    ``voi_source`` is ``"voi_lut"``, ``"window"`` or ``"minmax"``. Colour images are reduced to
-    luminance and scaled by their min/max. ``ds`` is not modified.
+    ``voi_source`` is ``"voi_lut"``, ``"window"`` or ``"minmax"``. A colour image has no VOI
+    stage: it gives its BT.601 luma (see :func:`color_display`) and ``"none"``. ``ds`` is not
+    modified.
     """
     arr = np.asarray(arr)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    samples = _opt_int(ds.get("SamplesPerPixel")) or 1
-    if samples > 1 or photometric == "PALETTE COLOR":
-        gray = _to_gray(ds, arr)
-        vals = gray[np.isfinite(gray)]
-        lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 0.0)
-        colour = _unit_range(np.nan_to_num(gray, nan=lo), lo, hi)
-        return colour.astype(np.float32), "minmax"
+    if _is_color(ds):
+        return color_display(ds, arr)[0], "none"
 
     mask = _padding_mask(ds, arr)
     view = _pipeline_dataset(ds)
@@ -712,8 +1191,120 @@ def display_pipeline(ds: Dataset, arr: np.ndarray) -> tuple[np.ndarray, str]:
         lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 0.0)
         out = _unit_range(np.nan_to_num(modality, nan=lo), lo, hi)
 
-    if photometric == "MONOCHROME1":
+    # Presentation LUT (PS3.3 C.11.6.1.2): INVERSE means "P-Value = maximum - output", the
+    # minimum shown white. Image IODs say INVERSE shall be used with MONOCHROME1 and IDENTITY
+    # with MONOCHROME2 (General Image and DX Image modules, PS3.3 C.7.6.1, C.8.11.2): for
+    # MONOCHROME1 the shape restates the inversion that the photometric interpretation already
+    # implies, so it is applied once, never twice; on MONOCHROME2, INVERSE inverts the image.
+    shape = (_text(ds, "PresentationLUTShape") or "").upper()
+    if photometric == "MONOCHROME1" or shape == "INVERSE":
         out = 1.0 - out
     if mask is not None:
         out = np.where(mask, 0.0, out)
     return out.astype(np.float32), source
+
+
+# --------------------------------------------------------------------------------------------
+# Series geometry
+# --------------------------------------------------------------------------------------------
+
+_ORIENTATION_TOLERANCE = 1e-3  # direction cosines
+_MIN_STEP_TOLERANCE_MM = 0.01
+
+
+def _mm(value: float) -> str:
+    return f"{value:.2f} mm"
+
+
+def check_series_geometry(facts: Sequence[HeaderFacts]) -> list[str]:
+    """Problems, in plain words, that stop a series' slices from stacking into one volume.
+
+    Slices are sorted by ImagePositionPatient projected on the normal of the (most common)
+    ImageOrientationPatient. Reported: differing orientation, rows/columns or pixel spacing;
+    slices without position or orientation; duplicated positions; missing positions (a gap
+    that is a whole multiple of the median step); and other non-uniform steps. Steps agree
+    when within 1% of the median step or 0.01 mm, whichever is larger. An empty list means
+    the series is consistent (as is any series of fewer than two slices).
+    """
+    problems: list[str] = []
+    n = len(facts)
+    if n < 2:
+        return problems
+
+    sizes = Counter((f.rows, f.columns) for f in facts)
+    if len(sizes) > 1:
+        listed = ", ".join(f"{r}x{c} ({k} slices)" for (r, c), k in sizes.most_common())
+        problems.append(f"differing rows/columns: {listed}")
+    spacings = Counter(
+        tuple(round(v, 4) for v in f.pixel_spacing) for f in facts if f.pixel_spacing
+    )
+    if len(spacings) > 1:
+        listed = ", ".join(f"{a:g} x {b:g} mm ({k} slices)" for (a, b), k in spacings.items())
+        problems.append(f"differing pixel spacing: {listed}")
+
+    orientations = [
+        np.asarray(f.image_orientation_patient, dtype=np.float64)
+        for f in facts
+        if f.image_orientation_patient is not None and len(f.image_orientation_patient) == 6
+    ]
+    if len(orientations) < n:
+        problems.append(f"{n - len(orientations)} of {n} slices have no valid orientation")
+    if not orientations:
+        return problems
+    counts = Counter(tuple(np.round(o, 3)) for o in orientations)
+    reference = np.asarray(counts.most_common(1)[0][0], dtype=np.float64)
+    odd = [o for o in orientations if np.abs(o - reference).max() > _ORIENTATION_TOLERANCE]
+    if odd:
+        problems.append(
+            f"differing orientation: {len(odd)} of {n} slices are not "
+            f"{_cosines(reference)} (e.g. {_cosines(odd[0])})"
+        )
+    normal = np.cross(reference[:3], reference[3:])
+    length = float(np.linalg.norm(normal))
+    if length < 1e-6:
+        problems.append(
+            f"degenerate orientation {_cosines(reference)}: rows and columns are parallel"
+        )
+        return problems
+    normal /= length
+
+    located = [f.image_position_patient for f in facts if f.image_position_patient is not None]
+    if len(located) < n:
+        problems.append(f"{n - len(located)} of {n} slices have no position")
+    if len(located) < 2:
+        return problems
+    positions = np.sort(np.asarray(located, dtype=np.float64) @ normal)
+    steps = np.diff(positions)
+    moving = steps[steps > _MIN_STEP_TOLERANCE_MM]
+    if moving.size == 0:
+        problems.append(f"duplicated positions: all {len(positions)} slices at {_mm(positions[0])}")
+        return problems
+    median = float(np.median(moving))
+    tolerance = max(0.01 * median, _MIN_STEP_TOLERANCE_MM)
+
+    duplicated = [float(positions[i]) for i in np.flatnonzero(steps <= tolerance)]
+    if duplicated:
+        where = ", ".join(_mm(p) for p in duplicated[:5]) + (", ..." if len(duplicated) > 5 else "")
+        problems.append(f"duplicated positions: {len(duplicated)} extra slice(s) at {where}")
+    missing: list[str] = []
+    uneven: list[str] = []
+    for i in np.flatnonzero(steps > tolerance):
+        step, lo, hi = float(steps[i]), float(positions[i]), float(positions[i + 1])
+        multiple = round(step / median)
+        if abs(step - median) <= tolerance:
+            continue
+        if multiple >= 2 and abs(step - multiple * median) <= tolerance * multiple:
+            missing.append(f"{multiple - 1} between {_mm(lo)} and {_mm(hi)}")
+        else:
+            uneven.append(f"{_mm(step)} between {_mm(lo)} and {_mm(hi)}")
+    if missing:
+        problems.append(f"missing positions (step {_mm(median)}): " + "; ".join(missing[:5]))
+    if uneven:
+        problems.append(
+            f"non-uniform spacing (median step {_mm(median)}): " + "; ".join(uneven[:5])
+        )
+    return problems
+
+
+def _cosines(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"

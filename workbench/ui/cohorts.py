@@ -9,6 +9,8 @@ import pandas as pd
 import streamlit as st
 
 from workbench.bundle import BundleInfo, list_bundles
+from workbench.catalog import cohort_summary
+from workbench.config import Settings
 from workbench.ui import data
 from workbench.ui.auth import require_reviewer
 from workbench.ui.common import settings
@@ -98,6 +100,24 @@ def metrics_panel(bundle: BundleInfo) -> None:
     st.caption(" · ".join(facts))
 
 
+def content_table(s: Settings, cohort: str) -> None:
+    """Modalities, manufacturers, sites, views, sizes, transfer syntaxes, photometric."""
+    summary = cohort_summary(s, cohort)
+    rows = [
+        {"facet": facet, "value": value, "count": n}
+        for facet, values in summary.counts.items()
+        if facet not in ("label", "split")
+        for value, n in sorted(values.items(), key=lambda t: -t[1])
+    ]
+    st.caption(f"{summary.instances} instances (counts are per instance)")
+    st.dataframe(rows, hide_index=True, width="stretch")
+    if summary.series_with_problems:
+        st.warning(
+            f"{summary.series_with_problems} series have inconsistent geometry and are left "
+            "out of the volumes; `workbench quarantine` lists them."
+        )
+
+
 def main() -> None:
     require_reviewer()
     s = settings()
@@ -125,6 +145,8 @@ def main() -> None:
                 f"{split} · created {summary.created_at:%Y-%m-%d %H:%M} UTC"
             )
             st.dataframe(counts_table(summary), hide_index=True, width="stretch")
+            with st.expander("What the cohort is made of (from the DICOM headers)"):
+                content_table(s, summary.name)
             trained = [b for b in bundles if b.workbench.get("cohort") == summary.name]
             if not trained:
                 st.caption("No model has been trained on this cohort yet.")

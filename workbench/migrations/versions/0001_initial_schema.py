@@ -149,6 +149,7 @@ def upgrade() -> None:
         sa.Column("institution", sa.String(length=128), nullable=True),
         sa.Column("station", sa.String(length=128), nullable=True),
         sa.Column("volume_cache_key", sa.String(length=64), nullable=True),
+        sa.Column("problems", sa.JSON(), nullable=True),
         sa.ForeignKeyConstraint(
             ["study_id"],
             ["study.id"],
@@ -165,6 +166,8 @@ def upgrade() -> None:
         sa.Column("sop_uid", sa.String(length=64), nullable=False),
         sa.Column("series_id", sa.Integer(), nullable=False),
         sa.Column("path", sa.String(length=1024), nullable=False),
+        sa.Column("file_size", sa.BigInteger(), nullable=True),
+        sa.Column("file_mtime_ns", sa.BigInteger(), nullable=True),
         sa.Column("file_sha256", sa.String(length=64), nullable=False),
         sa.Column("pixel_hash", sa.String(length=64), nullable=False),
         sa.Column("cache_key", sa.String(length=64), nullable=False),
@@ -187,6 +190,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("instance", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_instance_file_sha256"), ["file_sha256"], unique=False)
+        batch_op.create_index(batch_op.f("ix_instance_path"), ["path"], unique=False)
         batch_op.create_index(batch_op.f("ix_instance_pixel_hash"), ["pixel_hash"], unique=False)
         batch_op.create_index(batch_op.f("ix_instance_series_id"), ["series_id"], unique=False)
 
@@ -230,6 +234,7 @@ def downgrade() -> None:
     with op.batch_alter_table("instance", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_instance_series_id"))
         batch_op.drop_index(batch_op.f("ix_instance_pixel_hash"))
+        batch_op.drop_index(batch_op.f("ix_instance_path"))
         batch_op.drop_index(batch_op.f("ix_instance_file_sha256"))
 
     op.drop_table("instance")
