@@ -235,3 +235,36 @@ def test_the_cohort_summary_counts_sites_views_sizes_and_transfer_syntaxes(
     assert len(c["transfer syntax"]) >= 2 and "MONOCHROME1" in c["photometric"]
     assert sum(c["label"].values()) == 12 and sum(c["site"].values()) == 24
     assert summary.lines()[0].startswith("cohort c: 12 studies")
+
+
+def test_an_unguarded_script_gets_a_clear_error_not_a_runaway_pool(tmp_path: Path) -> None:
+    # Spawned workers import the caller's main module; without a __main__ guard they re-run
+    # the script. The pool must fail once, clearly, instead of respawning workers forever.
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    synthesize_cohort(src, n_studies=20, seed=8, modality="DX", image_size=32)
+    marker = tmp_path / "runs.txt"
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from tests.conftest import make_settings\n"
+        "from workbench.catalog import ingest\n"
+        f"with open({str(marker)!r}, 'a') as fh:\n"
+        "    fh.write('run\\n')\n"
+        f"ingest(make_settings(Path({str(tmp_path / 'home')!r})), Path({str(src)!r}),"
+        " progress=False, workers=2)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=root,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+    )
+    assert r.returncode != 0
+    assert "guard the script's entry point" in r.stderr
+    assert len(marker.read_text().splitlines()) <= 3  # the script, and each worker once

@@ -865,3 +865,44 @@ def test_pydicom_truncated_file_is_truncated_pixel_data() -> None:
     with pytest.raises(UnreadableDicomError) as info:
         read_image(Path(path))
     assert info.value.reason == "truncated_pixel_data"
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"WindowCenter": 2048, "WindowWidth": 4096},
+        {"WindowCenter": 900, "WindowWidth": 700, "RescaleSlope": 2, "RescaleIntercept": -1024},
+        {"WindowCenter": 40, "WindowWidth": 400, "RescaleSlope": 1, "RescaleIntercept": -1024},
+        {"WindowCenter": 1500, "WindowWidth": 1, "VOILUTFunction": "LINEAR"},
+        {"WindowCenter": 1000.5, "WindowWidth": 333.3, "VOILUTFunction": "LINEAR_EXACT"},
+        {
+            "WindowCenter": [300, 40],
+            "WindowWidth": [1500, 400],
+            "RescaleSlope": 0.5,
+            "RescaleIntercept": -200,
+            "PixelPaddingValue": 0,
+        },
+    ],
+)
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_the_fast_linear_window_gives_pydicoms_values(
+    attrs: dict[str, object], photometric: str
+) -> None:
+    arr = RNG.integers(0, 4096, (40, 50)).astype(np.uint16)
+    arr[:2] = 0
+    ds = make_ds(arr, photometric=photometric, **attrs)
+    view = read_module._pipeline_dataset(ds)
+    assert read_module._linear_window_fast(view, arr) is not None  # the fast path is taken
+    fast, fast_source = display_pipeline(ds, arr)
+    general, general_source = display_pipeline(ds, arr, fast=False)
+    assert fast_source == general_source == "window"
+    assert fast.dtype == np.float32 and fast.shape == arr.shape
+    np.testing.assert_allclose(fast, general, atol=2e-6)
+
+
+def test_signed_data_takes_the_same_values_on_the_fast_path() -> None:
+    arr = RNG.integers(-1024, 2047, (30, 30)).astype(np.int16)
+    ds = make_ds(arr, WindowCenter=40, WindowWidth=400, RescaleSlope=1, RescaleIntercept=0)
+    np.testing.assert_allclose(
+        display_pipeline(ds, arr)[0], display_pipeline(ds, arr, fast=False)[0], atol=2e-6
+    )

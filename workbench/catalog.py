@@ -15,6 +15,8 @@ import multiprocessing
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -193,7 +195,7 @@ def burned_in_reason(facts: HeaderFacts) -> str | None:
 
 
 def _cache_volumes(
-    settings: Settings, session: Session, new_facts: dict[int, list[HeaderFacts]]
+    settings: Settings, session: Session, new_facts: dict[str, list[HeaderFacts]]
 ) -> None:
     """Stack each volumetric series that gained slices into one cached array.
 
@@ -205,11 +207,12 @@ def _cache_volumes(
     """
     if not new_facts:
         return
-    for series in session.scalars(select(Series).where(Series.id.in_(list(new_facts)))):
+    volumetric = [uid for uid, facts in new_facts.items() if facts[0].modality in VOLUMETRIC]
+    for series in session.scalars(select(Series).where(Series.series_uid.in_(volumetric))):
         insts = list(series.instances)
-        if series.modality not in VOLUMETRIC or len(insts) < 2:
+        if len(insts) < 2:
             continue
-        facts = new_facts[series.id]
+        facts = new_facts[series.series_uid]
         if len(facts) != len(insts):
             try:
                 facts = [read_header(Path(i.path)) for i in insts]
@@ -276,15 +279,28 @@ def _decode_file(path: str, cache_dir: str, allow_burned_in: bool) -> _Decoded:
 def _decoded_stream(
     paths: Sequence[str], settings: Settings, allow_burned_in: bool, workers: int
 ) -> Iterator[_Decoded]:
-    """Decode files in a process pool (spawned: safe beside torch threads), in order."""
+    """Decode files in worker processes, results in input order.
+
+    Workers are spawned (safe beside torch's threads) by a ProcessPoolExecutor, which fails
+    loudly when a worker dies instead of respawning it (multiprocessing.Pool respawns forever,
+    and a worker that dies at start-up, e.g. in a script without a ``__main__`` guard that
+    spawned workers re-run, would loop).
+    """
     if workers <= 1 or len(paths) < 32:
         for path in paths:
             yield _decode_file(path, str(settings.cache_dir), allow_burned_in)
         return
-    ctx = multiprocessing.get_context("spawn")
     job = partial(_decode_file, cache_dir=str(settings.cache_dir), allow_burned_in=allow_burned_in)
-    with ctx.Pool(workers) as pool:
-        yield from pool.imap(job, paths, chunksize=16)
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            yield from pool.map(job, paths, chunksize=16)
+    except BrokenProcessPool as err:
+        raise CatalogError(
+            "a decoding worker process died; if ingest() runs from a script, guard the "
+            "script's entry point with `if __name__ == '__main__':` (workers import it), "
+            "or pass workers=1"
+        ) from err
 
 
 def default_workers() -> int:
@@ -292,24 +308,32 @@ def default_workers() -> int:
 
 
 class _Registry:
-    """Patient / study / series rows by UID for one ingest run: one query per new UID."""
+    """Patient / study / series rows by UID for one ingest run.
+
+    The UIDs already in the catalog are read once; new rows are created as objects and linked
+    by relationship, so the unit of work inserts them in batches at commit (no query and no
+    flush per file: that was most of the main process's time).
+    """
 
     def __init__(self, session: Session, key: bytes) -> None:
         self.session, self.key = session, key
+        self.known_studies = set(session.scalars(select(Study.study_uid)))
+        self.known_series = set(session.scalars(select(Series.series_uid)))
+        self.known_patients = set(session.scalars(select(Patient.pseudonym)))
         self.studies: dict[str, Study] = {}
         self.series: dict[str, Series] = {}
-        self.patients: set[str] = set()
 
     def study(self, facts: HeaderFacts) -> Study:
         uid = facts.study_instance_uid
         if uid in self.studies:
             return self.studies[uid]
-        study = self.session.scalars(select(Study).where(Study.study_uid == uid)).first()
-        if study is None:
+        if uid in self.known_studies:
+            study = self.session.scalars(select(Study).where(Study.study_uid == uid)).one()
+        else:
             pseudonym = patient_pseudonym(facts.patient_id, self.key)
-            if pseudonym not in self.patients and self.session.get(Patient, pseudonym) is None:
+            if pseudonym not in self.known_patients:
                 self.session.add(Patient(pseudonym=pseudonym, sex=facts.patient_sex))
-            self.patients.add(pseudonym)
+                self.known_patients.add(pseudonym)
             study = Study(
                 study_uid=uid,
                 study_key="S" + keyed_hash(self.key, "study:" + uid, 11),
@@ -320,7 +344,6 @@ class _Registry:
                 modality=facts.modality,
             )
             self.session.add(study)
-            self.session.flush()
         self.studies[uid] = study
         return study
 
@@ -328,11 +351,12 @@ class _Registry:
         uid = facts.series_instance_uid
         if uid in self.series:
             return self.series[uid]
-        series = self.session.scalars(select(Series).where(Series.series_uid == uid)).first()
-        if series is None:
+        if uid in self.known_series:
+            series = self.session.scalars(select(Series).where(Series.series_uid == uid)).one()
+        else:
             series = Series(
                 series_uid=uid,
-                study_id=study.id,
+                study=study,
                 modality=facts.modality,
                 view_position=facts.view_position,
                 body_part=facts.body_part_examined,
@@ -341,7 +365,6 @@ class _Registry:
                 station=facts.station_name,
             )
             self.session.add(series)
-            self.session.flush()
         self.series[uid] = series
         return series
 
@@ -404,7 +427,7 @@ def ingest_files(
     labels_path = labels.resolve() if labels else None
     ingested = present = quarantined = skipped = 0
     study_uids: set[str] = set()
-    new_facts: dict[int, list[HeaderFacts]] = defaultdict(list)  # series id -> facts
+    new_facts: dict[str, list[HeaderFacts]] = defaultdict(list)  # series UID -> facts
     with session_scope(settings.database_url) as session:
         if cohort and session.get(Cohort, cohort) is None:
             session.add(Cohort(name=cohort))
@@ -454,7 +477,7 @@ def ingest_files(
             session.add(
                 Instance(
                     sop_uid=facts.sop_instance_uid,
-                    series_id=series.id,
+                    series=series,
                     path=d.path,
                     file_size=d.size,
                     file_mtime_ns=d.mtime_ns,
@@ -472,7 +495,7 @@ def ingest_files(
                     instance_number=facts.instance_number,
                 )
             )
-            new_facts[series.id].append(facts)
+            new_facts[series.series_uid].append(facts)
             if d.path in quarantined_paths:  # it reads now (e.g. a codec was installed)
                 session.execute(delete(Quarantine).where(Quarantine.path == d.path))
             ingested += 1
