@@ -278,3 +278,25 @@ def test_window_level_and_overlay_arithmetic() -> None:
     assert plain.shape == (1, 11, 3) and (plain[..., 0] == plain[..., 2]).all()
     hot = blend(img, np.ones_like(img), alpha=0.5)
     assert not (hot[..., 0] == hot[..., 2]).all()
+
+
+def test_the_cohort_page_lists_the_quarantine_without_folder_names(app_db: str) -> None:
+    from workbench.store import Quarantine, session_scope
+
+    with session_scope(app_db) as s:
+        s.add(
+            Quarantine(
+                path="/archive/Fakename_Alice/CT/broken.dcm",
+                file_sha256=None,
+                reason="truncated_pixel_data",
+                detail="PixelData holds 100 of 8192 bytes",
+            )
+        )
+    at = sign_in()
+    at.switch_page(str(page_file("cohorts"))).run()
+    assert not at.exception, at.exception
+    assert "Quarantine" in [h.value for h in at.subheader]
+    table = at.dataframe[-1].value
+    assert list(table["file"]) == ["broken.dcm"]
+    assert list(table["reason"]) == ["truncated_pixel_data"]
+    assert "Fakename" not in table.to_string()

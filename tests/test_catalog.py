@@ -268,3 +268,15 @@ def test_an_unguarded_script_gets_a_clear_error_not_a_runaway_pool(tmp_path: Pat
     assert r.returncode != 0
     assert "guard the script's entry point" in r.stderr
     assert len(marker.read_text().splitlines()) <= 3  # the script, and each worker once
+
+
+def test_a_file_above_the_pixel_ceiling_is_quarantined_as_too_large(
+    settings: Settings, source: Path
+) -> None:
+    import dataclasses
+
+    tight = dataclasses.replace(settings, max_pixel_mb=0)  # every image is over the ceiling
+    summary = ingest(tight, source, progress=False, workers=1)
+    assert summary.ingested == 0 and summary.quarantined == 24
+    with session_scope(settings.database_url) as s:
+        assert {q.reason for q in s.scalars(select(Quarantine))} == {"too_large"}

@@ -244,7 +244,9 @@ class _Decoded:
     detail: str = ""
 
 
-def _decode_file(path: str, cache_dir: str, allow_burned_in: bool) -> _Decoded:
+def _decode_file(
+    path: str, cache_dir: str, allow_burned_in: bool, max_pixel_bytes: int = 512 * 2**20
+) -> _Decoded:
     """Read one file once: header facts, display pixels into the cache. Runs in a worker."""
     p = Path(path)
     try:
@@ -253,7 +255,7 @@ def _decode_file(path: str, cache_dir: str, allow_burned_in: bool) -> _Decoded:
     except OSError as err:
         return _Decoded(path, None, None, None, reason="not_readable", detail=str(err))
     try:
-        image = read_image(p)
+        image = read_image(p, max_pixel_bytes)
         why = None if allow_burned_in else burned_in_reason(image.facts)
         if why:
             raise UnreadableDicomError("burned_in_annotation", why)
@@ -286,11 +288,15 @@ def _decoded_stream(
     and a worker that dies at start-up, e.g. in a script without a ``__main__`` guard that
     spawned workers re-run, would loop).
     """
+    job = partial(
+        _decode_file,
+        cache_dir=str(settings.cache_dir),
+        allow_burned_in=allow_burned_in,
+        max_pixel_bytes=settings.max_pixel_mb * 2**20,
+    )
     if workers <= 1 or len(paths) < 32:
-        for path in paths:
-            yield _decode_file(path, str(settings.cache_dir), allow_burned_in)
+        yield from map(job, paths)
         return
-    job = partial(_decode_file, cache_dir=str(settings.cache_dir), allow_burned_in=allow_burned_in)
     ctx = multiprocessing.get_context("spawn")
     try:
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
@@ -746,3 +752,39 @@ def _syntax_name(uid: str) -> str:
 
     name = UID(uid).name
     return name if name and name != uid else uid
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    path: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class SeriesProblem:
+    study_key: str
+    modality: str | None
+    problems: tuple[str, ...]
+
+
+def quarantine_report(settings: Settings) -> tuple[list[QuarantineEntry], list[SeriesProblem]]:
+    """Files that could not be ingested (by reason, then path) and series left out of the
+    volumes because their geometry is inconsistent."""
+    with session_scope(settings.database_url) as session:
+        files = [
+            QuarantineEntry(q.path, q.reason, q.detail)
+            for q in session.scalars(
+                select(Quarantine).order_by(Quarantine.reason, Quarantine.path)
+            )
+        ]
+        series = [
+            SeriesProblem(key, modality, tuple(problems or ()))
+            for key, modality, problems in session.execute(
+                select(Study.study_key, Series.modality, Series.problems)
+                .join(Study, Study.id == Series.study_id)
+                .where(Series.problems.is_not(None))
+                .order_by(Study.study_key)
+            )
+        ]
+    return files, series

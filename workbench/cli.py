@@ -8,6 +8,7 @@ they stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -52,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", type=Path, help="CSV with StudyInstanceUID,label")
     s.add_argument("--cohort", help="add the studies to this named cohort")
     s.add_argument("--workers", type=int, help="decoding processes (default: every core)")
+    s.add_argument(
+        "--max-pixel-mb",
+        type=int,
+        help="quarantine files declaring more pixel data than this (default 512, "
+        "or WORKBENCH_MAX_PIXEL_MB)",
+    )
     s.add_argument(
         "--allow-burned-in",
         action="store_true",
@@ -147,12 +154,15 @@ def cmd_synth(a: argparse.Namespace) -> None:
 def cmd_ingest(a: argparse.Namespace) -> None:
     from workbench.catalog import ingest
 
+    settings = _settings()
+    if a.max_pixel_mb:
+        settings = dataclasses.replace(settings, max_pixel_mb=a.max_pixel_mb)
     if a.dicomweb:
         from workbench.dicom.dicomweb import load_credentials
         from workbench.pull import pull_dicomweb
 
         pulled = pull_dicomweb(
-            _settings(),
+            settings,
             a.dicomweb,
             load_credentials(),
             patient_id=a.patient,
@@ -165,7 +175,6 @@ def cmd_ingest(a: argparse.Namespace) -> None:
         )
         print(pulled.line())
         return
-    settings = _settings()
     src, labels = a.src, a.labels
     if a.deid_to:
         from workbench.catalog import SIDECAR_SUFFIXES, iter_files
@@ -262,30 +271,22 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_quarantine(a: argparse.Namespace) -> None:
-    from sqlalchemy import select
-
-    from workbench.catalog import retry_quarantine
-    from workbench.store import Quarantine, Series, Study, session_scope
+    from workbench.catalog import quarantine_report, retry_quarantine
 
     settings = _settings()
     if a.retry:
         print("retry: " + retry_quarantine(settings).line())
-    with session_scope(settings.database_url) as session:
-        rows = session.scalars(
-            select(Quarantine).order_by(Quarantine.reason, Quarantine.path)
-        ).all()
-        for r in rows:
-            print(f"{r.reason:28s} {r.path}  ({r.detail})")
-        print(f"{len(rows)} quarantined files")
-        bad = session.execute(
-            select(Study.study_key, Series.modality, Series.problems)
-            .join(Study, Study.id == Series.study_id)
-            .where(Series.problems.is_not(None))
-        ).all()
-        for key, modality, problems in bad:
-            print(f"inconsistent_series         study {key} ({modality}): {'; '.join(problems)}")
-        if bad:
-            print(f"{len(bad)} series left out of the volumes")
+    files, series = quarantine_report(settings)
+    for f in files:
+        print(f"{f.reason:28s} {f.path}  ({f.detail})")
+    print(f"{len(files)} quarantined files")
+    for p in series:
+        print(
+            f"inconsistent_series          study {p.study_key} ({p.modality}): "
+            + "; ".join(p.problems)
+        )
+    if series:
+        print(f"{len(series)} series left out of the volumes")
 
 
 def cmd_cohort(a: argparse.Namespace) -> None:

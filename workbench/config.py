@@ -26,6 +26,9 @@ class Settings:
     cache_dir: Path
     device: Device = "auto"
     precision: Precision = "auto"
+    # Ceiling on one file's declared pixel data: larger files are quarantined (too_large)
+    # before anything is allocated for them.
+    max_pixel_mb: int = 512
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -45,6 +48,10 @@ def get_settings() -> Settings:
         raise ValueError(f"WORKBENCH_DEVICE must be auto, cpu or cuda, not {device!r}")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"WORKBENCH_PRECISION must be auto, bf16, fp16 or fp32, not {precision!r}")
+    try:
+        max_pixel_mb = int(os.environ.get("WORKBENCH_MAX_PIXEL_MB", "512"))
+    except ValueError as err:
+        raise ValueError("WORKBENCH_MAX_PIXEL_MB must be a whole number of MiB") from err
     return Settings(
         home=home,
         database_url=url,
@@ -52,6 +59,7 @@ def get_settings() -> Settings:
         cache_dir=cache,
         device=device,  # type: ignore[arg-type]
         precision=precision,  # type: ignore[arg-type]
+        max_pixel_mb=max_pixel_mb,
     )
 
 

@@ -3,13 +3,14 @@ models trained on it carry in their bundle metadata."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 from workbench.bundle import BundleInfo, list_bundles
-from workbench.catalog import cohort_summary
+from workbench.catalog import cohort_summary, quarantine_report
 from workbench.config import Settings
 from workbench.ui import data
 from workbench.ui.auth import require_reviewer
@@ -118,6 +119,26 @@ def content_table(s: Settings, cohort: str) -> None:
         )
 
 
+def quarantine_panel(s: Settings) -> None:
+    """Files ingest could not read, and series left out of the volumes, with their reasons."""
+    files, series = quarantine_report(s)
+    if not files and not series:
+        return
+    st.subheader("Quarantine")
+    st.caption(
+        "Kept out of the catalog with a reason; `workbench quarantine --retry` tries the files "
+        "again (after installing a codec, say). File names only: folders may name patients."
+    )
+    if files:
+        st.dataframe(
+            [{"reason": f.reason, "file": Path(f.path).name, "detail": f.detail} for f in files],
+            hide_index=True,
+            width="stretch",
+        )
+    for p in series:
+        st.warning(f"Study {p.study_key} ({p.modality}): " + "; ".join(p.problems))
+
+
 def main() -> None:
     require_reviewer()
     s = settings()
@@ -156,6 +177,7 @@ def main() -> None:
                 "Model trained on this cohort", list(refs), key=f"cohort_model_{summary.name}"
             )
             metrics_panel(refs[ref])
+    quarantine_panel(s)
     others = [b for b in bundles if b.workbench.get("cohort") not in {c.name for c in summaries}]
     if others:
         st.subheader("Other models")
