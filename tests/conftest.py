@@ -4,6 +4,8 @@ pipeline (synth → ingest → train → predict) once per session on a tiny coh
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,19 @@ def make_settings(home: Path) -> Settings:
         cache_dir=home / "cache",
         device="cpu",
         precision="auto",
+    )
+
+
+def run_cli(args: list[str], home: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``workbench ARGS`` in a subprocess with its home at ``home`` (no other WORKBENCH_*)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("WORKBENCH_")}
+    environ.update(WORKBENCH_HOME=str(home), PYTHONWARNINGS="ignore", **env)
+    return subprocess.run(
+        [sys.executable, "-m", "workbench.cli", *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=300,
     )
 
 

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+from tests.conftest import run_cli
 from workbench.cli import main
 
 
-def _run(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "WORKBENCH_HOME": str(home), "PYTHONWARNINGS": "ignore"}
-    for k in ("WORKBENCH_DATABASE_URL", "WORKBENCH_MODELS", "WORKBENCH_CACHE"):
-        env.pop(k, None)
-    return subprocess.run(
-        [sys.executable, "-m", "workbench.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-
-
 def test_an_unknown_cohort_prints_one_line_and_exits_non_zero(tmp_path: Path) -> None:
-    r = _run(["train", "--cohort", "nope", "--name", "m"], tmp_path)
+    r = run_cli(["train", "--cohort", "nope", "--name", "m"], tmp_path)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         "error: no cohort named 'nope'; ingest with --cohort nope first"
@@ -41,11 +27,11 @@ def test_a_missing_source_folder_is_a_clear_error(tmp_path: Path, capsys) -> Non
 
 
 def test_synth_then_ingest_from_the_command_line(tmp_path: Path) -> None:
-    r = _run(["synth", str(tmp_path / "s"), "--studies", "6", "--seed", "2"], tmp_path)
+    r = run_cli(["synth", str(tmp_path / "s"), "--studies", "6", "--seed", "2"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "wrote 12 files: 6 studies" in r.stdout
     lab = str(tmp_path / "s" / "labels.csv")
-    r = _run(["ingest", str(tmp_path / "s"), "--labels", lab, "--cohort", "x"], tmp_path)
+    r = run_cli(["ingest", str(tmp_path / "s"), "--labels", lab, "--cohort", "x"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert (
         r.stdout.strip()

@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
 from sqlalchemy import inspect, select, text
 
-from tests.conftest import make_settings
+from tests.conftest import make_settings, run_cli
 from workbench.dicom.synth import synthesize_cohort
 from workbench.store import AuditEvent, get_engine, session_scope
 
 MARKERS = ("Fakename", "FAKEID", "FAKEACC", "Fakedoc")
-
-
-def _run(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKBENCH_")}
-    env.update(WORKBENCH_HOME=str(home), PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, "-m", "workbench.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
 
 
 def _catalog_text(url: str) -> str:
@@ -48,7 +33,7 @@ def test_ingest_with_deid_keeps_no_original_identity_anywhere(tmp_path: Path) ->
         originals.add(str(ds.PatientName))
     home = make_settings(tmp_path / "home").home
     out = tmp_path / "deid"
-    r = _run(
+    r = run_cli(
         [
             "ingest",
             str(src),
@@ -83,9 +68,9 @@ def test_export_writes_deidentified_copies_and_an_audit_event(tmp_path: Path) ->
     src = tmp_path / "src"
     synthesize_cohort(src, n_studies=3, seed=12, modality="DX", image_size=48)
     settings = make_settings(tmp_path / "home")
-    assert _run(["ingest", str(src), "--cohort", "e"], settings.home).returncode == 0
+    assert run_cli(["ingest", str(src), "--cohort", "e"], settings.home).returncode == 0
     before = {p: p.read_bytes() for p in src.rglob("*.dcm")}
-    r = _run(["export", str(tmp_path / "out"), "--cohort", "e"], settings.home)
+    r = run_cli(["export", str(tmp_path / "out"), "--cohort", "e"], settings.home)
     assert r.returncode == 0, r.stderr
     assert "written 6, refused 0" in r.stdout
     assert {p: p.read_bytes() for p in src.rglob("*.dcm")} == before  # sources untouched
@@ -98,5 +83,5 @@ def test_export_writes_deidentified_copies_and_an_audit_event(tmp_path: Path) ->
         (event,) = s.scalars(select(AuditEvent)).all()
         assert (event.action, event.object_id) == ("export.deidentified", "e")
         assert event.new_value is not None and event.new_value["written"] == 6
-    bad = _run(["export", str(tmp_path / "x"), "--cohort", "nope"], settings.home)
+    bad = run_cli(["export", str(tmp_path / "x"), "--cohort", "nope"], settings.home)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error: ")
