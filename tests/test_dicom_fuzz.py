@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.data
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import JPEGLSLossless
 
@@ -60,7 +60,7 @@ def _seeds(root: Path) -> dict[str, bytes]:
         ds.save_as(buffer, enforce_file_format=True)
         seeds["synth JPEG-LS Lossless"] = buffer.getvalue()
     for name in ("CT_small.dcm", "MR_small.dcm", "MR_small_jp2klossless.dcm"):
-        path = get_testdata_file(name, download=False)
+        path = pydicom.data.get_testdata_file(name, download=False)
         if path is not None:
             seeds[name] = Path(path).read_bytes()
     return seeds

@@ -12,8 +12,8 @@ from typing import cast
 
 import numpy as np
 import pydicom
+import pydicom.data
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
@@ -839,7 +839,7 @@ def test_non_uniform_spacing_and_differing_sizes_are_reported() -> None:
     ["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm"],
 )
 def test_pydicom_bundled_files_read_fine(name: str) -> None:
-    path = get_testdata_file(name, download=False)
+    path = pydicom.data.get_testdata_file(name, download=False)
     if path is None:
         pytest.skip(f"{name} is not bundled with this pydicom")
     image = read_image(Path(path))
@@ -851,7 +851,7 @@ def test_pydicom_bundled_files_read_fine(name: str) -> None:
 
 def test_pydicom_lossless_variants_share_the_pixel_hash() -> None:
     names = ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm"]
-    paths = [get_testdata_file(n, download=False) for n in names]
+    paths = [pydicom.data.get_testdata_file(n, download=False) for n in names]
     if any(p is None for p in paths):
         pytest.skip("MR_small variants are not bundled")
     hashes = {read_image(Path(p)).pixel_hash for p in paths if p is not None}
@@ -859,7 +859,7 @@ def test_pydicom_lossless_variants_share_the_pixel_hash() -> None:
 
 
 def test_pydicom_truncated_file_is_truncated_pixel_data() -> None:
-    path = get_testdata_file("MR_truncated.dcm", download=False)
+    path = pydicom.data.get_testdata_file("MR_truncated.dcm", download=False)
     if path is None:
         pytest.skip("MR_truncated.dcm is not bundled")
     with pytest.raises(UnreadableDicomError) as info:

@@ -4,12 +4,11 @@ and compressed copies decode to the pixels of their uncompressed twin."""
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import DATA_ROOT, data_manager, get_testdata_files
+from pydicom.data import DATA_ROOT
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -24,16 +23,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def local_testdata_files() -> list[Path]:
-    """``get_testdata_files("*")`` with ``download=False`` semantics: pydicom's own folder only,
-    no pydicom-data download (which, offline, costs seconds of timeouts) and no external
-    sources, whose contents this file has no expectations for."""
-    with (
-        mock.patch.object(data_manager, "online_test_file_dummy_paths", dict),
-        mock.patch.object(data_manager, "external_data_sources", dict),
-    ):
-        found = get_testdata_files("*")
+    """The files bundled in pydicom's own ``test_files`` folder: nothing downloaded, no
+    external data sources (whose contents this file has no expectations for)."""
     root = Path(DATA_ROOT) / "test_files"
-    return sorted(p for p in map(Path, found) if p.is_file() and p.parent == root)
+    return sorted(p for p in root.iterdir() if p.is_file())
 
 
 FILES = {p.name: p for p in local_testdata_files()}
