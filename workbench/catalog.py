@@ -20,9 +20,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
@@ -375,6 +376,16 @@ class _Registry:
         return series
 
 
+def _insert_instances(session: Session, pending: list[tuple[Series, dict[str, Any]]]) -> None:
+    """Insert a batch of instances in one executemany (the ORM's per-object bookkeeping was
+    the ingest's main-process cost): flush first so new series have their ids."""
+    if not pending:
+        return
+    session.flush()
+    session.execute(insert(Instance), [{**row, "series_id": s.id} for s, row in pending])
+    pending.clear()
+
+
 def ingest(
     settings: Settings,
     src: Path,
@@ -463,6 +474,7 @@ def ingest_files(
         todo.append(str(resolved))
 
     n_workers = workers or default_workers()
+    pending: list[tuple[Series, dict[str, Any]]] = []  # instances waiting for their series id
     bar = tqdm(total=len(todo), desc="ingest", unit="file", disable=not progress)
     with new_session(settings.database_url) as session:
         registry = _Registry(session, key)
@@ -480,25 +492,27 @@ def ingest_files(
             known_sops.add(facts.sop_instance_uid)
             study = registry.study(facts)
             series = registry.series_of(study, facts)
-            session.add(
-                Instance(
-                    sop_uid=facts.sop_instance_uid,
-                    series=series,
-                    path=d.path,
-                    file_size=d.size,
-                    file_mtime_ns=d.mtime_ns,
-                    file_sha256=d.file_sha256,
-                    pixel_hash=d.pixel_hash,
-                    cache_key=d.cache_key,
-                    rows=facts.rows,
-                    columns=facts.columns,
-                    frames=facts.number_of_frames,
-                    photometric=facts.photometric_interpretation,
-                    transfer_syntax=facts.transfer_syntax_uid,
-                    pixel_spacing=facts.pixel_spacing[0] if facts.pixel_spacing else None,
-                    voi_source=d.voi_source,
-                    slice_position=_slice_position(facts),
-                    instance_number=facts.instance_number,
+            pending.append(
+                (
+                    series,
+                    dict(
+                        sop_uid=facts.sop_instance_uid,
+                        path=d.path,
+                        file_size=d.size,
+                        file_mtime_ns=d.mtime_ns,
+                        file_sha256=d.file_sha256,
+                        pixel_hash=d.pixel_hash,
+                        cache_key=d.cache_key,
+                        rows=facts.rows,
+                        columns=facts.columns,
+                        frames=facts.number_of_frames,
+                        photometric=facts.photometric_interpretation,
+                        transfer_syntax=facts.transfer_syntax_uid,
+                        pixel_spacing=facts.pixel_spacing[0] if facts.pixel_spacing else None,
+                        voi_source=d.voi_source,
+                        slice_position=_slice_position(facts),
+                        instance_number=facts.instance_number,
+                    ),
                 )
             )
             new_facts[series.series_uid].append(facts)
@@ -506,9 +520,12 @@ def ingest_files(
                 session.execute(delete(Quarantine).where(Quarantine.path == d.path))
             ingested += 1
             if n % COMMIT_EVERY == 0:  # an interrupted ingest keeps what it committed
+                _insert_instances(session, pending)
                 session.commit()
                 bar.set_postfix(new=ingested, quarantined=quarantined, refresh=False)
+        _insert_instances(session, pending)
         session.commit()
+        session.expire_all()  # series.instances were filled behind the ORM's back
         _cache_volumes(settings, session, new_facts)
         session.commit()
     bar.close()

@@ -1004,9 +1004,10 @@ _FG_SOURCES = {
 }
 
 
-def _pipeline_dataset(ds: Dataset) -> Dataset:
-    """A private copy of what the LUT functions read (they write to it), with functional groups
-    merged in."""
+def _pipeline_dataset(ds: Dataset, private: bool = True) -> Dataset:
+    """What the LUT functions read, with functional groups merged in: a private deep copy
+    (pydicom's LUT functions write to it), or with ``private=False`` the elements themselves,
+    for read-only use."""
     view = Dataset()
     for kw in _PIPELINE_KEYWORDS:
         source: Dataset | None = ds if kw in ds else None
@@ -1019,7 +1020,7 @@ def _pipeline_dataset(ds: Dataset) -> Dataset:
             elem = source[kw]
         except Exception:  # an unparseable value is left out
             continue
-        view[elem.tag] = copy.deepcopy(elem)
+        view[elem.tag] = copy.deepcopy(elem) if private else elem
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
         view.file_meta = meta
@@ -1190,10 +1191,11 @@ def display_pipeline(ds: Dataset, arr: np.ndarray, *, fast: bool = True) -> tupl
         return color_display(ds, arr)[0], "none"
 
     mask = _padding_mask(ds, arr)
+    if fast:  # the fast path only reads the attributes: no private copy needed
+        quick = _linear_window_fast(_pipeline_dataset(ds, private=False), arr)
+        if quick is not None:
+            return _finish(ds, photometric, quick, mask), "window"
     view = _pipeline_dataset(ds)
-    quick = _linear_window_fast(view, arr) if fast else None
-    if quick is not None:
-        return _finish(ds, photometric, quick, mask), "window"
     modality = apply_modality_lut(arr, view)
 
     source = "minmax"
