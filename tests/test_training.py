@@ -122,3 +122,55 @@ def test_a_ct_cohort_trains_a_3d_densenet_and_explains_whole_volumes(
     assert image.saliency_file is not None
     heat = np.load(settings.cache_dir / image.saliency_file)
     assert heat.shape == volume.shape and np.isfinite(heat).all()
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import make_settings
+
+    src = tmp_path / "src"
+    synthesize_cohort(src, n_studies=30, seed=13, modality="DX", image_size=48)
+    args = ["--cohort", "c", "--epochs", "2", "--image-size", "32", "--batch-size", "4"]
+    args += ["--checkpoint-every", "3", "--name", "m"]
+    homes = {}
+    for run in ("whole", "killed"):
+        s = make_settings(tmp_path / run)  # same key: the same pseudonyms and split
+        ingest(s, src, src / "labels.csv", "c", progress=False, workers=1)
+        homes[run] = s
+
+    def start(home: Path, *extra: str) -> subprocess.Popen[str]:
+        env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("WORKBENCH")}
+        env.update(WORKBENCH_HOME=str(home), PYTHONWARNINGS="ignore")
+        return subprocess.Popen(
+            [sys.executable, "-m", "workbench.cli", "train", *args, *extra],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    assert start(homes["whole"].home).wait(timeout=300) == 0
+    victim = start(homes["killed"].home)
+    ckpt = homes["killed"].models_dir / "m" / ".training" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)  # no chance to clean up: as a crash would
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["batch"] > 0  # the last checkpoint is inside an epoch (every 3 steps)
+    resumed = start(homes["killed"].home, "--resume")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"resuming at epoch {saved['epoch'] + 1}, batch {saved['batch'] + 1}" in out
+    whole = torch.load(homes["whole"].models_dir / "m" / "v1" / "models" / "model.pt")
+    again = torch.load(homes["killed"].models_dir / "m" / "v1" / "models" / "model.pt")
+    assert whole.keys() == again.keys()
+    assert all(torch.equal(whole[k], again[k]) for k in whole), "resumed weights differ"

@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    s.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=50,
+        help="optimiser steps between mid-epoch checkpoints (0: at epoch ends only)",
+    )
 
     s = sub.add_parser("predict", help="predict studies with a trained model")
     s.add_argument("model", help="model name, NAME/VERSION or a bundle folder")
@@ -324,6 +330,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         precision=a.precision,
         device=a.device,
         resume=a.resume,
+        checkpoint_every=a.checkpoint_every,
     )
     res = train(_settings(), cfg)
     m = res.metrics
@@ -411,6 +418,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
         precision=settings.precision,
         device=settings.device,
         resume=False,
+        checkpoint_every=50,
     )
     cmd_train(ns)
     cmd_predict(

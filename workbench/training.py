@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import torch
 from monai.data import DataLoader
 from monai.utils import set_determinism
 from torch import nn
+from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from workbench.bundle import save_bundle
@@ -71,6 +72,7 @@ class TrainConfig:
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests)
     resume: bool = False
+    checkpoint_every: int = 50  # optimiser steps between mid-epoch checkpoints (0: epochs only)
 
 
 @dataclass(frozen=True)
@@ -128,18 +130,8 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
     negative = next((c for c in classes if c.lower() in NEGATIVE_NAMES), None)
 
     records = {s: to_records(its, classes) for s, its in by_split.items()}
-    train_ds = make_dataset(records["train"], spec, train=True)
+    train_ds = _SeededAugmentation(make_dataset(records["train"], spec, train=True), cfg.seed)
     val_ds = make_dataset(records["calibration"], spec, train=False)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    # drop_last: a final batch of one image breaks BatchNorm (and is noise anyway).
-    loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        num_workers=0,
-        generator=generator,
-        drop_last=len(records["train"]) > cfg.batch_size,
-    )
 
     model = create_network(spatial_dims, len(classes)).to(device)
     if spatial_dims == 2:
@@ -156,6 +148,7 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
     ckpt_path = run_dir / "checkpoint.pt"
     history: list[dict[str, float]] = []
     best_loss, best_epoch, bad_epochs, start_epoch, step = float("inf"), -1, 0, 0, 0
+    start_batch, epoch_losses = 0, []  # position inside a partly done epoch
     best_state: dict[str, torch.Tensor] | None = None
     if cfg.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
@@ -166,15 +159,55 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         history, best_loss, best_epoch = ckpt["history"], ckpt["best_loss"], ckpt["best_epoch"]
-        bad_epochs, start_epoch, step = ckpt["bad_epochs"], ckpt["epoch"] + 1, ckpt["step"]
+        bad_epochs, start_epoch, step = ckpt["bad_epochs"], ckpt["epoch"], ckpt["step"]
+        start_batch, epoch_losses = ckpt["batch"], list(ckpt["epoch_losses"])
         best_state = ckpt["best_state"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-        generator.set_state(ckpt["rng"]["loader"])
+        if progress:
+            print(f"resuming at epoch {start_epoch + 1}, batch {start_batch + 1} (step {step})")
+
+    def checkpoint(epoch: int, batch: int, losses: list[float]) -> None:
+        """Everything needed to continue exactly here, written atomically."""
+        _atomic_save(
+            {
+                "config": asdict(cfg),
+                "classes": classes,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,  # the epoch to run next, from `batch`
+                "batch": batch,
+                "epoch_losses": losses,
+                "step": step,
+                "history": history,
+                "best_loss": best_loss,
+                "best_epoch": best_epoch,
+                "best_state": best_state,
+                "bad_epochs": bad_epochs,
+            },
+            ckpt_path,
+        )
 
     for epoch in range(start_epoch, cfg.epochs):
-        losses = train_epoch(
+        # The order of an epoch and each sample's augmentation depend only on (seed, epoch,
+        # index), never on how far the run got: a resumed epoch replays exactly.
+        train_ds.epoch = epoch
+        batches = _epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, epoch)
+        loader = DataLoader(train_ds, batch_sampler=batches[start_batch:], num_workers=0)
+        done_before = list(epoch_losses)
+
+        def on_step(
+            step_losses: list[float],
+            epoch: int = epoch,
+            first: int = start_batch,
+            before: list[float] = done_before,
+        ) -> None:
+            nonlocal step
+            step += 1
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint(epoch, first + len(step_losses), before + step_losses)
+
+        losses = done_before + train_epoch(
             model,
             loader,
             loss_fn,
@@ -186,8 +219,9 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
             max_steps=cfg.max_steps - step if cfg.max_steps else None,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             progress=progress,
+            on_step=on_step,
         )
-        step += len(losses)
+        start_batch, epoch_losses = 0, []
         scheduler.step()
         val = forward_dataset(model, val_ds, device, eval_precision, spatial_dims)
         val_loss = float(
@@ -206,30 +240,7 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
-        _atomic_save(
-            {
-                "config": asdict(cfg),
-                "classes": classes,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "history": history,
-                "best_loss": best_loss,
-                "best_epoch": best_epoch,
-                "best_state": best_state,
-                "bad_epochs": bad_epochs,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "numpy": np.random.get_state(),
-                    "python": random.getstate(),
-                    "loader": generator.get_state(),
-                },
-            },
-            ckpt_path,
-        )
+        checkpoint(epoch + 1, 0, [])
         if bad_epochs >= cfg.patience or (cfg.max_steps and step >= cfg.max_steps):
             break
 
@@ -300,6 +311,38 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
     return TrainResult(bundle=bundle, history=history, best_epoch=best_epoch, metrics=summary)
 
 
+class _SeededAugmentation(TorchDataset):
+    """Re-seeds the random transforms before each sample from (seed, epoch, index).
+
+    MONAI's random transforms draw from their own generators in call order, so a run resumed
+    mid-epoch would see other augmentations than the uninterrupted run. Seeding per sample
+    makes an image's augmentation a function of where it is, not of when it is drawn.
+    """
+
+    def __init__(self, base: Any, seed: int) -> None:
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        entropy = np.random.SeedSequence([self.seed, self.epoch, index])
+        self.base.transform.set_random_state(seed=int(entropy.generate_state(1)[0]))
+        return self.base[index]
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled batches of one epoch, from (seed, epoch) alone. A last batch smaller than
+    ``batch_size`` is dropped when there is more than one batch: a batch of one image breaks
+    BatchNorm, and a ragged batch is noise anyway."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    idx = order.tolist()
+    batches = [idx[k : k + batch_size] for k in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
 def train_epoch(
     model: nn.Module,
     loader: Iterable[dict[str, Any]],
@@ -312,8 +355,11 @@ def train_epoch(
     max_steps: int | None = None,
     desc: str = "train",
     progress: bool = False,
+    on_step: Callable[[list[float]], None] | None = None,
 ) -> list[float]:
     """One pass over ``loader`` under autocast; returns the loss of each step.
+
+    ``on_step(losses_so_far)`` runs after each optimiser step (the fit loop checkpoints there).
 
     Raises TrainingError on a non-finite loss before the optimiser touches the weights.
     """
@@ -336,6 +382,8 @@ def train_epoch(
         scaler.step(optimizer)
         scaler.update()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(losses)
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", refresh=False)
         if max_steps is not None and len(losses) >= max_steps:
             break
