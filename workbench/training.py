@@ -68,7 +68,7 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     seed: int = 0
-    patience: int = 3
+    patience: int = 5  # epochs without a better validation loss before stopping
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests)
     resume: bool = False
