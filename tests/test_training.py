@@ -16,8 +16,14 @@ from workbench.catalog import CatalogError, cache_path, cohort_items, ingest
 from workbench.config import Settings
 from workbench.dicom.synth import synthesize_cohort
 from workbench.inference import latest_predictions, predict_study
-from workbench.nets import create_network
-from workbench.training import TrainConfig, TrainingError, train, train_epoch
+from workbench.nets import create_network, load_initial_weights
+from workbench.training import (
+    TrainConfig,
+    TrainingError,
+    prepare_network,
+    train,
+    train_epoch,
+)
 
 
 def test_a_few_bf16_steps_on_cpu_lower_the_loss() -> None:
@@ -174,3 +180,68 @@ def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
     again = torch.load(homes["killed"].models_dir / "m" / "v1" / "models" / "model.pt")
     assert whole.keys() == again.keys()
     assert all(torch.equal(whole[k], again[k]) for k in whole), "resumed weights differ"
+
+
+def test_fine_tuning_onto_one_more_class_keeps_the_backbone_and_trains_a_new_head(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    import csv
+    import shutil
+
+    s = pipeline.settings
+    src = tmp_path / "more"
+    synthesize_cohort(src, n_studies=24, seed=21, modality="DX", image_size=64)
+    rows = list(csv.DictReader((src / "labels.csv").open()))
+    for row in rows[::4]:
+        row["label"] = "pneumothorax"  # a class the source model never saw
+    with (src / "labels-4.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["StudyInstanceUID", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    ingest(s, src, src / "labels-4.csv", "four", progress=False, workers=1)
+    cfg = TrainConfig(
+        cohort="four",
+        name="four-classes",
+        epochs=1,
+        image_size=64,
+        batch_size=8,
+        init_from=pipeline.model,
+        freeze_blocks=4,  # stem and every dense block: only the new head learns
+    )
+    _, report = prepare_network(s, cfg, 2, 4)
+    assert report["loaded"] > 300 and "bundle tiny-model/v1" in report["from"]
+    assert {k for k in report["skipped"]} == {"class_layers.out.weight", "class_layers.out.bias"}
+    result = train(s, cfg, progress=False)
+    source = torch.load(pipeline.bundle / "models" / "model.pt", weights_only=True)
+    tuned = torch.load(result.bundle / "models" / "model.pt", weights_only=True)
+    backbone = [k for k in tuned if k.startswith("features.") and "norm5" not in k]
+    assert backbone and all(torch.equal(tuned[k], source[k]) for k in backbone)
+    assert tuned["class_layers.out.weight"].shape == (4, 1024)
+    meta = json.loads((result.bundle / "configs" / "metadata.json").read_text())["workbench"]
+    assert meta["classes"] == ["effusion", "nodule", "normal", "pneumothorax"]
+    assert meta["training"]["init"]["frozen"][:2] == ["conv0", "norm0"]
+    shutil.rmtree(result.bundle.parent)
+
+
+def test_a_torchvision_layout_state_dict_loads_into_the_network(tmp_path: Path) -> None:
+    from monai.networks.nets import DenseNet121
+
+    rgb = DenseNet121(spatial_dims=2, in_channels=3, out_channels=1000)
+    # torchvision's names: no `.layers` inside a dense layer, the head is `classifier`
+    tv = {}
+    for key, value in rgb.state_dict().items():
+        key = key.replace(".layers.", ".").replace("class_layers.out.", "classifier.")
+        tv[key] = value.clone()
+    assert "features.denseblock1.denselayer1.norm1.weight" in tv
+    path = tmp_path / "densenet121_imagenet.pth"
+    torch.save(tv, path)
+    model = create_network(2, 3)
+    report = load_initial_weights(model, torch.load(path, weights_only=True))
+    state = model.state_dict()
+    features = [k for k in state if k.startswith("features.")]
+    assert set(report["loaded"]) == set(features)  # every backbone tensor came across
+    assert set(report["skipped"]) == {"classifier.weight", "classifier.bias"}
+    grey = tv["features.conv0.weight"].sum(dim=1, keepdim=True)
+    assert torch.equal(state["features.conv0.weight"], grey)  # RGB stem summed for grey input
+    key = "features.denseblock3.denselayer5.layers.conv2.weight"
+    assert torch.equal(state[key], tv[key.replace(".layers.", ".")])

@@ -109,6 +109,14 @@ def _parser() -> argparse.ArgumentParser:
         default=50,
         help="optimiser steps between mid-epoch checkpoints (0: at epoch ends only)",
     )
+    s.add_argument(
+        "--init-from",
+        metavar="MODEL_OR_FILE",
+        help="start from a bundle (its head rebuilt for new classes) or a weights file, e.g. "
+        "an ImageNet DenseNet121 state dict in torchvision's layout (nothing is downloaded)",
+    )
+    s.add_argument("--freeze-blocks", type=int, default=0, help="freeze the first N dense blocks")
+    s.add_argument("--backbone-lr-factor", type=float, default=1.0, help="backbone lr = lr x this")
 
     s = sub.add_parser("predict", help="predict studies with a trained model")
     s.add_argument("model", help="model name, NAME/VERSION or a bundle folder")
@@ -331,6 +339,9 @@ def cmd_train(a: argparse.Namespace) -> None:
         device=a.device,
         resume=a.resume,
         checkpoint_every=a.checkpoint_every,
+        init_from=a.init_from,
+        freeze_blocks=a.freeze_blocks,
+        backbone_lr_factor=a.backbone_lr_factor,
     )
     res = train(_settings(), cfg)
     m = res.metrics
@@ -419,6 +430,9 @@ def cmd_demo(a: argparse.Namespace) -> None:
         device=settings.device,
         resume=False,
         checkpoint_every=50,
+        init_from=None,
+        freeze_blocks=0,
+        backbone_lr_factor=1.0,
     )
     cmd_train(ns)
     cmd_predict(

@@ -6,6 +6,8 @@ module only builds networks from that contract.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -48,3 +50,76 @@ def embed(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     # class_layers = relu -> adaptive pool -> flatten -> out (linear)
     pooled = layers[:-1](features(x))
     return layers[-1](pooled), pooled
+
+
+# torchvision's DenseNet keys -> MONAI's: MONAI wraps each dense layer's modules in `.layers`.
+# MONAI has this mapping only inside its download helper (densenet._load_state_dict, for the
+# old "norm.1" spelling); here it also covers today's "norm1" and a file given by path.
+_TV_DENSE_LAYER = re.compile(r"^(.*denselayer\d+)\.(norm|relu|conv)\.?([12])\.(.+)$")
+
+
+def _monai_key(key: str) -> str:
+    key = key.removeprefix("module.")  # saved from DataParallel / DDP
+    m = _TV_DENSE_LAYER.match(key)
+    if m:
+        return f"{m.group(1)}.layers.{m.group(2)}{m.group(3)}.{m.group(4)}"
+    return key
+
+
+def load_initial_weights(
+    model: nn.Module, state: Mapping[str, torch.Tensor]
+) -> dict[str, list[str]]:
+    """Copy every tensor of ``state`` that fits ``model``; the rest is reported, not guessed.
+
+    ``state`` is a workbench bundle's weights or a DenseNet121 state dict in torchvision's key
+    layout (e.g. ImageNet weights, given by path: nothing is downloaded). The classifier head
+    never carries over when the number of classes differs (it is rebuilt). An RGB first
+    convolution feeding a one-channel model is summed over its colour channels, which keeps
+    its response to a grey image. Returns {"loaded": [...], "skipped": [...]} by key.
+    """
+    target = model.state_dict()
+    loaded, skipped = [], []
+    for key, value in state.items():
+        name = _monai_key(key)
+        if name not in target:
+            skipped.append(key)
+            continue
+        want = target[name]
+        stem = name.endswith("conv0.weight") and value.dim() == want.dim() >= 2
+        if stem and (value.shape[1], want.shape[1]) == (3, 1):  # RGB stem into a grey model
+            value = value.sum(dim=1, keepdim=True)
+        if tuple(value.shape) != tuple(want.shape):
+            skipped.append(key)
+            continue
+        target[name] = value.to(want.dtype)
+        loaded.append(name)
+    model.load_state_dict(target)
+    return {"loaded": loaded, "skipped": skipped}
+
+
+def freeze_early_blocks(model: nn.Module, blocks: int) -> list[str]:
+    """Freeze the stem and the first ``blocks`` dense blocks (and their transitions).
+
+    Frozen modules keep their weights and their BatchNorm statistics (they stay in eval
+    mode: see :func:`keep_frozen_in_eval`). Returns the names of the frozen modules.
+    """
+    if blocks <= 0:
+        return []
+    frozen = []
+    for name, module in model.features.named_children():  # type: ignore[union-attr]
+        m = re.search(r"(\d+)$", name)
+        index = int(m.group(1)) if m else 0
+        if index <= blocks and not name.startswith("norm5"):
+            for p in module.parameters():
+                p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def keep_frozen_in_eval(model: nn.Module) -> None:
+    """After ``model.train()``: put modules without trainable parameters back in eval mode,
+    so a frozen block's BatchNorm statistics do not drift."""
+    for module in model.features.children():  # type: ignore[union-attr]
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
-from workbench.bundle import save_bundle
+from workbench.bundle import hash_bundle, resolve_bundle_path, save_bundle
 from workbench.calibration import (
     brier_score,
     expected_calibration_error,
@@ -39,7 +39,12 @@ from workbench.catalog import CohortItem, cohort_hash, cohort_items, split_cohor
 from workbench.config import Settings
 from workbench.data import InputSpec, make_dataset, to_records
 from workbench.metrics import classification_metrics
-from workbench.nets import create_network
+from workbench.nets import (
+    create_network,
+    freeze_early_blocks,
+    keep_frozen_in_eval,
+    load_initial_weights,
+)
 from workbench.runtime import (
     autocast,
     forward_dataset,
@@ -73,6 +78,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests)
     resume: bool = False
     checkpoint_every: int = 50  # optimiser steps between mid-epoch checkpoints (0: epochs only)
+    init_from: str | None = None  # a bundle (NAME, NAME/vN, folder) or a weights file (.pt/.pth)
+    freeze_blocks: int = 0  # freeze the stem and this many early dense blocks
+    backbone_lr_factor: float = 1.0  # backbone learning rate = lr x this
 
 
 @dataclass(frozen=True)
@@ -133,14 +141,26 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
     train_ds = _SeededAugmentation(make_dataset(records["train"], spec, train=True), cfg.seed)
     val_ds = make_dataset(records["calibration"], spec, train=False)
 
-    model = create_network(spatial_dims, len(classes)).to(device)
+    model, init_report = prepare_network(settings, cfg, spatial_dims, len(classes))
+    model = model.to(device)
     if spatial_dims == 2:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     # Class weights (inverse frequency) so a rare finding is not drowned by the negatives.
     counts = np.bincount([r["label"] for r in records["train"]], minlength=len(classes))
     weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(classes), dtype=torch.float)
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # A lower learning rate for the (pretrained) backbone than for the head, when asked.
+    backbone = [p for p in model.features.parameters() if p.requires_grad]  # type: ignore[union-attr]
+    head = [p for p in model.class_layers.parameters() if p.requires_grad]  # type: ignore[union-attr]
+    groups: list[dict[str, Any]] = [
+        {"params": backbone, "lr": cfg.lr * cfg.backbone_lr_factor},
+        {"params": head},
+    ]
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -285,6 +305,7 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
             "device": str(device),
             "precision": precision,
             "eval_precision": eval_precision,
+            "init": init_report,
             "best_epoch": best_epoch,
             "history": history,
             "seconds": round(time.time() - started, 1),
@@ -364,6 +385,7 @@ def train_epoch(
     Raises TrainingError on a non-finite loss before the optimiser touches the weights.
     """
     model.train()
+    keep_frozen_in_eval(model)
     losses: list[float] = []
     bar = tqdm(loader, desc=desc, disable=not progress)
     for batch in bar:
@@ -389,6 +411,37 @@ def train_epoch(
             break
     bar.close()
     return losses
+
+
+def prepare_network(
+    settings: Settings, cfg: TrainConfig, spatial_dims: int, n_classes: int
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A fresh network, optionally started from earlier weights, with early blocks frozen.
+
+    ``cfg.init_from`` names a bundle (its head is rebuilt when the classes differ, the rest
+    kept) or a weights file such as an ImageNet DenseNet121 in torchvision's key layout (given
+    by path; nothing is downloaded). Returns the network and what was loaded and frozen.
+    """
+    model = create_network(spatial_dims, n_classes)
+    report: dict[str, Any] = {"from": None, "loaded": 0, "skipped": [], "frozen": []}
+    if cfg.init_from:
+        source = Path(cfg.init_from)
+        if source.is_file():
+            state = torch.load(source, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            report["from"] = f"weights file {source.name}"
+        else:
+            path = resolve_bundle_path(settings.models_dir, cfg.init_from)
+            state = torch.load(path / "models" / "model.pt", map_location="cpu", weights_only=True)
+            report["from"] = f"bundle {path.parent.name}/{path.name} ({hash_bundle(path)[:16]})"
+        if not isinstance(state, dict):
+            raise TrainingError(f"{cfg.init_from}: not a state dict of tensors")
+        result = load_initial_weights(model, state)
+        if not result["loaded"]:
+            raise TrainingError(f"{cfg.init_from}: no tensor fits this network")
+        report["loaded"], report["skipped"] = len(result["loaded"]), result["skipped"]
+    report["frozen"] = freeze_early_blocks(model, cfg.freeze_blocks)
+    return model, report
 
 
 def _logits(
