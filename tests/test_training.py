@@ -80,6 +80,8 @@ def test_training_writes_a_complete_bundle(pipeline: Pipeline) -> None:
     assert wb["code_version"]
     for rel in ("configs/inference.json", "models/model.pt", "docs/README.md"):
         assert (path / rel).exists()
+    curves = (path / "docs" / "training.png").read_bytes()
+    assert curves.startswith(b"\x89PNG") and len(wb["training"]["history"]) == 2
     # Weights load with weights_only=True: nothing executable is unpickled.
     state = torch.load(path / "models" / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())

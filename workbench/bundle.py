@@ -154,8 +154,11 @@ def save_bundle(
     calibration: Calibration,
     extra: dict[str, Any],
     negative_class: str | None = None,
+    figures: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a new version of model ``name``; returns the bundle folder.
+
+    ``figures`` (file name -> PNG bytes) go to ``docs/``, e.g. the training curves.
 
     Written to a temporary folder and renamed into place, so a crash never leaves half a bundle.
     """
@@ -246,6 +249,8 @@ def save_bundle(
     }
     (tmp / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
     (tmp / "docs" / "README.md").write_text(_model_card(name, version, metadata))
+    for file_name, data in (figures or {}).items():
+        (tmp / "docs" / Path(file_name).name).write_bytes(data)
     final = model_dir / version
     os.replace(tmp, final)
     return final
@@ -265,6 +270,7 @@ def _model_card(name: str, version: str, metadata: dict[str, Any]) -> str:
         f"- training cohort: {wb.get('cohort')} (hash {str(wb.get('cohort_hash'))[:16]})",
         f"- calibration: {wb['calibration']['method']}",
         f"- code: {wb['code_version']}",
+        "- training curves: training.png beside this file",
     ]
     lines += [f"- test {k}: {v:.3f}" for k, v in metrics.items() if isinstance(v, float)]
     return "\n".join(lines) + "\n"

@@ -327,6 +327,7 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
         result.calibration,
         extra,
         negative_class=negative,
+        figures={"training.png": _training_curves(history, cfg.name)},
     )
     ckpt_path.unlink(missing_ok=True)
     return TrainResult(bundle=bundle, history=history, best_epoch=best_epoch, metrics=summary)
@@ -442,6 +443,30 @@ def prepare_network(
         report["loaded"], report["skipped"] = len(result["loaded"]), result["skipped"]
     report["frozen"] = freeze_early_blocks(model, cfg.freeze_blocks)
     return model, report
+
+
+def _training_curves(history: list[dict[str, float]], name: str) -> bytes:
+    """Train and validation loss per epoch as a PNG, for the bundle's docs."""
+    import io
+
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
+    ax.set(xlabel="epoch", ylabel="loss", title=f"{name}: training curves")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def _logits(
