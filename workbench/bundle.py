@@ -24,6 +24,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,28 @@ class BundleInfo:
     def workbench(self) -> dict[str, Any]:
         return dict(self.metadata.get("workbench", {}))
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.workbench.get("classes", ()))
+
+    @cached_property
+    def bundle_hash(self) -> str:
+        return hash_bundle(self.path)
+
+
+def _info(path: Path) -> BundleInfo:
+    """A bundle's metadata, read as JSON (no weights); BundleError when unreadable."""
+    try:
+        metadata = json.loads((path / "configs" / "metadata.json").read_text())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"bundle {path} is unreadable: {err}") from err
+    return BundleInfo(str(metadata.get("name") or path.parent.name), path.name, path, metadata)
+
+
+def read_bundle_info(models_dir: Path, model: str) -> BundleInfo:
+    """What a bundle says about itself, for reports and listings: no network is built."""
+    return _info(resolve_bundle_path(models_dir, model))
+
 
 def list_bundles(models_dir: Path) -> list[BundleInfo]:
     """Every readable bundle under ``models_dir``, by name, newest version first.
@@ -137,11 +160,9 @@ def list_bundles(models_dir: Path) -> list[BundleInfo]:
         if version_number(version_dir.name) < 0:
             continue
         try:
-            metadata = json.loads(meta.read_text())
-        except (OSError, ValueError):
+            found.append(_info(version_dir))
+        except BundleError:
             continue
-        name = str(metadata.get("name") or version_dir.parent.name)
-        found.append(BundleInfo(name, version_dir.name, version_dir, metadata))
     return sorted(found, key=lambda b: (b.name, -version_number(b.version)))
 
 
@@ -297,27 +318,27 @@ def resolve_bundle_path(models_dir: Path, model: str) -> Path:
 
 def load_bundle(models_dir: Path, model: str, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle for inference: weights only, network built by our factory, eval mode."""
-    path = resolve_bundle_path(models_dir, model)
+    info = read_bundle_info(models_dir, model)
+    path, metadata = info.path, info.metadata
     try:
-        metadata = json.loads((path / "configs" / "metadata.json").read_text())
         wb = metadata["workbench"]
         classes = tuple(wb["classes"])
         spec = InputSpec(image_size=int(wb["image_size"]), spatial_dims=int(wb["spatial_dims"]))
         network = create_network(spec.spatial_dims, len(classes), architecture=wb["architecture"])
         state = torch.load(path / "models" / "model.pt", map_location="cpu", weights_only=True)
         network.load_state_dict(state)
-    except (OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as err:
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise BundleError(f"bundle {path} is unreadable: {err}") from err
     network.to(device).eval()
     return Bundle(
         path=path,
-        name=metadata.get("name", path.parent.name),
-        version=path.name,
+        name=info.name,
+        version=info.version,
         network=network,
         classes=classes,
         spec=spec,
         calibration=Calibration.from_dict(wb["calibration"]),
         negative_class=wb.get("negative_class"),
         metadata=metadata,
-        bundle_hash=hash_bundle(path),
+        bundle_hash=info.bundle_hash,
     )

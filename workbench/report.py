@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from workbench.bundle import Bundle, BundleError, code_version, load_bundle
+from workbench.bundle import BundleError, BundleInfo, code_version, read_bundle_info
 from workbench.calibration import brier_score, expected_calibration_error, reliability_curve
 from workbench.catalog import CatalogError, CohortItem, cohort_hash, cohort_items
 from workbench.config import Settings
@@ -119,7 +119,7 @@ def build_report(
     Returns the four paths in that order. Raises :class:`ReportError` with a one-line message.
     """
     try:
-        bundle = load_bundle(settings.models_dir, model)
+        bundle = read_bundle_info(settings.models_dir, model)  # metadata: no network built
     except BundleError as err:
         raise ReportError(str(err).splitlines()[0]) from err
     data, cases = compute_report(settings, bundle, cohort, n_resamples, seed)
@@ -138,7 +138,7 @@ def build_report(
 
 
 def compute_report(
-    settings: Settings, bundle: Bundle, cohort: str, n_resamples: int = 1000, seed: int = 0
+    settings: Settings, bundle: BundleInfo, cohort: str, n_resamples: int = 1000, seed: int = 0
 ) -> tuple[dict[str, Any], list[Case]]:
     """Every number of the report, normalised (floats rounded, NaN as None), and the cases."""
     wb = bundle.workbench
@@ -284,7 +284,7 @@ def _latest_reviews(
 
 def _lineage(
     settings: Settings,
-    bundle: Bundle,
+    bundle: BundleInfo,
     cohort: str,
     items: Sequence[CohortItem],
     is_training: bool,
@@ -309,7 +309,7 @@ def _lineage(
             "image_size": wb.get("image_size"),
             "spatial_dims": wb.get("spatial_dims"),
             "transform_hash": wb.get("transform_hash"),
-            "calibration_method": bundle.calibration.method,
+            "calibration_method": bundle.workbench["calibration"]["method"],
             "best_epoch": training.get("best_epoch"),
             "epochs": training.get("epochs"),
         },
@@ -393,13 +393,13 @@ def _performance(
 
 
 def _calibration(
-    bundle: Bundle, probs: np.ndarray, raw: np.ndarray, labels: np.ndarray
+    bundle: BundleInfo, probs: np.ndarray, raw: np.ndarray, labels: np.ndarray
 ) -> dict[str, Any]:
     before = reliability_curve(raw, labels)
     after = reliability_curve(probs, labels)
     recorded = bundle.workbench.get("metrics", {}).get("test", {})
     return {
-        "method": bundle.calibration.method,
+        "method": bundle.workbench["calibration"]["method"],
         "ece_before": expected_calibration_error(raw, labels),
         "ece_after": expected_calibration_error(probs, labels),
         "brier_before": brier_score(raw, labels),
