@@ -148,12 +148,12 @@ def test_reingest_skips_known_files_without_opening_them(
     settings: Settings, source: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ingest(settings, source, progress=False)
-    import workbench.catalog as catalog
+    import workbench.cache as cache
 
     def boom(path: Path, *args: object, **kwargs: object) -> None:
         raise AssertionError(f"{path} was opened again")
 
-    monkeypatch.setattr(catalog, "read_image", boom)
+    monkeypatch.setattr(cache, "read_image", boom)
     again = ingest(settings, source, progress=False, workers=1)
     assert again.ingested == 0 and again.already_present == 24
 

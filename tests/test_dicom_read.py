@@ -906,3 +906,53 @@ def test_signed_data_takes_the_same_values_on_the_fast_path() -> None:
     np.testing.assert_allclose(
         display_pipeline(ds, arr)[0], display_pipeline(ds, arr, fast=False)[0], atol=2e-6
     )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "low", "high", "attrs"),
+    [
+        (np.uint16, 0, 4096, {"WindowCenter": 900, "WindowWidth": 700, "RescaleSlope": 2}),
+        (np.uint16, 0, 4096, {"WindowCenter": 300, "WindowWidth": 1500, "PixelPaddingValue": 0}),
+        (np.int16, -2048, 2048, {"WindowCenter": 40, "WindowWidth": 400}),
+        (
+            np.int16,
+            -2048,
+            2048,
+            {"WindowCenter": 40, "WindowWidth": 400, "PixelPaddingValue": 63488},  # -2048 as US
+        ),
+        (np.uint8, 0, 256, {"WindowCenter": 127.5, "WindowWidth": 200}),
+    ],
+)
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("dtype_out", [np.float32, np.float16])
+def test_the_lookup_table_path_gives_exactly_the_per_pixel_values(
+    dtype: type[np.integer],
+    low: int,
+    high: int,
+    attrs: dict[str, object],
+    photometric: str,
+    dtype_out: type[np.floating],
+) -> None:
+    # 512 x 512: large enough that the pipeline runs once per possible value (a table) and the
+    # image indexes the table; the result must equal running it on every pixel, bit for bit.
+    arr = RNG.integers(low, high, (512, 512)).astype(dtype)
+    arr[:3] = low
+    ds = make_ds(arr, photometric=photometric, bits_stored=8 * arr.itemsize, **attrs)
+    if arr.itemsize == 1:
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+    assert read_module._lut_domain(arr) is not None  # the table is used
+    view = read_module._pipeline_dataset(ds, private=False)
+    direct = read_module._linear_window_fast(view, arr)
+    assert direct is not None
+    mask = read_module._padding_mask(ds, arr)
+    expected = read_module._finish(ds, photometric, direct, mask).astype(dtype_out)
+    table, source = display_pipeline(ds, arr, dtype=dtype_out)
+    assert source == "window" and table.dtype == dtype_out and table.shape == arr.shape
+    np.testing.assert_array_equal(table, expected)
+    if "PixelPaddingValue" in attrs:
+        assert (table[:3] == 0).all()
+    general, _ = display_pipeline(ds, arr, fast=False)
+    np.testing.assert_allclose(
+        table.astype(np.float32), general, atol=1e-3 if dtype_out is np.float16 else 2e-6
+    )

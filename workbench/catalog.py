@@ -1,9 +1,10 @@
 """Ingest DICOM into the catalog; cohorts and patient-level splits.
 
-Ingest reads each header with ``stop_before_pixels`` (cheap: an instance already in the catalog
-is skipped there), decodes the pixels once through the display pipeline, writes the result to
-the decoded-pixel cache (content-addressed ``.npy``), pseudonymises the patient with a keyed
-hash and records patient / study / series / instance. A file that cannot be read is quarantined
+Ingest skips a file already catalogued (same path, size and modification time) without opening
+it, reads each other file once, decodes the pixels through the display pipeline, writes the
+result to the decoded-pixel cache (``.npy`` keyed by the source file's hash and the pipeline
+version), pseudonymises the patient with a keyed hash and records patient / study / series /
+instance. A file that cannot be read is quarantined
 with its reason and the batch goes on. Source files are only ever opened for reading.
 """
 
@@ -27,6 +28,13 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
+from workbench.cache import (
+    Decoded,
+    decode_file,
+    init_worker,
+    write_cache,
+)
+from workbench.cache import cache_path as cached_array_path
 from workbench.config import Settings, pseudonym_key
 
 # One definition of the keyed hash and the patient pseudonym, shared with de-identification.
@@ -36,7 +44,6 @@ from workbench.dicom.read import (
     UnreadableDicomError,
     check_series_geometry,
     read_header,
-    read_image,
 )
 from workbench.store import (
     Cohort,
@@ -103,37 +110,15 @@ class CohortItem:
         return 3 if self.modality in VOLUMETRIC else 2
 
 
-# --- pseudonyms and hashes ------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# --- the decoded-pixel cache ------------------------------------------------------------------
 
 
 def cache_path(settings: Settings, cache_key: str) -> Path:
-    return settings.cache_dir / "pixels" / cache_key[:2] / f"{cache_key}.npy"
+    return cached_array_path(settings.cache_dir, cache_key)
 
 
 def _write_cache(settings: Settings, pixels: np.ndarray) -> str:
-    return _write_cache_dir(settings.cache_dir, pixels)
-
-
-def _write_cache_dir(cache_dir: Path, pixels: np.ndarray) -> str:
-    """Store display-pipeline pixels (float16 in [0, 1]) content-addressed; return the key."""
-    arr = np.ascontiguousarray(pixels, dtype=np.float16)
-    key = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()
-    path = cache_dir / "pixels" / key[:2] / f"{key}.npy"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with tmp.open("wb") as fh:
-            np.save(fh, arr)
-        os.replace(tmp, path)
-    return key
+    return write_cache(settings.cache_dir, pixels)
 
 
 # --- ingest ---------------------------------------------------------------------------------
@@ -181,20 +166,6 @@ def _quarantine(session: Session, path: Path, sha: str | None, reason: str, deta
         row.reason, row.detail, row.file_sha256 = reason, detail[:1000], sha
 
 
-# Modalities that often carry burned-in text: without BurnedInAnnotation = NO they are refused.
-BURNED_IN_MODALITIES = frozenset({"US", "SC", "OT", "XC", "ES", "GM", "SM"})
-
-
-def burned_in_reason(facts: HeaderFacts) -> str | None:
-    """Why an image may show burned-in PHI, or None when its header says it does not."""
-    value = (getattr(facts, "burned_in_annotation", None) or "").upper()
-    if value == "YES":
-        return "BurnedInAnnotation is YES"
-    if not value and facts.modality in BURNED_IN_MODALITIES:
-        return f"BurnedInAnnotation is missing and {facts.modality} images often carry text"
-    return None
-
-
 def _cache_volumes(
     settings: Settings, session: Session, new_facts: dict[str, list[HeaderFacts]]
 ) -> None:
@@ -229,59 +200,9 @@ def _cache_volumes(
         series.volume_cache_key = _write_cache(settings, volume)
 
 
-@dataclass(frozen=True)
-class _Decoded:
-    """What a worker learned about one file (picklable, no database objects)."""
-
-    path: str
-    size: int | None
-    mtime_ns: int | None
-    file_sha256: str | None
-    facts: HeaderFacts | None = None
-    pixel_hash: str | None = None
-    cache_key: str | None = None
-    voi_source: str | None = None
-    reason: str | None = None
-    detail: str = ""
-
-
-def _decode_file(
-    path: str, cache_dir: str, allow_burned_in: bool, max_pixel_bytes: int = 512 * 2**20
-) -> _Decoded:
-    """Read one file once: header facts, display pixels into the cache. Runs in a worker."""
-    p = Path(path)
-    try:
-        st = p.stat()
-        sha = file_sha256(p)
-    except OSError as err:
-        return _Decoded(path, None, None, None, reason="not_readable", detail=str(err))
-    try:
-        image = read_image(p, max_pixel_bytes)
-        why = None if allow_burned_in else burned_in_reason(image.facts)
-        if why:
-            raise UnreadableDicomError("burned_in_annotation", why)
-        key = _write_cache_dir(Path(cache_dir), image.pixels)
-    except UnreadableDicomError as err:
-        reason, detail = err.reason, err.detail
-    except OSError as err:
-        reason, detail = "not_readable", str(err)
-    else:
-        return _Decoded(
-            path,
-            st.st_size,
-            st.st_mtime_ns,
-            sha,
-            facts=image.facts,
-            pixel_hash=image.pixel_hash,
-            cache_key=key,
-            voi_source=image.voi_source,
-        )
-    return _Decoded(path, st.st_size, st.st_mtime_ns, sha, reason=reason, detail=detail)
-
-
 def _decoded_stream(
     paths: Sequence[str], settings: Settings, allow_burned_in: bool, workers: int
-) -> Iterator[_Decoded]:
+) -> Iterator[Decoded]:
     """Decode files in worker processes, results in input order.
 
     Workers are spawned (safe beside torch's threads) by a ProcessPoolExecutor, which fails
@@ -290,7 +211,7 @@ def _decoded_stream(
     spawned workers re-run, would loop).
     """
     job = partial(
-        _decode_file,
+        decode_file,
         cache_dir=str(settings.cache_dir),
         allow_burned_in=allow_burned_in,
         max_pixel_bytes=settings.max_pixel_mb * 2**20,
@@ -300,7 +221,7 @@ def _decoded_stream(
         return
     ctx = multiprocessing.get_context("spawn")
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker) as pool:
             yield from pool.map(job, paths, chunksize=16)
     except BrokenProcessPool as err:
         raise CatalogError(

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import math
 import os
 import re
@@ -55,6 +56,7 @@ from types import TracebackType
 from typing import Any, Literal, cast
 
 import numpy as np
+import numpy.typing as npt
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -133,6 +135,9 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _HEADER_ALLOWANCE = 64 * 2**20
 # Header-only reads leave values larger than this on disk until something asks for them.
 _HEADER_DEFER = 2**20
+# Files up to this size are read into memory once (parse and file hash from the same bytes);
+# larger ones are parsed from disk, their big values loaded only when used.
+_IN_MEMORY_BYTES = 64 * 2**20
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -216,6 +221,8 @@ class DecodedImage:
     pixel_hash: str
     voi_source: str
     rgb: np.ndarray | None = None
+    # sha256 of the whole file, when it was small enough to be read into memory in one piece
+    file_sha256: str | None = None
 
     @property
     def color(self) -> bool:
@@ -276,10 +283,10 @@ class _CappedFile:
 _DEFLATED = str(DeflatedExplicitVRLittleEndian).encode()
 
 
-def _check_inflated_size(path: Path, budget: int) -> None:
+def _check_inflated_size(path: Path, budget: int, data: bytes | None = None) -> None:
     """Refuse a deflated data set that inflates past ``budget`` bytes, before pydicom inflates
     all of it in one ``zlib.decompress`` call (a "zip bomb" would take all memory)."""
-    with _CappedFile(path) as fp:
+    with _open(path, data) as fp:
         if _DEFLATED not in fp.read(16384):
             return
         fp.seek(0)
@@ -353,17 +360,30 @@ def _forced_problems(ds: Dataset) -> list[str]:
     return problems
 
 
+def _open(path: Path, data: bytes | None) -> _CappedFile | io.BytesIO:
+    # A BytesIO never allocates more than what is left of its buffer either.
+    return io.BytesIO(data) if data is not None else _CappedFile(path)
+
+
 def _dcmread(
-    path: Path, *, stop_before_pixels: bool, defer_size: int | None, inflate_budget: int
+    path: Path,
+    *,
+    stop_before_pixels: bool,
+    defer_size: int | None,
+    inflate_budget: int,
+    data: bytes | None = None,
 ) -> Dataset:
     """``dcmread`` with the quarantine rules for files that are not DICOM.
 
     A file without the 128-byte preamble and "DICM" is accepted only if it still parses (forced)
     and has a valid SOPClassUID, positive Rows and Columns, and non-empty PixelData; otherwise
-    it is ``not_dicom``.
+    it is ``not_dicom``. ``data``: the file's bytes, when the caller has read them already
+    (nothing is deferred then: it is all in memory).
     """
-    _check_inflated_size(path, inflate_budget)
-    fp = _CappedFile(path)  # an OSError here (no such file, no permission) is the caller's
+    if data is not None:
+        defer_size = None
+    _check_inflated_size(path, inflate_budget, data)
+    fp = _open(path, data)  # an OSError here (no such file, no permission) is the caller's
     try:
         with fp:
             return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
@@ -375,8 +395,10 @@ def _dcmread(
         ) from exc
     try:
         # full parse (PixelData must be seen), but large values stay on disk until used
-        with _CappedFile(path) as fp:
-            ds = pydicom.dcmread(fp, force=True, defer_size=defer_size or 4096)
+        with _open(path, data) as fp:
+            ds = pydicom.dcmread(
+                fp, force=True, defer_size=None if data is not None else (defer_size or 4096)
+            )
         problems = _forced_problems(ds)
     except Exception as exc:
         raise UnreadableDicomError(
@@ -838,6 +860,7 @@ def read_image(
     max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES,
     *,
     frames: FrameSelection = "volume",
+    dtype: npt.DTypeLike = np.float32,
 ) -> DecodedImage:
     """Read, decode and run the display pipeline on one file.
 
@@ -849,6 +872,7 @@ def read_image(
         frames: ``"volume"`` (every frame: ``(frames, rows, columns)``, or ``(rows, columns)``
             for a single-frame file), ``"first"`` or a 0-based frame index (one frame,
             ``(rows, columns)``). Only the frames asked for are decoded and hashed.
+        dtype: of ``pixels`` (computed in float32; float16 is what the ingest cache stores).
 
     Raises:
         UnreadableDicomError: for anything wrong with the file, with a reason from
@@ -862,7 +886,7 @@ def read_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a broken file's warnings become its reason
-            return _read_image(path, max_pixel_bytes, index)
+            return _read_image(path, max_pixel_bytes, index, np.dtype(dtype))
     except (UnreadableDicomError, _FrameIndexError):
         raise
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
@@ -874,7 +898,9 @@ def read_image(
         raise UnreadableDicomError("decode_error", f"{type(exc).__name__}: {exc}") from exc
 
 
-def _read_image(path: Path, max_pixel_bytes: int, index: int | None) -> DecodedImage:
+def _read_image(
+    path: Path, max_pixel_bytes: int, index: int | None, dtype: np.dtype[Any]
+) -> DecodedImage:
     # A file far larger than its pixel ceiling is refused before it is read at all (encapsulated
     # pixel data of undefined length is read in full, whatever its declared size).
     file_limit = max_pixel_bytes + max_pixel_bytes // 8 + _HEADER_ALLOWANCE
@@ -883,6 +909,9 @@ def _read_image(path: Path, max_pixel_bytes: int, index: int | None) -> DecodedI
         raise UnreadableDicomError(
             "too_large", f"a file of {file_size} bytes > {file_limit} allowed for its pixels"
         )
+    # A file of ordinary size is read once: parsed from memory and hashed from the same bytes.
+    data = path.read_bytes() if file_size <= _IN_MEMORY_BYTES else None
+    file_sha256 = hashlib.sha256(data).hexdigest() if data is not None else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # raises not_dicom itself; a cut file mostly reads "fine" with an end-of-file warning
@@ -891,6 +920,7 @@ def _read_image(path: Path, max_pixel_bytes: int, index: int | None) -> DecodedI
             stop_before_pixels=False,
             defer_size=max_pixel_bytes + 1,
             inflate_budget=max_pixel_bytes + _HEADER_ALLOWANCE,
+            data=data,
         )
     hit_eof = _hit_eof(caught)
 
@@ -959,9 +989,9 @@ def _read_image(path: Path, max_pixel_bytes: int, index: int | None) -> DecodedI
         rgb: np.ndarray | None = None
         if _is_color(ds):
             pixels, rgb = color_display(ds, stored)
-            source = "none"
+            pixels, source = pixels.astype(dtype, copy=False), "none"
         else:
-            pixels, source = display_pipeline(ds, stored)
+            pixels, source = display_pipeline(ds, stored, dtype=dtype)
     except Exception as exc:
         raise UnreadableDicomError(
             "decode_error", f"display pipeline: {type(exc).__name__}: {exc}"
@@ -972,6 +1002,7 @@ def _read_image(path: Path, max_pixel_bytes: int, index: int | None) -> DecodedI
         pixel_hash=pixel_hash(stored, ds),
         voi_source=source,
         rgb=rgb,
+        file_sha256=file_sha256,
     )
 
 
@@ -1034,8 +1065,10 @@ def _pipeline_dataset(ds: Dataset, private: bool = True) -> Dataset:
     return view
 
 
-def _padding_mask(ds: Dataset, arr: np.ndarray) -> np.ndarray | None:
-    """Pixels equal to Pixel Padding Value, or inside [value, range limit] when a limit is given."""
+def _padding_mask(ds: Dataset, arr: np.ndarray, any_: bool = True) -> np.ndarray | None:
+    """Pixels equal to Pixel Padding Value, or inside [value, range limit] when a limit is given.
+
+    None when there is no padding value, or (``any_``) when no pixel is padding."""
     value = _opt_int(_get(ds, "PixelPaddingValue"))
     if value is None:
         return None
@@ -1056,7 +1089,7 @@ def _padding_mask(ds: Dataset, arr: np.ndarray) -> np.ndarray | None:
         limit = as_pixel(limit)
         lo, hi = min(value, limit), max(value, limit)
         mask = (arr >= lo) & (arr <= hi)
-    return mask if mask.any() else None
+    return mask if not any_ or mask.any() else None
 
 
 def _window_ok(view: Dataset) -> bool:
@@ -1178,23 +1211,43 @@ def _linear_window_fast(view: Dataset, arr: np.ndarray) -> np.ndarray | None:
     return cast(np.ndarray, np.nan_to_num(x, copy=False, nan=0.0))
 
 
-def display_pipeline(ds: Dataset, arr: np.ndarray, *, fast: bool = True) -> tuple[np.ndarray, str]:
-    """Stored values -> display values in [0, 1] (float32) and the VOI step used.
+def display_pipeline(
+    ds: Dataset,
+    arr: np.ndarray,
+    *,
+    fast: bool = True,
+    dtype: npt.DTypeLike = np.float32,
+) -> tuple[np.ndarray, str]:
+    """Stored values -> display values in [0, 1] and the VOI step used.
 
     ``voi_source`` is ``"voi_lut"``, ``"window"`` or ``"minmax"``. A colour image has no VOI
     stage: it gives its BT.601 luma (see :func:`color_display`) and ``"none"``. ``ds`` is not
-    modified. ``fast=False`` forces pydicom's general path (tests compare the two).
+    modified. ``fast=False`` forces pydicom's general path (tests compare the two). The values
+    are computed in float32 and returned as ``dtype`` (float16 for the cache: the same values
+    as casting the float32 result).
     """
     arr = np.asarray(arr)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if _is_color(ds):
-        return color_display(ds, arr)[0], "none"
+        return color_display(ds, arr)[0].astype(dtype, copy=False), "none"
 
-    mask = _padding_mask(ds, arr)
     if fast:  # the fast path only reads the attributes: no private copy needed
-        quick = _linear_window_fast(_pipeline_dataset(ds, private=False), arr)
-        if quick is not None:
-            return _finish(ds, photometric, quick, mask), "window"
+        fast_view = _pipeline_dataset(ds, private=False)
+        domain = _lut_domain(arr)
+        if domain is not None:
+            # Every step is a function of the stored value alone: run it once per possible
+            # value (a table of at most 65,536 entries) and index the table with the image.
+            values, index = domain
+            table = _linear_window_fast(fast_view, values)
+            if table is not None:
+                table = _finish(ds, photometric, table, _padding_mask(ds, values, any_=False))
+                return np.take(table.astype(dtype, copy=False), index), "window"
+        else:
+            quick = _linear_window_fast(fast_view, arr)
+            if quick is not None:
+                shown = _finish(ds, photometric, quick, _padding_mask(ds, arr))
+                return shown.astype(dtype, copy=False), "window"
+    mask = _padding_mask(ds, arr)
     view = _pipeline_dataset(ds)
     modality = apply_modality_lut(arr, view)
 
@@ -1229,7 +1282,30 @@ def display_pipeline(ds: Dataset, arr: np.ndarray, *, fast: bool = True) -> tupl
         vals = modality[valid]
         lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 0.0)
         out = _unit_range(np.nan_to_num(modality, nan=lo), lo, hi)
-    return _finish(ds, photometric, out, mask), source
+    return _finish(ds, photometric, out, mask).astype(dtype, copy=False), source
+
+
+def _lut_domain(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(every value the stored pixels can take, the index of each pixel into those values),
+    when a table over the values is much smaller than the image; otherwise None.
+
+    8-bit data: 256 values. Unsigned 16-bit: 0..max (4,096 for 12-bit data). Signed 16-bit:
+    all 65,536, indexed through the unsigned view of the same bits.
+    """
+    if arr.dtype.kind not in "ui" or arr.dtype.itemsize > 2:
+        return None
+    unsigned = np.dtype(f"u{arr.dtype.itemsize}").newbyteorder("=")
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
+        size = int(arr.max(initial=0)) + 1
+    else:
+        size = 2 ** (8 * arr.dtype.itemsize)
+    if size * 4 > arr.size:
+        return None
+    values = np.arange(size, dtype=unsigned)
+    if arr.dtype.kind == "i":
+        return values.view(arr.dtype), arr.view(unsigned)
+    return values, arr
 
 
 def _finish(ds: Dataset, photometric: str, out: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
