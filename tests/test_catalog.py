@@ -280,3 +280,36 @@ def test_a_file_above_the_pixel_ceiling_is_quarantined_as_too_large(
     assert summary.ingested == 0 and summary.quarantined == 24
     with session_scope(settings.database_url) as s:
         assert {q.reason for q in s.scalars(select(Quarantine))} == {"too_large"}
+
+
+@pytest.mark.parametrize(
+    ("frames", "shape", "quarantined"),
+    [("volume", (3, 8, 10), 0), ("first", (8, 10), 0), ("2", (8, 10), 0), ("5", None, 1)],
+)
+def test_multi_frame_files_are_cached_as_the_frames_asked_for(
+    tmp_path: Path, frames: str, shape: tuple[int, ...] | None, quarantined: int
+) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from tests.test_dicom_read import make_ds, save, stored_12bit
+    from workbench.catalog import cache_path
+
+    folder = tmp_path / "mf"
+    folder.mkdir()
+    stored = stored_12bit((3, 8, 10))
+    ds = make_ds(stored, WindowCenter=2048, WindowWidth=4096, BurnedInAnnotation="NO")
+    save(ds, folder / "mf.dcm")
+    settings = dataclasses.replace(make_settings(tmp_path / "home"), frames=frames)
+    summary = ingest(settings, folder, progress=False, workers=1)
+    assert summary.quarantined == quarantined
+    with session_scope(settings.database_url) as s:
+        if quarantined:
+            assert "no frame 5" in s.scalars(select(Quarantine.detail)).one()
+            return
+        key = s.scalars(select(Instance.cache_key)).one()
+    cached = np.load(cache_path(settings, key))
+    assert cached.shape == shape and cached.dtype == np.float16
+    expected = (stored[2] if frames == "2" else stored[0]) / 4095.0
+    np.testing.assert_allclose(cached if cached.ndim == 2 else cached[0], expected, atol=1e-3)

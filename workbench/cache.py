@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.dicom.read import HeaderFacts, UnreadableDicomError, read_image
+from workbench.dicom.read import FrameSelection, HeaderFacts, UnreadableDicomError, read_image
 
 
 def cache_path(cache_dir: Path, cache_key: str) -> Path:
@@ -33,13 +33,14 @@ def file_sha256(path: Path) -> str:
 CACHE_FORMAT = "display-pipeline-1/float16/all-frames"
 
 
-def file_cache_key(file_sha: str) -> str:
-    """The cache key of a file's display pixels: its content hash and :data:`CACHE_FORMAT`.
+def file_cache_key(file_sha: str, frames: str = "volume") -> str:
+    """The cache key of a file's display pixels: its content hash, the frames taken (see
+    ``Settings.frames``) and :data:`CACHE_FORMAT`.
 
     Keyed by the input rather than by hashing the output: the pipeline is a function of the
     file's bytes, and hashing 512 KiB of output again was a tenth of an ingest's time.
     """
-    return hashlib.sha256(f"{CACHE_FORMAT}|{file_sha}".encode()).hexdigest()
+    return hashlib.sha256(f"{CACHE_FORMAT}|{frames}|{file_sha}".encode()).hexdigest()
 
 
 def write_cache(cache_dir: Path, pixels: np.ndarray, key: str | None = None) -> str:
@@ -93,24 +94,34 @@ class Decoded:
 
 
 def decode_file(
-    path: str, cache_dir: str, allow_burned_in: bool, max_pixel_bytes: int = 512 * 2**20
+    path: str,
+    cache_dir: str,
+    allow_burned_in: bool,
+    max_pixel_bytes: int = 512 * 2**20,
+    frames: str = "volume",
 ) -> Decoded:
-    """Read one file once: header facts, display pixels into the cache. Runs in a worker."""
+    """Read one file once: header facts, display pixels into the cache. Runs in a worker.
+
+    ``frames``: "volume", "first" or a frame index as text (``Settings.frames``).
+    """
+    selection: FrameSelection = int(frames) if frames.isdigit() else frames  # type: ignore[assignment]
     p = Path(path)
     try:
         st = p.stat()
     except OSError as err:
         return Decoded(path, None, None, None, reason="not_readable", detail=str(err))
     try:
-        image = read_image(p, max_pixel_bytes, dtype=np.float16)  # the cache's dtype
+        image = read_image(p, max_pixel_bytes, frames=selection, dtype=np.float16)
         why = None if allow_burned_in else burned_in_reason(image.facts)
         if why:
             raise UnreadableDicomError("burned_in_annotation", why)
         # read_image hashed the bytes it read, unless the file was too big to read at once
         sha = image.file_sha256 or file_sha256(p)
-        key = write_cache(Path(cache_dir), image.pixels, file_cache_key(sha))
+        key = write_cache(Path(cache_dir), image.pixels, file_cache_key(sha, frames))
     except UnreadableDicomError as err:
         reason, detail = err.reason, err.detail
+    except IndexError as err:  # the frame asked for is not in this file
+        reason, detail = "missing_attribute", f"no frame {frames}: {err}"
     except OSError as err:
         reason, detail = "not_readable", str(err)
     else:

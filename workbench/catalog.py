@@ -215,6 +215,7 @@ def _decoded_stream(
         cache_dir=str(settings.cache_dir),
         allow_burned_in=allow_burned_in,
         max_pixel_bytes=settings.max_pixel_mb * 2**20,
+        frames=settings.frames,
     )
     if workers <= 1 or len(paths) < 32:
         yield from map(job, paths)

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         help="accept images that may carry burned-in text (BurnedInAnnotation YES or missing "
         "for US, SC, OT...)",
     )
+    s.add_argument(
+        "--frames",
+        metavar="volume|first|N",
+        help="multi-frame files: every frame as one volume (default), the first frame, or "
+        "frame N (0-based); or WORKBENCH_FRAMES",
+    )
 
     s.add_argument(
         "--deid-to",
@@ -171,6 +177,10 @@ def cmd_ingest(a: argparse.Namespace) -> None:
     settings = _settings()
     if a.max_pixel_mb:
         settings = dataclasses.replace(settings, max_pixel_mb=a.max_pixel_mb)
+    if a.frames:
+        from workbench.config import check_frames
+
+        settings = dataclasses.replace(settings, frames=check_frames(a.frames))
     if a.dicomweb:
         from workbench.dicom.dicomweb import load_credentials
         from workbench.pull import pull_dicomweb

@@ -29,6 +29,9 @@ class Settings:
     # Ceiling on one file's declared pixel data: larger files are quarantined (too_large)
     # before anything is allocated for them.
     max_pixel_mb: int = 512
+    # Multi-frame files at ingest: "volume" (every frame, one 3D array), "first", or a 0-based
+    # frame index as text ("12"); a file without that frame is quarantined.
+    frames: str = "volume"
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -52,6 +55,8 @@ def get_settings() -> Settings:
         max_pixel_mb = int(os.environ.get("WORKBENCH_MAX_PIXEL_MB", "512"))
     except ValueError as err:
         raise ValueError("WORKBENCH_MAX_PIXEL_MB must be a whole number of MiB") from err
+    frames = os.environ.get("WORKBENCH_FRAMES", "volume")
+    check_frames(frames)
     return Settings(
         home=home,
         database_url=url,
@@ -60,7 +65,15 @@ def get_settings() -> Settings:
         device=device,  # type: ignore[arg-type]
         precision=precision,  # type: ignore[arg-type]
         max_pixel_mb=max_pixel_mb,
+        frames=frames,
     )
+
+
+def check_frames(frames: str) -> str:
+    """``frames`` if it is "volume", "first" or a frame index; otherwise ValueError."""
+    if frames in ("volume", "first") or (frames.isdigit() and frames.isascii()):
+        return frames
+    raise ValueError(f"frames must be volume, first or a 0-based frame index, not {frames!r}")
 
 
 def pseudonym_key(settings: Settings) -> bytes:
