@@ -1,0 +1,235 @@
+"""Split conformal prediction sets: APS and RAPS for single-label problems, per label for
+multi-label ones, with the fitted threshold stored as data.
+
+A prediction set is the list of classes that, over studies like the calibration split, contains
+the true class with probability at least ``coverage`` (default 90%). The score is the adaptive
+prediction set score of Romano et al. 2020 (APS), optionally with the regularisation of
+Angelopoulos et al. 2021 (RAPS: a penalty ``lam`` per class beyond the ``k_reg``-th), the
+threshold the ``ceil((n+1)(1-alpha))/n`` quantile of the calibration scores.
+
+Written here rather than taken from MAPIE: MAPIE fits through an estimator object and keeps the
+fitted state in that object, while a bundle must hold the threshold as a few numbers that
+``predict`` reads back without unpickling anything. The formulas follow the reference code of
+Angelopoulos et al. (``conformal_classification``); the tests check coverage empirically.
+
+Randomisation (which makes coverage exact rather than conservative) uses one uniform number per
+study; :func:`study_uniform` derives it from the study key, so a study always gets the same set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+Method = Literal["aps", "raps"]
+DEFAULT_COVERAGE = 0.9
+
+
+def study_uniform(study_key: str, salt: str = "conformal") -> float:
+    """A number in [0, 1) fixed by the study key: the randomisation of its prediction set."""
+    digest = hashlib.sha256(f"{salt}|{study_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _sorted(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: classes by decreasing probability (N, K), those probabilities, their cumsum."""
+    order = np.argsort(-probs, axis=1, kind="stable")
+    ordered = np.take_along_axis(probs, order, axis=1)
+    return order, ordered, np.cumsum(ordered, axis=1)
+
+
+def _penalties(k: int, lam: float, k_reg: int) -> np.ndarray:
+    """RAPS penalty of each rank (0-based): ``lam`` from rank ``k_reg`` on, cumulated."""
+    pen = np.zeros(k)
+    pen[k_reg:] = lam
+    return np.cumsum(pen)
+
+
+@dataclass(frozen=True)
+class ConformalSets:
+    """A fitted split-conformal predictor for one single-label problem."""
+
+    method: Method
+    coverage: float
+    qhat: float
+    n_calibration: int
+    lam: float = 0.0
+    k_reg: int = 0
+    randomized: bool = True
+
+    def scores(self, probs: np.ndarray, labels: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """The conformity score of each (probabilities, true label) row: the probability mass
+        of the classes ranked above the true one, plus (randomised) a uniform share ``u`` of
+        the true class's own, plus the RAPS penalty up to its rank."""
+        probs = np.asarray(probs, dtype=np.float64)
+        order, ordered, cumsum = _sorted(probs)
+        pen = _penalties(probs.shape[1], self.lam, self.k_reg)
+        rank = np.argmax(order == np.asarray(labels)[:, None], axis=1)  # 0-based rank of truth
+        rows = np.arange(len(probs))
+        full = cumsum[rows, rank] + pen[rank]
+        if not self.randomized:
+            return full
+        above = cumsum[rows, rank] - ordered[rows, rank]
+        return above + np.asarray(u) * ordered[rows, rank] + pen[rank]
+
+    def predict(self, probs: np.ndarray, u: np.ndarray | None = None) -> list[list[int]]:
+        """The prediction set of each row (class indices, most probable first), never empty.
+
+        A class is in the set exactly when its score (as in :meth:`scores`, same ``u``) is
+        within the threshold, which is what makes the coverage hold.
+        """
+        probs = np.asarray(probs, dtype=np.float64)
+        n, k = probs.shape
+        u = np.full(n, 0.5) if u is None else np.asarray(u, dtype=np.float64)
+        order, ordered, cumsum = _sorted(probs)
+        pen = _penalties(k, self.lam, self.k_reg)
+        sizes = np.minimum(((cumsum + pen[None, :]) <= self.qhat).sum(axis=1) + 1, k)
+        if self.randomized:
+            rows, last = np.arange(n), sizes - 1
+            room = self.qhat - (cumsum[rows, last] - ordered[rows, last]) - pen[last]
+            keep_last = u * ordered[rows, last] < room
+            sizes = sizes - (~keep_last).astype(int)
+        # randomisation can leave a very confident study with no class; it is shown its top
+        # class instead (that can only raise the coverage: the tests measure by how much)
+        sizes = np.maximum(sizes, 1)
+        return [order[i, : sizes[i]].tolist() for i in range(n)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ConformalSets:
+        return cls(
+            method=d["method"],
+            coverage=float(d["coverage"]),
+            qhat=float(d["qhat"]),
+            n_calibration=int(d["n_calibration"]),
+            lam=float(d.get("lam", 0.0)),
+            k_reg=int(d.get("k_reg", 0)),
+            randomized=bool(d.get("randomized", True)),
+        )
+
+
+def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
+    """The ``ceil((n+1) coverage) / n`` empirical quantile (``inf`` when n is too small)."""
+    n = len(scores)
+    level = math.ceil((n + 1) * coverage) / n if n else math.inf
+    if level > 1:
+        return math.inf
+    return float(np.quantile(scores, level, method="higher"))
+
+
+def fit_conformal(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    coverage: float = DEFAULT_COVERAGE,
+    method: Method = "aps",
+    u: np.ndarray | None = None,
+    lam: float = 0.01,
+    k_reg: int = 1,
+    randomized: bool = True,
+) -> ConformalSets:
+    """Fit the set threshold on calibration probabilities (N, K) and true labels (N,).
+
+    Args:
+        coverage: the target probability that a set holds the true class.
+        method: ``"aps"`` or ``"raps"`` (``lam``, ``k_reg`` apply to RAPS only).
+        u: one uniform number per row (see :func:`study_uniform`); default 0.5 for all.
+    """
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage must be between 0 and 1, not {coverage}")
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    u = np.full(len(probs), 0.5) if u is None else np.asarray(u, dtype=np.float64)
+    lam, k_reg = (lam, k_reg) if method == "raps" else (0.0, 0)
+    draft = ConformalSets(method, coverage, 0.0, len(probs), lam, k_reg, randomized)
+    qhat = conformal_quantile(draft.scores(probs, labels, u), coverage)
+    if not math.isfinite(qhat):
+        raise ValueError(
+            f"{len(probs)} calibration studies are too few for {coverage:.0%} coverage "
+            f"(at least {math.ceil(coverage / (1 - coverage))} needed)"
+        )
+    return ConformalSets(method, coverage, qhat, len(probs), lam, k_reg, randomized)
+
+
+@dataclass(frozen=True)
+class MultiLabelConformal:
+    """One conformal predictor per label of a multi-label problem, each over {absent, present}.
+
+    A label's set is {present}, {absent} or both (undecided); coverage holds per label.
+    """
+
+    labels: tuple[str, ...]
+    per_label: tuple[ConformalSets, ...]
+
+    def predict(self, probs: np.ndarray, u: np.ndarray | None = None) -> list[dict[str, str]]:
+        """Per row: label -> "present", "absent" or "uncertain"."""
+        probs = np.asarray(probs, dtype=np.float64)
+        out: list[dict[str, str]] = [{} for _ in range(len(probs))]
+        for j, (name, cp) in enumerate(zip(self.labels, self.per_label, strict=True)):
+            two = np.stack([1 - probs[:, j], probs[:, j]], axis=1)
+            for i, s in enumerate(cp.predict(two, u)):
+                out[i][name] = "uncertain" if len(s) == 2 else ("present" if s[0] else "absent")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": list(self.labels), "per_label": [c.to_dict() for c in self.per_label]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MultiLabelConformal:
+        return cls(tuple(d["labels"]), tuple(ConformalSets.from_dict(c) for c in d["per_label"]))
+
+
+def fit_multilabel_conformal(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    names: Sequence[str],
+    coverage: float = DEFAULT_COVERAGE,
+    u: np.ndarray | None = None,
+) -> MultiLabelConformal:
+    """Per-label APS over {absent, present} from probabilities (N, L) and 0/1 targets (N, L)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets).astype(np.int64)
+    fitted = []
+    for j in range(probs.shape[1]):
+        two = np.stack([1 - probs[:, j], probs[:, j]], axis=1)
+        fitted.append(fit_conformal(two, targets[:, j], coverage, "aps", u))
+    return MultiLabelConformal(tuple(names), tuple(fitted))
+
+
+def coverage_summary(
+    sets: Sequence[Sequence[int]],
+    labels: Sequence[int],
+    groups: Mapping[str, Sequence[str | None]] | None = None,
+) -> dict[str, Any]:
+    """Empirical coverage and mean set size, overall and per subgroup value.
+
+    ``groups`` maps a subgroup name (e.g. "site") to one value per study.
+    """
+    hit = np.array([int(y) in s for s, y in zip(sets, labels, strict=True)], dtype=float)
+    size = np.array([len(s) for s in sets], dtype=float)
+    out: dict[str, Any] = {
+        "n": len(hit),
+        "coverage": float(hit.mean()) if len(hit) else None,
+        "mean_set_size": float(size.mean()) if len(size) else None,
+        "subgroups": {},
+    }
+    for name, values in (groups or {}).items():
+        idx: dict[str, list[int]] = defaultdict(list)
+        for i, v in enumerate(values):
+            idx["unknown" if v is None else str(v)].append(i)
+        out["subgroups"][name] = {
+            v: {
+                "n": len(ii),
+                "coverage": float(hit[ii].mean()),
+                "mean_set_size": float(size[ii].mean()),
+            }
+            for v, ii in sorted(idx.items())
+        }
+    return out
