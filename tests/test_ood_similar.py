@@ -1,0 +1,99 @@
+"""Out-of-distribution flags and similar-case retrieval on embeddings with known structure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workbench.ood import HeaderProfile, OODDetector, StudyHeader, false_flag_rate
+from workbench.similar import EmbeddingIndex, precision_at_k
+
+CLASSES = ("normal", "nodule", "effusion")
+
+
+def _clusters(n: int, rng: np.random.Generator, dim: int = 64):
+    """Three classes as clusters around fixed directions (ReLU-like, non-negative features)."""
+    centres = np.abs(np.random.default_rng(99).normal(0, 1, (3, dim)))
+    labels = rng.integers(0, 3, n)
+    x = centres[labels] + rng.normal(0, 0.35, (n, dim))
+    return np.maximum(x, 0), [CLASSES[i] for i in labels]
+
+
+DX = StudyHeader("DX", ("CHEST",), ("MONOCHROME2",), 2, ((512, 512),))
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[EmbeddingIndex, OODDetector, np.random.Generator]:
+    rng = np.random.default_rng(0)
+    train, train_labels = _clusters(600, rng)
+    held_out, _ = _clusters(300, rng)
+    index = EmbeddingIndex(train, [f"S{i:011d}" for i in range(600)], train_labels)
+    profile = HeaderProfile.fit(
+        [DX, StudyHeader("DX", ("CHEST",), ("MONOCHROME1",), 2, ((480, 400),))]
+    )
+    return index, OODDetector(profile).fit(index, train, held_out), rng
+
+
+def test_similar_studies_share_the_query_label_well_above_chance(fitted) -> None:
+    index, _, rng = fitted
+    test, labels = _clusters(200, rng)
+    p_at_5 = precision_at_k(index, test, labels, k=5)
+    assert p_at_5 > 0.9  # chance is about 1/3
+    found = index.query(test[:1], k=3)[0]
+    assert len(found) == 3 and found[0].similarity >= found[-1].similarity
+
+
+def test_a_study_can_be_left_out_of_its_own_neighbours(fitted) -> None:
+    index, _, _ = fitted
+    own = index.embeddings[:1]
+    assert index.query(own, k=1)[0][0].study_key == index.study_keys[0]
+    assert all(
+        n.study_key != index.study_keys[0] for n in index.query(own, 5, [index.study_keys[0]])[0]
+    )
+
+
+def test_noise_and_another_modality_are_flagged_and_in_distribution_mostly_not(fitted) -> None:
+    index, det, rng = fitted
+    test, _ = _clusters(500, rng)
+    results = det.assess(index, test, [DX] * len(test))
+    assert false_flag_rate(results) <= 0.03
+    noise = np.abs(rng.normal(0, 1, (20, 64)))
+    assert all(r.flagged for r in det.assess(index, noise, [DX] * 20))
+    ct = StudyHeader("CT", ("CHEST",), ("MONOCHROME2",), 3, ((512, 512),))
+    result = det.assess(index, test[:1], [ct])[0]
+    assert result.flagged and any("modality CT" in r for r in result.reasons)
+    assert any("3D input" in r for r in result.reasons)
+
+
+def test_header_profile_names_what_is_unlike_training() -> None:
+    profile = HeaderProfile.fit([DX])
+    assert profile.reasons(DX) == []
+    odd = StudyHeader("DX", ("KNEE",), ("RGB",), 2, ((64, 64),))
+    reasons = " | ".join(profile.reasons(odd))
+    assert "body part KNEE" in reasons and "RGB" in reasons and "64x64" in reasons
+
+
+def test_mahalanobis_score_also_separates_noise(fitted) -> None:
+    index, _, rng = fitted
+    train = index.embeddings
+    held_out, _ = _clusters(300, rng)
+    det = OODDetector(HeaderProfile.fit([DX]), method="mahalanobis").fit(index, train, held_out)
+    test, _ = _clusters(300, rng)
+    assert false_flag_rate(det.assess(index, test, [DX] * 300)) <= 0.04
+    noise = np.abs(rng.normal(0, 1, (20, 64)))
+    assert all(r.flagged for r in det.assess(index, noise, [DX] * 20))
+    again = OODDetector.from_dict(json.loads(json.dumps(det.to_dict())), det.arrays())
+    np.testing.assert_allclose(again.scores(index, noise), det.scores(index, noise), rtol=1e-5)
+
+
+def test_index_and_detector_round_trip_as_plain_data(fitted, tmp_path: Path) -> None:
+    index, det, rng = fitted
+    index.save(tmp_path / "index.npz")
+    loaded = EmbeddingIndex.load(tmp_path / "index.npz")
+    queries, _ = _clusters(10, rng)
+    assert loaded.query(queries, 4) == index.query(queries, 4)
+    again = OODDetector.from_dict(json.loads(json.dumps(det.to_dict())))
+    assert again.assess(loaded, queries, [DX] * 10) == det.assess(index, queries, [DX] * 10)
