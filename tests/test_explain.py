@@ -7,9 +7,17 @@ import pytest
 import torch
 from monai.networks.nets import DenseNet, DenseNet121
 
-from workbench.explain import gradcam_layer, overlay, saliency
+from workbench.explain import (
+    deletion_insertion,
+    gradcam_layer,
+    map_similarity,
+    overlay,
+    randomized_copy,
+    saliency,
+    sanity_checks,
+)
 
-METHODS = ("gradcam", "ig", "occlusion")
+METHODS = ("gradcam", "ig", "occlusion", "gradient")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -127,10 +135,12 @@ def _square_batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tenso
     return x, y
 
 
-def test_gradcam_localises_the_evidence() -> None:
+@pytest.fixture(scope="module")
+def square_model() -> torch.nn.Module:
+    """A small MONAI DenseNet (same layer names as DenseNet121; 8x8 final feature map) trained
+    to tell images with a bright square in the top-left corner from those without."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    # a small MONAI DenseNet (same layer names as DenseNet121; 8x8 final feature map)
     model = DenseNet(
         spatial_dims=2,
         in_channels=1,
@@ -147,8 +157,12 @@ def test_gradcam_localises_the_evidence() -> None:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    model.eval()
-    x, y = _square_batch(32, g)
+    return model.eval()
+
+
+def test_gradcam_localises_the_evidence(square_model: torch.nn.Module) -> None:
+    model = square_model
+    x, y = _square_batch(32, torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(x).argmax(1) == y).float().mean() > 0.9
     half, quadrant = [], []
@@ -158,6 +172,54 @@ def test_gradcam_localises_the_evidence() -> None:
         quadrant.append(s[:32, :32].sum() / s.sum())
     assert np.mean(half) > 0.75 and np.min(half) > 0.6
     assert np.mean(quadrant) > 0.6  # a quarter of the image holds most of the map
+
+
+def test_randomised_weights_change_the_maps_and_maps_beat_chance_at_deletion(
+    square_model: torch.nn.Module,
+) -> None:
+    x, y = _square_batch(32, torch.Generator().manual_seed(2))
+    images = [img[None] for img in x[y == 1][:6]]
+    report = sanity_checks(square_model, images, [1] * len(images), ("gradcam", "gradient"))
+    for method, r in report.items():
+        # Adebayo et al.: a map that survives re-initialising the weights explains nothing
+        assert r["randomized_model_rank_corr"] < 0.5, (method, r)
+        assert r["deletion_auc"] < r["random_deletion_auc"], (method, r)
+        assert r["insertion_auc"] > r["random_insertion_auc"], (method, r)
+        assert r["n_images"] == len(images)
+    # the same model gives the same map: the check is not noise
+    heat = saliency(square_model, images[0], 1, "gradcam")
+    assert map_similarity(heat, saliency(square_model, images[0], 1, "gradcam")) == 1.0
+
+
+def test_randomized_copy_leaves_the_model_alone(square_model: torch.nn.Module) -> None:
+    before = {k: v.clone() for k, v in square_model.state_dict().items()}
+    clone = randomized_copy(square_model, seed=3)
+    after = square_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    changed = [
+        k
+        for k, v in clone.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, before[k])
+    ]
+    assert any("classifier" in k or "class_layers" in k for k in changed) and len(changed) > 10
+
+
+def test_deletion_of_the_evidence_drops_the_probability(square_model: torch.nn.Module) -> None:
+    x, y = _square_batch(16, torch.Generator().manual_seed(4))
+    image = x[y == 1][:1]
+    truth = np.zeros((64, 64))
+    truth[2:18, 2:18] = 1.0  # where the generator drew the square
+    good = deletion_insertion(square_model, image, truth, 1)
+    bad = deletion_insertion(square_model, image, 1.0 - truth, 1)
+    assert good[0] < bad[0] and good[1] > bad[1]
+
+
+def test_bf16_maps_agree_with_fp32(square_model: torch.nn.Module) -> None:
+    x, y = _square_batch(8, torch.Generator().manual_seed(5))
+    image = x[y == 1][:1]
+    a = saliency(square_model, image, 1, "gradcam")
+    b = saliency(square_model, image, 1, "gradcam", precision="bf16")
+    assert map_similarity(a, b) > 0.9
 
 
 def test_overlay() -> None:
