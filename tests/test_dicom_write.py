@@ -173,6 +173,9 @@ def test_stow_stores_the_report_and_overlay_and_wado_gives_them_back(
         s["0020000E"]["Value"][0] for s in client.search_for_series(study_instance_uid=study_uid)
     }
     assert {sr.SeriesInstanceUID, sc.SeriesInstanceUID} < series
+    # sending the same objects again leaves one copy of each
+    assert set(store_instances(client, [sr, sc]).stored) == {sr.SOPInstanceUID, sc.SOPInstanceUID}
+    assert len(client.search_for_instances(study_uid, sr.SeriesInstanceUID)) == 1
 
     for name, obj in (("sr", got_sr), ("sc", got_sc)):
         lines = _dciodvfy(obj, tmp_path / f"{name}.dcm")

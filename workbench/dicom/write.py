@@ -212,6 +212,13 @@ def build_measurement_report(
         is_verified=False,
         series_description=SR_SERIES_DESCRIPTION,
     )
+    # Identify the local coding scheme (PS3.3 C.12.1.1.2: a private scheme should be listed).
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = "Workbench local codes"
+    scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+    listed = list(sr.get("CodingSchemeIdentificationSequence", None) or [])
+    sr.CodingSchemeIdentificationSequence = [*listed, scheme]
     return sr
 
 
