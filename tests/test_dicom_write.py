@@ -21,6 +21,7 @@ from tests.orthanc import OrthancServer, orthanc_server
 from workbench.dicom.dicomweb import (
     Credentials,
     DicomwebError,
+    ServerUnreachableError,
     connect,
     store_instances,
 )
@@ -147,6 +148,31 @@ def test_dciodvfy_finds_no_errors_in_the_report_or_the_overlay(
         assert errors == [], f"{name}: {errors}"
 
 
+def test_stow_reports_instances_the_server_refused_without_naming_them(
+    study: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sr, sc = _objects(study)
+    client = connect("http://127.0.0.1:9/dicom-web", None)
+    failed = Dataset()
+    failed.ReferencedSOPInstanceUID = sc.SOPInstanceUID
+    failed.FailureReason = 0xA700
+    answer = Dataset()
+    answer.FailedSOPSequence = [failed]
+    monkeypatch.setattr(client, "store_instances", lambda datasets: answer)
+    with pytest.raises(DicomwebError, match=r"refused 1 of 2 \(failure reason 0xA700\)") as err:
+        store_instances(client, [sr, sc])
+    assert sc.SOPInstanceUID not in str(err.value)
+
+
+def test_stow_to_a_server_that_is_not_there_is_a_clear_error(study: list[Path]) -> None:
+    from tests.orthanc import free_port
+
+    sr, _ = _objects(study)
+    client = connect(f"http://127.0.0.1:{free_port()}/dicom-web", None, retries=0)
+    with pytest.raises(ServerUnreachableError, match="cannot reach the DICOMweb server"):
+        store_instances(client, [sr])
+
+
 # --- STOW and back --------------------------------------------------------------------------
 
 
@@ -240,7 +266,15 @@ def test_send_stores_the_latest_prediction_of_a_study_and_audits_it(
         content = read_measurement_report(sr)
         assert content.probabilities == pytest.approx(probabilities)
         assert content.algorithm_name == pipeline.model
-        assert any(uid == SECONDARY_CAPTURE for uid, _ in by_class)
+        sc_items = [i for uid, i in by_class if uid == SECONDARY_CAPTURE]
+        assert len(sc_items) == 2  # one overlay per explained view (PA and lateral)
+        sc = client.retrieve_instance(
+            study_uid, sc_items[0]["0020000E"]["Value"][0], sc_items[0]["00080018"]["Value"][0]
+        )
+        assert sc.BurnedInAnnotation == "YES" and sc.PatientID == sr.PatientID
+        for name, obj in (("sr", sr), ("sc", sc)):
+            lines = _dciodvfy(obj, tmp_path / f"cli-{name}.dcm")
+            assert [line for line in lines if line.startswith("Error")] == [], name
     with session_scope(settings.database_url) as session:
         events = session.scalars(
             select(AuditEvent).where(AuditEvent.action == "send_to_pacs")
