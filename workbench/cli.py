@@ -139,6 +139,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cohort", required=True)
     s.add_argument("--out", type=Path, required=True)
 
+    s = sub.add_parser(
+        "send",
+        help="send predictions back to the PACS (DICOM SR + heat-map overlays, STOW-RS)",
+        description="For the latest prediction of each selected study: a TID 1500 SR of the "
+        "calibrated probabilities and a secondary capture of each heat-map overlay, in new "
+        "series of the same study, marked unverified (not for diagnostic use until a clinician "
+        "verifies them). Credentials as for ingest --dicomweb: WORKBENCH_DICOMWEB_USER and "
+        "WORKBENCH_DICOMWEB_PASSWORD, or WORKBENCH_DICOMWEB_CREDENTIALS; never the command line.",
+    )
+    s.add_argument("--dicomweb", metavar="URL", required=True, help="a DICOMweb service root")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--study", metavar="KEY", nargs="+", help="study keys to send")
+    g.add_argument("--all", action="store_true", help="every study with a stored prediction")
+    s.add_argument("--model", help="only predictions of this model (NAME or NAME/VERSION)")
+
     s = sub.add_parser("app", help="start the review app (Streamlit)")
     s.add_argument("--port", type=int, default=8501)
     s.add_argument("--address", default="127.0.0.1")
@@ -392,6 +407,24 @@ def cmd_report(a: argparse.Namespace) -> None:
     print("report: " + ", ".join(str(p) for p in paths))
 
 
+def cmd_send(a: argparse.Namespace) -> None:
+    from workbench.dicom.dicomweb import load_credentials
+    from workbench.send import send_results
+
+    summary = send_results(
+        _settings(),
+        a.dicomweb,
+        load_credentials(),
+        study_keys=None if a.all else a.study,
+        model=a.model,
+    )
+    print(summary.line())
+    if summary.failed:
+        for failure in summary.failed:
+            print(f"  not sent: {failure}", file=sys.stderr)
+        raise RuntimeError(f"{len(summary.failed)} studies were not sent")
+
+
 def _streamlit_cmd(port: int, address: str) -> list[str]:
     app = Path(__file__).resolve().parent.parent / "streamlit_app.py"
     return [
@@ -473,6 +506,7 @@ COMMANDS = {
     "train": cmd_train,
     "predict": cmd_predict,
     "report": cmd_report,
+    "send": cmd_send,
     "app": cmd_app,
     "demo": cmd_demo,
 }

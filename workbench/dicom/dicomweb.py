@@ -1,4 +1,4 @@
-"""A DICOMweb client for pulling studies from a PACS: QIDO-RS to find, WADO-RS to retrieve.
+"""A DICOMweb client for a PACS: QIDO-RS to find, WADO-RS to retrieve, STOW-RS to store results.
 
 Built on ``dicomweb_client.DICOMwebClient``; this module adds what a workbench needs around it:
 credentials from the environment or a private file (never the command line), a session with
@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,3 +335,43 @@ def retrieve_study(client: DICOMwebClient, study_uid: str, dest: Path) -> int:
             os.replace(tmp, dest / name)
             written.add(name)
     return len(written)
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What the server says of a STOW-RS request: the SOPInstanceUIDs it stored."""
+
+    stored: tuple[str, ...]
+
+
+def store_instances(client: DICOMwebClient, datasets: Sequence[pydicom.Dataset]) -> StoreResult:
+    """STOW-RS: store ``datasets`` (complete instances, each with its file meta) on the server.
+
+    One request for all of them. Raises :class:`DicomwebError` when the request fails or when
+    the server's answer lists any instance as failed (the message counts them and gives the
+    first failure reason as the code the server sent, no UIDs). Connection failures are retried
+    as for retrieval; a POST that reached the server is not sent again.
+    """
+    if not datasets:
+        return StoreResult(())
+    where = _display_url(client.base_url)
+    with _translated(client, "storing instances"):
+        answer = client.store_instances(list(datasets))
+    failed = list(answer.get("FailedSOPSequence", None) or [])
+    if failed:
+        reason = failed[0].get("FailureReason")
+        code = f" (failure reason 0x{int(reason):04X})" if reason is not None else ""
+        raise DicomwebError(
+            f"storing instances: {where} refused {len(failed)} of {len(datasets)}{code}"
+        )
+    stored = tuple(
+        str(item.get("ReferencedSOPInstanceUID", ""))
+        for item in answer.get("ReferencedSOPSequence", None) or []
+    )
+    asked = {str(ds.SOPInstanceUID) for ds in datasets}
+    if stored and not asked <= set(stored):
+        missing = len(asked - set(stored))
+        raise DicomwebError(
+            f"storing instances: {where} did not confirm {missing} of {len(datasets)} instances"
+        )
+    return StoreResult(stored or tuple(sorted(asked)))
