@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import delete, insert, select
@@ -56,6 +56,9 @@ from workbench.store import (
     new_session,
     session_scope,
 )
+
+if TYPE_CHECKING:  # ood imports scikit-learn, which ingest does not need
+    from workbench.ood import StudyHeader
 
 SPLITS = ("train", "calibration", "test")
 VOLUMETRIC = frozenset({"CT", "MR", "PT"})
@@ -727,3 +730,25 @@ def quarantine_report(settings: Settings) -> tuple[list[QuarantineEntry], list[S
             )
         ]
     return files, series
+
+
+def study_headers(settings: Settings, study_ids: Sequence[int]) -> dict[int, StudyHeader]:
+    """The header facts each study's out-of-distribution check compares (see
+    :class:`workbench.ood.HeaderProfile`), read from the catalog."""
+    from workbench.ood import StudyHeader
+
+    out: dict[int, StudyHeader] = {}
+    with session_scope(settings.database_url) as session:
+        studies = session.scalars(select(Study).where(Study.id.in_(list(study_ids)))).all()
+        for study in studies:
+            series = list(study.series)
+            insts = [i for s in series for i in s.instances]
+            volumetric = any(s.modality in VOLUMETRIC and len(s.instances) > 1 for s in series)
+            out[study.id] = StudyHeader(
+                modality=study.modality,
+                body_parts=tuple(sorted({s.body_part for s in series if s.body_part})),
+                photometrics=tuple(sorted({i.photometric for i in insts if i.photometric})),
+                spatial_dims=3 if volumetric else 2,
+                sizes=tuple(sorted({(i.rows, i.columns) for i in insts})),
+            )
+    return out

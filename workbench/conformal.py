@@ -14,6 +14,12 @@ Angelopoulos et al. (``conformal_classification``); the tests check coverage emp
 
 Randomisation (which makes coverage exact rather than conservative) uses one uniform number per
 study; :func:`study_uniform` derives it from the study key, so a study always gets the same set.
+
+Empty sets are allowed by default, as the guarantee needs: when the model's top-1 accuracy is
+above the target coverage, some studies must get no class for the coverage to be 90% rather
+than the accuracy. An empty set means "more certain than the coverage level requires"; the app
+shows such a study's top class with that note. ``allow_empty=False`` forces one class, which
+raises coverage towards the top-1 accuracy.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class ConformalSets:
     lam: float = 0.0
     k_reg: int = 0
     randomized: bool = True
+    allow_empty: bool = True
 
     def scores(self, probs: np.ndarray, labels: np.ndarray, u: np.ndarray) -> np.ndarray:
         """The conformity score of each (probabilities, true label) row: the probability mass
@@ -79,7 +86,8 @@ class ConformalSets:
         return above + np.asarray(u) * ordered[rows, rank] + pen[rank]
 
     def predict(self, probs: np.ndarray, u: np.ndarray | None = None) -> list[list[int]]:
-        """The prediction set of each row (class indices, most probable first), never empty.
+        """The prediction set of each row (class indices, most probable first); empty only
+        when ``allow_empty`` (see the module docstring).
 
         A class is in the set exactly when its score (as in :meth:`scores`, same ``u``) is
         within the threshold, which is what makes the coverage hold.
@@ -95,9 +103,8 @@ class ConformalSets:
             room = self.qhat - (cumsum[rows, last] - ordered[rows, last]) - pen[last]
             keep_last = u * ordered[rows, last] < room
             sizes = sizes - (~keep_last).astype(int)
-        # randomisation can leave a very confident study with no class; it is shown its top
-        # class instead (that can only raise the coverage: the tests measure by how much)
-        sizes = np.maximum(sizes, 1)
+        if not self.allow_empty:
+            sizes = np.maximum(sizes, 1)
         return [order[i, : sizes[i]].tolist() for i in range(n)]
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +120,7 @@ class ConformalSets:
             lam=float(d.get("lam", 0.0)),
             k_reg=int(d.get("k_reg", 0)),
             randomized=bool(d.get("randomized", True)),
+            allow_empty=bool(d.get("allow_empty", True)),
         )
 
 
@@ -134,6 +142,7 @@ def fit_conformal(
     lam: float = 0.01,
     k_reg: int = 1,
     randomized: bool = True,
+    allow_empty: bool = True,
 ) -> ConformalSets:
     """Fit the set threshold on calibration probabilities (N, K) and true labels (N,).
 
@@ -148,14 +157,14 @@ def fit_conformal(
     labels = np.asarray(labels, dtype=np.int64)
     u = np.full(len(probs), 0.5) if u is None else np.asarray(u, dtype=np.float64)
     lam, k_reg = (lam, k_reg) if method == "raps" else (0.0, 0)
-    draft = ConformalSets(method, coverage, 0.0, len(probs), lam, k_reg, randomized)
+    draft = ConformalSets(method, coverage, 0.0, len(probs), lam, k_reg, randomized, allow_empty)
     qhat = conformal_quantile(draft.scores(probs, labels, u), coverage)
     if not math.isfinite(qhat):
         raise ValueError(
             f"{len(probs)} calibration studies are too few for {coverage:.0%} coverage "
             f"(at least {math.ceil(coverage / (1 - coverage))} needed)"
         )
-    return ConformalSets(method, coverage, qhat, len(probs), lam, k_reg, randomized)
+    return ConformalSets(method, coverage, qhat, len(probs), lam, k_reg, randomized, allow_empty)
 
 
 @dataclass(frozen=True)
@@ -169,13 +178,17 @@ class MultiLabelConformal:
     per_label: tuple[ConformalSets, ...]
 
     def predict(self, probs: np.ndarray, u: np.ndarray | None = None) -> list[dict[str, str]]:
-        """Per row: label -> "present", "absent" or "uncertain"."""
+        """Per row: label -> "present", "absent", "uncertain" (both in the set) or "confident"
+        (an empty set: either call is more certain than the coverage needs)."""
         probs = np.asarray(probs, dtype=np.float64)
         out: list[dict[str, str]] = [{} for _ in range(len(probs))]
         for j, (name, cp) in enumerate(zip(self.labels, self.per_label, strict=True)):
             two = np.stack([1 - probs[:, j], probs[:, j]], axis=1)
             for i, s in enumerate(cp.predict(two, u)):
-                out[i][name] = "uncertain" if len(s) == 2 else ("present" if s[0] else "absent")
+                if len(s) == 1:
+                    out[i][name] = "present" if s[0] else "absent"
+                else:  # both, or none (more certain than needed): no call at this level
+                    out[i][name] = "uncertain" if len(s) == 2 else "confident"
         return out
 
     def to_dict(self) -> dict[str, Any]:
