@@ -119,3 +119,15 @@ def test_a_password_cannot_be_given_on_the_command_line(tmp_path: Path) -> None:
     assert "--password" not in text and "--cookie-secret" not in text
     # The app gets its cookie secret through the environment, never argv (visible in `ps`).
     assert "cookieSecret" not in " ".join(cli._streamlit_cmd(8501, "127.0.0.1"))
+
+
+def test_only_pixel_files_are_cached_across_sessions() -> None:
+    """st.cache_data / st.cache_resource are shared by every user of the server: only the
+    content-addressed pixel loader may use them (no study facts, names or reviews)."""
+    cached = []
+    for path in sorted((ROOT / "workbench").rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for n, line in enumerate(lines):
+            if re.match(r"\s*@st\.cache_(data|resource)", line):
+                cached.append(f"{path.relative_to(ROOT)}:{lines[n + 1].strip()}")
+    assert cached == ["workbench/ui/imaging.py:def _load(path: str) -> np.ndarray:"]

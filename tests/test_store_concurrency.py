@@ -166,3 +166,14 @@ def test_concurrent_review_writers_lose_and_duplicate_nothing(
             f"\n{backend}: {WORKERS} processes x {WRITES} review writes in {elapsed:.1f} s = "
             f"{WORKERS * WRITES / elapsed:.0f} transactions/s"
         )
+
+
+def test_the_migrations_build_the_models_schema_on_postgresql(postgres) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from workbench.store import Base
+
+    engine = get_engine(postgres.create_database("schema"))
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []

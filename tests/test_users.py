@@ -172,3 +172,65 @@ def test_audit_export_writes_csv_and_json(settings: Settings, tmp_path: Path) ->
     assert all(len(row["hash"]) == 64 for row in rows)
     assert actions(settings)[-1] == "audit.export"
     assert auditlog.verify(settings).ok
+
+
+def test_the_demo_makes_a_clinician_account_once(tmp_path: Path, monkeypatch, capsys) -> None:
+    from tests.conftest import make_settings
+    from workbench import cli
+
+    s = make_settings(tmp_path / "home")
+    monkeypatch.delenv("WORKBENCH_DEMO_PASSWORD", raising=False)
+    cli._demo_account(s)
+    out = capsys.readouterr().out
+    password = out.split("password ", 1)[1].split(" ", 1)[0]
+    assert users.authenticate(s, cli.DEMO_USER, password).role == "clinician"
+    cli._demo_account(s)  # a second demo run leaves the account (and its password) alone
+    assert password not in capsys.readouterr().out
+    other = make_settings(tmp_path / "other")
+    monkeypatch.setenv("WORKBENCH_DEMO_PASSWORD", TEST_PASSWORD)
+    cli._demo_account(other)
+    assert TEST_PASSWORD not in capsys.readouterr().out
+    assert users.authenticate(other, cli.DEMO_USER, TEST_PASSWORD).username == "demo"
+
+
+def test_migration_0002_turns_repeated_reviews_into_versions(tmp_path: Path) -> None:
+    """A database made by revision 0001, with one reader reviewing a prediction twice."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    import workbench.store as store
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(store.__file__).parent / "migrations"))
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        db.execute("INSERT INTO patient (pseudonym) VALUES ('p')")
+        db.execute(
+            "INSERT INTO study (id, study_uid, study_key, patient_pseudonym) "
+            "VALUES (1, 'u', 'k', 'p')"
+        )
+        db.execute(
+            "INSERT INTO prediction VALUES (1, 1, 'm', 'v1', 'h', 'c', 't', '[]', '{}', '{}', "
+            "'normal', '[]', 0.5, '[]', NULL, '2026-01-01 00:00:00')"
+        )
+        for n, (who, label) in enumerate([("a", "normal"), ("b", "x"), ("a", "x")], 1):
+            db.execute(
+                "INSERT INTO review (id, prediction_id, study_id, reviewer, agree, label, comment, "
+                f"created_at) VALUES ({n}, 1, 1, '{who}', 1, '{label}', '', '2026-01-01')"
+            )
+    engine.dispose()
+    store.get_engine(url)  # upgrades to head
+    with session_scope(url) as s:
+        from workbench.store import Review
+
+        rows = s.scalars(select(Review).order_by(Review.id)).all()
+        assert [(r.reviewer, r.version, r.supersedes_id, r.kind) for r in rows] == [
+            ("a", 1, None, "read"),
+            ("b", 1, None, "read"),
+            ("a", 2, 1, "read"),
+        ]

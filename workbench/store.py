@@ -27,6 +27,7 @@ from sqlalchemy import (
     Engine,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     UniqueConstraint,
@@ -177,8 +178,9 @@ class Review(Base):
     """
 
     __tablename__ = "review"
+    # A unique index rather than a constraint: SQLite adds it without rebuilding the table.
     __table_args__ = (
-        UniqueConstraint("prediction_id", "reviewer", "kind", "version", name="uq_review_version"),
+        Index("uq_review_version", "prediction_id", "reviewer", "kind", "version", unique=True),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prediction_id: Mapped[int] = mapped_column(ForeignKey("prediction.id"), index=True)

@@ -1,4 +1,5 @@
-"""What the app reads from the store and the model bundles, and the one thing it writes (reviews).
+"""What the app reads from the store and the model bundles; reviews (the app's one write) come
+from :mod:`workbench.reviews` and are re-exported here for the pages.
 
 Pages get plain frozen records, never ORM objects: nothing lazy-loads after its session closed,
 and nothing here carries a UID or a file path, only study keys and pseudonyms. No Streamlit in

@@ -18,6 +18,10 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    if op.get_bind().dialect.name == "sqlite":
+        # The batch rebuild of `review` copies rows that may reference each other: check the
+        # foreign keys at commit, not row by row (foreign_keys cannot change in a transaction).
+        op.execute("PRAGMA defer_foreign_keys=ON")
     op.create_table(
         "user_account",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -61,15 +65,14 @@ def upgrade() -> None:
             )
         last[(pid, reviewer)] = (rid, prev[1] + 1 if prev else 1)
 
-    with op.batch_alter_table("review", schema=None) as batch_op:
-        batch_op.create_unique_constraint(
-            "uq_review_version", ["prediction_id", "reviewer", "kind", "version"]
-        )
+    op.create_index(
+        "uq_review_version", "review", ["prediction_id", "reviewer", "kind", "version"], unique=True
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("uq_review_version", table_name="review")
     with op.batch_alter_table("review", schema=None) as batch_op:
-        batch_op.drop_constraint("uq_review_version", type_="unique")
         batch_op.drop_constraint("fk_review_supersedes", type_="foreignkey")
         for column in (
             "corrected_labels",
