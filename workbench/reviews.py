@@ -157,7 +157,7 @@ def other_readers(settings: Settings, prediction_id: int, reviewer: str) -> int:
 def disputes(settings: Settings) -> list[Dispute]:
     """Predictions whose readers disagree (label or assessment) and that are not adjudicated."""
     with new_session(settings.database_url) as session:
-        ids = list(session.scalars(select(distinct(Review.prediction_id))))
+        ids = list(session.scalars(select(Review.prediction_id).distinct()))
         reads = current_reads(session, ids)
         out = []
         for pid in sorted(ids):
