@@ -81,6 +81,10 @@ def test_an_unknown_user_and_a_wrong_password_get_the_same_answer(settings: Sett
     with pytest.raises(users.SignInError) as wrong:
         users.authenticate(settings, "grey", WRONG_PASSWORD)
     assert str(unknown.value) == str(wrong.value)
+    # What was typed as an unknown name is not kept (it may be a password typed in the wrong box).
+    with session_scope(settings.database_url) as s:
+        ev = s.scalars(select(AuditEvent).where(AuditEvent.reason == "unknown user")).one()
+        assert ev.actor == users.UNKNOWN_ACTOR and "nobody" not in str(ev.object_id)
 
 
 def test_a_disabled_account_cannot_sign_in(settings: Settings) -> None:

@@ -7,6 +7,7 @@ and sign-out is an audit event. No Streamlit here: the CLI and the app both call
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -141,6 +142,7 @@ def get_account(settings: Settings, username: str) -> Account | None:
 
 
 REFUSED = "Wrong user name or password."
+UNKNOWN_ACTOR = "(unknown user)"
 
 
 def authenticate(settings: Settings, username: str, password: str) -> Account:
@@ -161,8 +163,11 @@ def authenticate(settings: Settings, username: str, password: str) -> Account:
         user = session.scalars(select(UserAccount).where(UserAccount.username == username)).first()
         if user is None:
             _verify(_DUMMY_HASH, password)
+            # What was typed is not stored (people type passwords into the name field): only
+            # a digest, so that repeated attempts with the same name can be told apart.
+            digest = hashlib.sha256(username.encode()).hexdigest()[:16]
             record_audit(
-                session, username, "auth.sign_in_failed", "user", username, reason="unknown"
+                session, UNKNOWN_ACTOR, "auth.sign_in_failed", "user", digest, reason="unknown user"
             )
             failure = REFUSED
         elif user.disabled or (user.locked_until is not None and user.locked_until > now):

@@ -300,6 +300,7 @@ def review_form(s: Settings, reviewer: Reviewer, detail: data.PredictionDetail) 
                 )
             else:
                 st.session_state[receipt_key] = saved.id
+                st.session_state[f"{key}_opened"] = time.time()  # a next version's own time
                 st.rerun()  # show the form as the next version
     receipt = st.session_state.get(receipt_key)
     if receipt is not None:
