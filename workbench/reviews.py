@@ -79,17 +79,18 @@ def review_status(r: _Reads | None, viewer: str | None = None) -> ReviewStatus:
     """The prediction's review status; as seen by ``viewer`` when the reader must stay blind.
 
     A blinded reader sees their own read's status, or "read_by_other", never a colleague's
-    assessment or whether readers disagree (that would reveal the first read).
+    assessment, whether readers disagree or how an admin settled it (that would reveal the
+    other reads).
     """
-    if r is not None and r.adjudication is not None:
-        return "agreed" if r.adjudication.agree else "disagreed"
-    if r is None or not r.reads:
+    if r is None or (not r.reads and r.adjudication is None):
         return "unreviewed"
     if viewer is not None:
         own = r.reads.get(viewer)
         if own is None:
             return "read_by_other"
         return "agreed" if own.agree else "disagreed"
+    if r.adjudication is not None:
+        return "agreed" if r.adjudication.agree else "disagreed"
     opinions = {(rev.agree, rev.label) for rev in r.reads.values()}
     if len(opinions) > 1:
         return "disputed"
