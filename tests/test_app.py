@@ -428,6 +428,7 @@ def test_an_idle_session_is_signed_out(app_db: str) -> None:
 
 def test_sign_in_and_sign_out_are_audited(app_db: str) -> None:
     at = sign_in("grey")
+    assert "signin_password" not in at.session_state  # the typed password does not linger
     button(at, "Sign out").click().run()
     with session_scope(app_db) as session:
         acts = [
