@@ -1,32 +1,37 @@
-"""The clinician review app: ``streamlit run streamlit_app.py``.
+"""The clinician review app: ``streamlit run streamlit_app.py`` (or ``workbench app``).
 
-This file only registers the pages (``workbench/ui/``) with ``st.navigation``. Before sign-in
-the menu is hidden and every page but sign-in refuses to show content.
+This file only registers the pages (``workbench/ui/``) with ``st.navigation``: before sign-in
+only the sign-in page exists and the menu is hidden; after it, only the pages the user's role may
+open are registered. Each page checks the role again itself (``require_page``).
 """
 
 import streamlit as st
 
-from workbench.ui.auth import current_reviewer
+from workbench.ui.auth import allowed_pages, current_reviewer
 from workbench.ui.common import page_file
 
 st.set_page_config(page_title="Workbench review", page_icon=":material/radiology:", layout="wide")
-signed_in = current_reviewer() is not None
-pages = {
+reviewer = current_reviewer()  # also ends an idle session
+PAGES = {  # name: (menu section, title, icon)
+    "worklist": ("Review", "Worklist", ":material/format_list_numbered:"),
+    "study": ("Review", "Study", ":material/radiology:"),
+    "adjudication": ("Review", "Adjudication", ":material/gavel:"),
+    "cohorts": ("Cohorts and reports", "Cohorts and models", ":material/groups:"),
+    "reports": ("Cohorts and reports", "Reports", ":material/summarize:"),
+    "audit": ("Cohorts and reports", "Audit log", ":material/verified_user:"),
+}
+sections: dict[str, list] = {
     "": [
         st.Page(
             page_file("signin"),
-            title="Account" if signed_in else "Sign in",
+            title="Account" if reviewer else "Sign in",
             icon=":material/account_circle:",
             default=True,
-        ),
-    ],
-    "Review": [
-        st.Page(page_file("worklist"), title="Worklist", icon=":material/format_list_numbered:"),
-        st.Page(page_file("study"), title="Study", icon=":material/radiology:"),
-    ],
-    "Cohorts and reports": [
-        st.Page(page_file("cohorts"), title="Cohorts and models", icon=":material/groups:"),
-        st.Page(page_file("reports"), title="Reports", icon=":material/summarize:"),
-    ],
+        )
+    ]
 }
-st.navigation(pages, position="sidebar" if signed_in else "hidden").run()
+for name in allowed_pages(reviewer.role) if reviewer else []:
+    if name in PAGES:
+        section, title, icon = PAGES[name]
+        sections.setdefault(section, []).append(st.Page(page_file(name), title=title, icon=icon))
+st.navigation(sections, position="sidebar" if reviewer else "hidden").run()

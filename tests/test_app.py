@@ -7,6 +7,7 @@ other tests' reports), while the cache and the model bundles are shared read-onl
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from streamlit.testing.v1 import AppTest
 
+from workbench import users
+from workbench.config import get_settings
 from workbench.store import AuditEvent, Prediction, Review, session_scope, verify_audit
-from workbench.ui import data
+from workbench.ui import auth, data
 from workbench.ui.common import OPEN_PREDICTION, page_file
 from workbench.ui.imaging import blend, window_level
 
@@ -25,9 +28,21 @@ APP = Path(__file__).resolve().parents[1] / "streamlit_app.py"
 TIMEOUT = 60
 
 
+# Test fixture password (not a secret): every test account signs in with it.
+PASSWORD = "test-fixture-password"  # test fixture only
+ACCOUNTS = {
+    "grey": "clinician",
+    "yang": "clinician",
+    "ross": "researcher",
+    "audrey": "auditor",
+    "bailey": "admin",
+}
+
+
 @pytest.fixture
 def app_db(pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private copy of the pipeline's catalog; the app sees it through the environment."""
+    """A private copy of the pipeline's catalog, with one account per role; the app sees it
+    through the environment."""
     src = pipeline.settings.database_url.removeprefix("sqlite:///")
     home = tmp_path / "home"
     home.mkdir()
@@ -39,6 +54,9 @@ def app_db(pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     monkeypatch.setenv("WORKBENCH_DATABASE_URL", url)
     monkeypatch.setenv("WORKBENCH_CACHE", str(pipeline.settings.cache_dir))
     monkeypatch.setenv("WORKBENCH_MODELS", str(pipeline.settings.models_dir))
+    s = get_settings()
+    for name, role in ACCOUNTS.items():
+        users.add_user(s, "test", name, role, PASSWORD)
     yield url
 
 
@@ -52,9 +70,10 @@ def button(at: AppTest, label: str):
     return matches[0]
 
 
-def sign_in(name: str = "Dr Grey") -> AppTest:
+def sign_in(name: str = "grey", password: str = PASSWORD) -> AppTest:
     at = new_app().run()
     at.text_input(key="signin_name").input(name)
+    at.text_input(key="signin_password").input(password)
     button(at, "Sign in").click().run()
     assert not at.exception, at.exception
     return at
@@ -71,19 +90,14 @@ def test_an_unsigned_session_sees_only_the_sign_in(app_db: str) -> None:
     at = new_app().run()
     assert not at.exception
     assert [t.value for t in at.title] == ["Clinician review workbench"]
-    assert [w.label for w in at.text_input] == ["Your name"]
+    assert [w.label for w in at.text_input] == ["User name", "Password"]
     assert len(at.dataframe) == 0
-    for name in ("worklist", "study", "cohorts", "reports"):
-        at.switch_page(str(page_file(name))).run()
-        assert not at.exception, (name, at.exception)
-        assert [w.value for w in at.warning] == ["Please sign in to use the review workbench."]
-        assert len(at.title) == 0 and len(at.dataframe) == 0 and len(at.selectbox) == 0, name
 
 
 def test_a_blank_name_does_not_sign_in(app_db: str) -> None:
     at = new_app().run()
     button(at, "Sign in").click().run()
-    assert [e.value for e in at.error] == ["Enter your name to sign in."]
+    assert [e.value for e in at.error] == ["Enter your user name and password."]
     assert [t.value for t in at.title] == ["Clinician review workbench"]
 
 
@@ -92,7 +106,7 @@ def test_signing_out_returns_to_the_sign_in(app_db: str) -> None:
     button(at, "Sign out").click().run()
     assert not at.exception, at.exception
     assert [t.value for t in at.title] == ["Clinician review workbench"]
-    assert [w.label for w in at.text_input] == ["Your name"]
+    assert [w.label for w in at.text_input] == ["User name", "Password"]
 
 
 def test_the_worklist_shows_the_predicted_studies_by_priority(app_db: str) -> None:
@@ -123,7 +137,7 @@ def test_the_worklist_shows_the_predicted_studies_by_priority(app_db: str) -> No
 
 
 def test_a_review_is_stored_with_its_audit_event(app_db: str) -> None:
-    at = sign_in("Dr Grey")
+    at = sign_in("grey")
     pid = open_first_study(at)
     with session_scope(app_db) as session:
         pred = session.get(Prediction, pid)
@@ -150,7 +164,7 @@ def test_a_review_is_stored_with_its_audit_event(app_db: str) -> None:
         review = reviews[0]
         assert (review.prediction_id, review.reviewer, review.agree, review.label) == (
             pid,
-            "Dr Grey",
+            "grey",
             False,
             corrected,
         )
@@ -160,7 +174,7 @@ def test_a_review_is_stored_with_its_audit_event(app_db: str) -> None:
         ).all()
         assert len(events) == 1
         ev = events[0]
-        assert (ev.actor, ev.object_type, ev.object_id) == ("Dr Grey", "review", str(review.id))
+        assert (ev.actor, ev.object_type, ev.object_id) == ("grey", "review", str(review.id))
         assert ev.new_value is not None
         assert ev.new_value["agree"] is False
         assert ev.new_value["label"] == corrected
@@ -223,7 +237,7 @@ def test_a_review_survives_a_database_error(app_db: str, monkeypatch: pytest.Mon
 
 
 def test_the_cohort_page_shows_the_cohort_and_the_model_metrics(pipeline, app_db: str) -> None:
-    at = sign_in()
+    at = sign_in("ross")
     at.switch_page(str(page_file("cohorts"))).run()
     assert not at.exception, at.exception
     assert f"Cohort {pipeline.cohort}" in [h.value for h in at.subheader]
@@ -240,7 +254,7 @@ def test_the_cohort_page_shows_the_cohort_and_the_model_metrics(pipeline, app_db
 
 
 def test_the_report_page_builds_the_report_and_offers_four_downloads(pipeline, app_db: str) -> None:
-    at = sign_in("Dr Audit")
+    at = sign_in("audrey")
     at.switch_page(str(page_file("reports"))).run()
     assert not at.exception, at.exception
     assert at.selectbox(key="report_model").value.startswith(f"{pipeline.model}/")
@@ -253,7 +267,7 @@ def test_the_report_page_builds_the_report_and_offers_four_downloads(pipeline, a
         events = session.scalars(
             select(AuditEvent).where(AuditEvent.action == data.REPORT_ACTION)
         ).all()
-        assert [e.actor for e in events] == ["Dr Audit"]
+        assert [e.actor for e in events] == ["audrey"]
         assert events[0].new_value is not None
         assert set(events[0].new_value["files"]) == {
             "report.html",
@@ -292,7 +306,7 @@ def test_the_cohort_page_lists_the_quarantine_without_folder_names(app_db: str) 
                 detail="PixelData holds 100 of 8192 bytes",
             )
         )
-    at = sign_in()
+    at = sign_in("ross")
     at.switch_page(str(page_file("cohorts"))).run()
     assert not at.exception, at.exception
     assert "Quarantine" in [h.value for h in at.subheader]
@@ -300,3 +314,237 @@ def test_the_cohort_page_lists_the_quarantine_without_folder_names(app_db: str) 
     assert list(table["file"]) == ["broken.dcm"]
     assert list(table["reason"]) == ["truncated_pixel_data"]
     assert "Fakename" not in table.to_string()
+
+
+# --- roles, sessions, second reads --------------------------------------------------------
+
+
+LANDING = {
+    "grey": "Worklist",
+    "ross": "Cohorts and models",
+    "audrey": "Consistency report",
+    "bailey": "Worklist",
+}
+GUARDED = ("worklist", "study", "cohorts", "reports", "audit", "adjudication")
+
+
+def page_app(name: str, user: str | None) -> AppTest:
+    """One page's script run on its own (as if reached by URL), signed in as ``user``."""
+    at = AppTest.from_file(str(page_file(name)), default_timeout=TIMEOUT)
+    if user is not None:
+        at.session_state[auth.SESSION_KEY] = {"name": user, "role": ACCOUNTS[user]}
+        at.session_state[auth.LAST_SEEN] = time.time()
+    return at.run()
+
+
+def test_every_page_refuses_an_unauthenticated_session(app_db: str) -> None:
+    for name in GUARDED:
+        at = page_app(name, None)
+        assert not at.exception, (name, at.exception)
+        assert [w.value for w in at.warning] == ["Please sign in to use the review workbench."]
+        assert len(at.title) == 0 and len(at.dataframe) == 0 and len(at.button) == 0, name
+
+
+def test_every_page_refuses_a_role_it_is_not_for(app_db: str) -> None:
+    for name in GUARDED:
+        for user, role in ACCOUNTS.items():
+            at = page_app(name, user)
+            if auth.may_open(role, name):  # type: ignore[arg-type]
+                # (Run outside the app, a page's links to other pages raise; that is not it.)
+                assert not [e for e in at.error if "not open" in e.value], (name, user)
+                continue
+            assert not at.exception, (name, user, at.exception)
+            assert [e.value for e in at.error] == [f"This page is not open to the {role} role."]
+            assert len(at.title) == 0 and len(at.dataframe) == 0, (name, user)
+            assert not [b for b in at.button if b.label != "Sign out"], (name, user)
+
+
+def test_each_role_lands_on_its_home_and_the_menu_lists_only_its_pages(app_db: str) -> None:
+    assert auth.allowed_pages("clinician") == ["signin", "worklist", "study"]
+    assert auth.allowed_pages("researcher") == ["signin", "cohorts", "reports"]
+    assert auth.allowed_pages("auditor") == ["signin", "reports", "audit"]
+    assert set(auth.allowed_pages("admin")) == set(auth.PAGE_ROLES)
+    for user, title in LANDING.items():
+        at = sign_in(user)
+        assert [t.value for t in at.title] == [title], user
+
+
+def test_a_clinician_cannot_reach_the_audit_export_or_adjudication(app_db: str) -> None:
+    at = sign_in("grey")
+    for name in ("audit", "adjudication", "cohorts"):
+        try:
+            at.switch_page(str(page_file(name))).run()
+        except Exception:  # noqa: BLE001 - not a page of this session's menu: refused outright
+            continue
+        titles = [t.value for t in at.title]
+        assert "Audit log" not in titles and "Adjudication" not in titles, name
+        assert not [b for b in at.button if b.label == "Export the audit log"]
+
+
+def test_an_auditor_cannot_submit_a_review(app_db: str) -> None:
+    with session_scope(app_db) as session:
+        pid = session.scalars(select(Prediction.id)).first()
+        assert pid is not None
+        label = session.get(Prediction, pid).predicted_label  # type: ignore[union-attr]
+    at = AppTest.from_file(str(page_file("study")), default_timeout=TIMEOUT)
+    at.session_state[auth.SESSION_KEY] = {"name": "audrey", "role": "auditor"}
+    at.session_state[auth.LAST_SEEN] = time.time()
+    at.session_state[OPEN_PREDICTION] = pid
+    at.run()
+    assert [e.value for e in at.error] == ["This page is not open to the auditor role."]
+    assert not [b for b in at.button if "review" in b.label.lower()]
+    # The data layer refuses too, whatever page calls it.
+    with pytest.raises(data.ReviewError, match="auditor role cannot"):
+        data.save_review(get_settings(), "audrey", pid, True, label, "", role="auditor")
+    with session_scope(app_db) as session:
+        assert session.scalars(select(Review)).all() == []
+
+
+def test_five_wrong_passwords_lock_the_account_in_the_app(app_db: str) -> None:
+    for _ in range(5):
+        at = sign_in("grey", "not-the-password")
+        assert [e.value for e in at.error] == ["Wrong user name or password."]
+    at = sign_in("grey", PASSWORD)
+    assert any("locked" in e.value for e in at.error)
+    assert [t.value for t in at.title] == ["Clinician review workbench"]
+    with session_scope(app_db) as session:
+        acts = list(session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)))
+        assert acts.count("auth.sign_in_failed") == 5
+        assert "auth.locked" in acts and acts[-1] == "auth.refused_locked"
+
+
+def test_an_idle_session_is_signed_out(app_db: str) -> None:
+    at = sign_in("grey")
+    assert [t.value for t in at.title] == ["Worklist"]
+    at.session_state[auth.LAST_SEEN] = time.time() - 31 * 60
+    at.run()
+    assert [t.value for t in at.title] == ["Clinician review workbench"]
+    assert any("signed out after 30 minutes" in i.value for i in at.info)
+    assert [w.label for w in at.text_input] == ["User name", "Password"]
+    with session_scope(app_db) as session:
+        last = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc())).first()
+        assert last is not None and (last.action, last.reason) == ("auth.sign_out", "idle")
+
+
+def test_sign_in_and_sign_out_are_audited(app_db: str) -> None:
+    at = sign_in("grey")
+    assert "signin_password" not in at.session_state  # the typed password does not linger
+    button(at, "Sign out").click().run()
+    with session_scope(app_db) as session:
+        acts = [
+            (e.actor, e.action)
+            for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))
+            if e.action.startswith("auth.")
+        ]
+    assert acts == [("grey", "auth.sign_in"), ("grey", "auth.sign_out")]
+
+
+def test_the_auditor_verifies_and_exports_the_audit_log(app_db: str) -> None:
+    at = sign_in("audrey")
+    at.switch_page(str(page_file("audit"))).run()
+    assert not at.exception, at.exception
+    assert [t.value for t in at.title] == ["Audit log"]
+    assert any("hash chain holds" in s.value for s in at.success)
+    at.radio(key="audit_format").set_value("json")
+    with session_scope(app_db) as session:
+        n = len(session.scalars(select(AuditEvent)).all())  # 5 accounts and a sign-in
+    button(at, "Export the audit log").click().run()
+    assert [b.label for b in at.download_button] == [f"Download {n} events (JSON)"]
+    with session_scope(app_db) as session:
+        last = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc())).first()
+        assert last is not None and (last.actor, last.action) == ("audrey", "audit.export")
+        assert verify_audit(session) is None
+
+
+def review_in_app(at: AppTest, pid: int, agree: bool, label: str, comment: str) -> None:
+    at.radio(key=f"review_{pid}_assessment").set_value("Agree" if agree else "Disagree")
+    at.selectbox(key=f"review_{pid}_label").set_value(label)
+    at.text_area(key=f"review_{pid}_comment").input(comment)
+    labels = [b.label for b in at.button]
+    button(at, "Submit review" if "Submit review" in labels else "Save new version").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_an_edit_adds_a_version_and_keeps_the_first(app_db: str) -> None:
+    at = sign_in("grey")
+    pid = open_first_study(at)
+    with session_scope(app_db) as session:
+        pred = session.get(Prediction, pid)
+        assert pred is not None
+        predicted = pred.predicted_label
+        other = next(c for c in pred.probabilities if c != predicted)
+    review_in_app(at, pid, True, predicted, "")
+    assert [h.value for h in at.subheader if h.value.startswith("Your review")] == [
+        "Your review (version 1)"
+    ]
+    at.radio(key=f"review_{pid}_assessment").set_value("Disagree")
+    at.selectbox(key=f"review_{pid}_label").set_value(other)
+    at.text_area(key=f"review_{pid}_comment").input("Small effusion at the left base.")
+    button(at, "Save new version").click().run()
+    assert [e.value for e in at.error] == ["Say why you change your review."]
+    at.text_input(key=f"review_{pid}_reason").input("Second look at the lateral view.")
+    button(at, "Save new version").click().run()
+    assert not at.error, [e.value for e in at.error]
+    with session_scope(app_db) as session:
+        rows = session.scalars(select(Review).order_by(Review.id)).all()
+        assert [(r.version, r.agree, r.label) for r in rows] == [
+            (1, True, predicted),
+            (2, False, other),
+        ]
+        assert rows[1].supersedes_id == rows[0].id
+        assert rows[1].reason == "Second look at the lateral view."
+        assert rows[0].confidence == 3 and rows[0].seconds_spent is not None
+        acts = list(session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)))
+        assert acts[-2:] == [data.REVIEW_ACTION, data.REVISE_ACTION]
+        assert verify_audit(session) is None
+
+
+def test_a_second_read_is_blind_and_a_disagreement_goes_to_adjudication(app_db: str) -> None:
+    first = sign_in("grey")
+    pid = open_first_study(first)
+    with session_scope(app_db) as session:
+        pred = session.get(Prediction, pid)
+        assert pred is not None
+        predicted, key = pred.predicted_label, pred.study.study_key
+        other = next(c for c in pred.probabilities if c != predicted)
+    review_in_app(first, pid, True, predicted, "Agree with the model.")
+
+    # The second reader sees that a colleague read it, but not what they said.
+    second = sign_in("yang")
+    table = second.dataframe[0].value
+    assert table.loc[table["Study"] == key, "Review"].tolist() == ["Second read open"]
+    second.session_state[OPEN_PREDICTION] = pid
+    second.switch_page(str(page_file("study"))).run()
+    assert any("Second read" in i.value for i in second.info)
+    page_text = " ".join(
+        [m.value for m in second.markdown]
+        + [str(d.value.to_dict()) for d in second.dataframe]
+        + [c.value for c in second.caption]
+    )
+    assert "grey" not in page_text and "Agree with the model." not in page_text
+    review_in_app(second, pid, False, other, "Effusion, not normal.")
+    for d in second.dataframe:
+        assert "grey" not in d.value.to_string()
+
+    # The admin sees the dispute and settles it.
+    admin = sign_in("bailey")
+    admin.radio(key="worklist_filter").set_value("Disputed").run()
+    table = admin.dataframe[0].value
+    assert table["Study"].tolist() == [key]
+    assert table["Review"].tolist() == ["Disputed"]
+    admin.switch_page(str(page_file("adjudication"))).run()
+    assert not admin.exception, admin.exception
+    assert f"Study {key}" in [h.value for h in admin.subheader]
+    readers = admin.dataframe[0].value
+    assert readers["Reader"].tolist() == ["grey", "yang"]
+    admin.selectbox(key=f"adjudicate_{pid}_label").set_value(other)
+    admin.text_input(key=f"adjudicate_{pid}_reason").input("Effusion visible on the lateral.")
+    button(admin, "Adjudicate").click().run()
+    assert not admin.exception, admin.exception
+    assert any("No disagreements" in s.value for s in admin.success)
+    with session_scope(app_db) as session:
+        adj = session.scalars(select(Review).where(Review.kind == "adjudication")).one()
+        assert (adj.reviewer, adj.label, adj.agree) == ("bailey", other, False)
+        assert verify_audit(session) is None
+    assert data.disputes(get_settings()) == []

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_settings
+from workbench import users
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -29,6 +32,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 START_TIMEOUT_S = 90
+USER, PASSWORD = "browser", "browser-fixture-password"  # test fixture only, not a secret
 
 pytestmark = [
     pytest.mark.browser,
@@ -66,6 +70,7 @@ def app_url(pipeline, tmp_path: Path) -> Iterator[str]:
     src = pipeline.settings.database_url.removeprefix("sqlite:///")
     with sqlite3.connect(src) as a, sqlite3.connect(db) as b:
         a.backup(b)
+    users.add_user(make_settings(home), "test", USER, "clinician", PASSWORD)
     env = {
         **os.environ,
         "WORKBENCH_HOME": str(home),
@@ -121,7 +126,8 @@ def test_a_clinician_signs_in_and_sees_the_heatmap_overlay(app_url: str) -> None
             page = browser.new_page(viewport={"width": 1600, "height": 1300})
             page.set_default_timeout(60_000)
             page.goto(app_url)
-            page.get_by_label("Your name").fill("Dr Browser")
+            page.get_by_label("User name").fill(USER)
+            page.get_by_label("Password", exact=True).fill(PASSWORD)
             page.get_by_role("button", name="Sign in").click()
             sync_api.expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
             page.get_by_role("button", name="Open study").click()

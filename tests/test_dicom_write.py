@@ -213,7 +213,7 @@ def test_stow_with_a_wrong_password_says_the_credentials_were_refused(
 ) -> None:
     sr, _ = _objects(study)
     with pytest.raises(DicomwebError, match="refused the credentials") as err:
-        store_instances(_client(pacs, password="not-the-password"), [sr])
+        store_instances(_client(pacs, password="not-the-password"), [sr])  # test fixture
     assert err.value.status == 401
     assert "not-the-password" not in str(err.value)
 
@@ -242,7 +242,7 @@ def test_send_stores_the_latest_prediction_of_a_study_and_audits_it(
         refused = run_cli(
             ["send", "--dicomweb", server.dicomweb_url, "--study", key],
             settings.home,
-            WORKBENCH_DICOMWEB_PASSWORD="wrong",
+            WORKBENCH_DICOMWEB_PASSWORD="wrong",  # test fixture
             **env,
         )
         assert refused.returncode == 1

@@ -219,11 +219,12 @@ def test_a_stored_review_appears_in_reader_agreement_with_kappa(
     other = next(c for c in classes if c != pa.predicted_label)
     now = utcnow()
     with session_scope(copied.database_url) as session:
-        # dr-a first agreed with study a, then changed their mind: only the latest counts.
-        for pred, sid, label, at in (
-            (pa, a, pa.predicted_label, now - timedelta(minutes=5)),
-            (pa, a, other, now),
-            (pb, b, pb.predicted_label, now),
+        # dr-a first agreed with study a, then changed their mind (version 2): only the latest
+        # counts.
+        for pred, sid, label, at, version in (
+            (pa, a, pa.predicted_label, now - timedelta(minutes=5), 1),
+            (pa, a, other, now, 2),
+            (pb, b, pb.predicted_label, now, 1),
         ):
             session.add(
                 Review(
@@ -234,6 +235,7 @@ def test_a_stored_review_appears_in_reader_agreement_with_kappa(
                     label=label,
                     comment="free text that must not be exported",
                     created_at=at,
+                    version=version,
                 )
             )
     built = build(copied, pipeline.model, pipeline.cohort, tmp_path)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 DEMO_COHORT = "demo"
 DEMO_MODEL = "chest-xray"
+DEMO_USER = "demo"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,6 +159,29 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("app", help="start the review app (Streamlit)")
     s.add_argument("--port", type=int, default=8501)
     s.add_argument("--address", default="127.0.0.1")
+
+    s = sub.add_parser(
+        "users",
+        help="app accounts: add, disable, reset-password, list",
+        description="Passwords come from WORKBENCH_NEW_PASSWORD or are prompted for; never from "
+        "the command line.",
+    )
+    us = s.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    u = us.add_parser("add", help="create an account")
+    u.add_argument("name")
+    u.add_argument("--role", required=True, choices=["clinician", "researcher", "auditor", "admin"])
+    u = us.add_parser("disable", help="disable an account (it can no longer sign in)")
+    u.add_argument("name")
+    u = us.add_parser("reset-password", help="set a new password and lift a lockout")
+    u.add_argument("name")
+    us.add_parser("list", help="accounts with their role and state")
+
+    s = sub.add_parser("audit", help="verify or export the hash-chained audit log")
+    au = s.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    au.add_parser("verify", help="check the chain; name the first bad row and exit 1 if any")
+    u = au.add_parser("export", help="every audit event as CSV or JSON")
+    u.add_argument("--format", choices=["csv", "json"], default="csv")
+    u.add_argument("--out", type=Path, help="write here (default: standard output)")
 
     s = sub.add_parser("demo", help="synth → ingest → train → predict → report → app")
     s.add_argument("--studies", type=int, default=300)
@@ -445,8 +470,94 @@ def _streamlit_cmd(port: int, address: str) -> list[str]:
 
 
 def cmd_app(a: argparse.Namespace) -> None:
+    from workbench.config import cookie_secret
+
+    settings = _settings()
+    if a.address not in LOOPBACK:
+        print(
+            f"warning: the app listens on {a.address}, reachable from other machines; put it "
+            "behind TLS",
+            file=sys.stderr,
+        )
+    # The cookie secret goes through the environment, not argv (argv is visible in `ps`).
+    env = {**os.environ, "STREAMLIT_SERVER_COOKIE_SECRET": cookie_secret(settings)}
     print(f"review app on http://{a.address}:{a.port} (Ctrl-C to stop)")
-    subprocess.run(_streamlit_cmd(a.port, a.address), check=False)
+    subprocess.run(_streamlit_cmd(a.port, a.address), check=False, env=env)
+
+
+def _actor() -> str:
+    """Who runs the command, for the audit log: the operating-system user."""
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+def _new_password(username: str) -> str:
+    """A new password from WORKBENCH_NEW_PASSWORD, or typed twice at a prompt (never argv)."""
+    import getpass
+
+    env = os.environ.get("WORKBENCH_NEW_PASSWORD")
+    if env:
+        return env
+    first = getpass.getpass(f"New password for {username}: ")
+    if getpass.getpass("Repeat it: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def cmd_users(a: argparse.Namespace) -> None:
+    from workbench import users
+
+    settings = _settings()
+    if a.users_command == "add":
+        acc = users.add_user(settings, _actor(), a.name, a.role, _new_password(a.name))
+        print(f"added {acc.username} ({acc.role})")
+    elif a.users_command == "disable":
+        acc = users.disable_user(settings, _actor(), a.name)
+        print(f"disabled {acc.username}")
+    elif a.users_command == "reset-password":
+        acc = users.reset_password(settings, _actor(), a.name, _new_password(a.name))
+        print(f"new password set for {acc.username}; failed attempts and lock cleared")
+    else:
+        accounts = users.list_users(settings)
+        for acc in accounts:
+            state = "disabled" if acc.disabled else "locked" if acc.locked() else "active"
+            print(f"{acc.username:24s} {acc.role:10s} {state:8s} created {acc.created_at:%Y-%m-%d}")
+        print(f"{len(accounts)} users")
+
+
+def cmd_audit(a: argparse.Namespace) -> None:
+    from workbench import auditlog
+
+    settings = _settings()
+    if a.audit_command == "verify":
+        result = auditlog.verify(settings)
+        if result.bad_id is not None:
+            raise RuntimeError(
+                f"audit chain broken at event {result.bad_id} ({result.bad_action}): the row "
+                "was changed, or a row before it was inserted or deleted"
+            )
+        print(f"audit chain intact: {result.events} events")
+        return
+    n = auditlog.export(settings, a.format, a.out, actor=_actor())
+    if a.out:
+        print(f"exported {n} audit events to {a.out}")
+
+
+def _demo_account(settings) -> None:  # noqa: ANN001 - Settings, imported lazily
+    """A demo clinician to sign in with: WORKBENCH_DEMO_PASSWORD, or a random password printed
+    once (an existing demo account is left alone)."""
+    import secrets
+
+    from workbench import users
+
+    if users.get_account(settings, DEMO_USER) is not None:
+        print(f"[demo] sign in as {DEMO_USER!r} (its password was printed when it was created)")
+        return
+    password = os.environ.get("WORKBENCH_DEMO_PASSWORD") or secrets.token_urlsafe(12)
+    users.add_user(settings, _actor(), DEMO_USER, "clinician", password)
+    shown = "from WORKBENCH_DEMO_PASSWORD" if "WORKBENCH_DEMO_PASSWORD" in os.environ else password
+    print(f"[demo] clinician account {DEMO_USER!r}, password {shown} (shown once)")
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
@@ -492,6 +603,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     paths = build_report(settings, DEMO_MODEL, DEMO_COHORT, settings.home / "reports" / "demo")
     print(f"[demo] report: {paths[0]}")
     print(f"[demo] pipeline took {time.time() - t0:.0f} s")
+    _demo_account(settings)
     if not a.no_app:
         cmd_app(argparse.Namespace(port=a.port, address="127.0.0.1"))
 
@@ -509,6 +621,8 @@ COMMANDS = {
     "send": cmd_send,
     "app": cmd_app,
     "demo": cmd_demo,
+    "users": cmd_users,
+    "audit": cmd_audit,
 }
 
 

@@ -32,11 +32,20 @@ class Settings:
     # Multi-frame files at ingest: "volume" (every frame, one 3D array), "first", or a 0-based
     # frame index as text ("12"); a file without that frame is quarantined.
     frames: str = "volume"
+    # Sign-in: this many wrong passwords in a row lock the account for lockout_minutes;
+    # an app session idle for idle_minutes is signed out.
+    max_failed_signins: int = 5
+    lockout_minutes: float = 15.0
+    idle_minutes: float = 30.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def key_file(self) -> Path:
         return self.home / "pseudonym.key"
+
+    @property
+    def cookie_secret_file(self) -> Path:
+        return self.home / "cookie.secret"
 
 
 def get_settings() -> Settings:
@@ -57,6 +66,15 @@ def get_settings() -> Settings:
         raise ValueError("WORKBENCH_MAX_PIXEL_MB must be a whole number of MiB") from err
     frames = os.environ.get("WORKBENCH_FRAMES", "volume")
     check_frames(frames)
+    try:
+        max_failed = int(os.environ.get("WORKBENCH_MAX_FAILED_SIGNINS", "5"))
+        lockout = float(os.environ.get("WORKBENCH_LOCKOUT_MINUTES", "15"))
+        idle = float(os.environ.get("WORKBENCH_IDLE_MINUTES", "30"))
+    except ValueError as err:
+        raise ValueError(
+            "WORKBENCH_MAX_FAILED_SIGNINS, WORKBENCH_LOCKOUT_MINUTES and WORKBENCH_IDLE_MINUTES "
+            "must be numbers"
+        ) from err
     return Settings(
         home=home,
         database_url=url,
@@ -66,6 +84,9 @@ def get_settings() -> Settings:
         precision=precision,  # type: ignore[arg-type]
         max_pixel_mb=max_pixel_mb,
         frames=frames,
+        max_failed_signins=max_failed,
+        lockout_minutes=lockout,
+        idle_minutes=idle,
     )
 
 
@@ -74,6 +95,26 @@ def check_frames(frames: str) -> str:
     if frames in ("volume", "first") or (frames.isdigit() and frames.isascii()):
         return frames
     raise ValueError(f"frames must be volume, first or a 0-based frame index, not {frames!r}")
+
+
+def _secret_file(path: Path) -> bytes:
+    """A random secret kept (mode 0600) at ``path``, generated the first time it is asked for."""
+    if path.exists():
+        return path.read_bytes().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first: use theirs
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    return key
+
+
+def cookie_secret(settings: Settings) -> str:
+    """The app's cookie-signing secret: random, per installation, in the home (never committed)."""
+    return _secret_file(settings.cookie_secret_file).decode()
 
 
 def pseudonym_key(settings: Settings) -> bytes:
@@ -85,12 +126,4 @@ def pseudonym_key(settings: Settings) -> bytes:
     env = os.environ.get("WORKBENCH_PSEUDONYM_KEY")
     if env:
         return env.encode()
-    path = settings.key_file
-    if path.exists():
-        return path.read_bytes().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
-    return key
+    return _secret_file(settings.key_file)

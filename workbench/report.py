@@ -265,8 +265,8 @@ def age_band(age: int | None) -> str:
 def _latest_reviews(
     settings: Settings, bundle_hash: str, study_ids: Sequence[int]
 ) -> dict[int, dict[str, str]]:
-    """study id → reviewer → label of that reviewer's latest review of this bundle's
-    predictions of the study."""
+    """study id → reviewer → label of that reviewer's latest review (their current version) of
+    this bundle's predictions of the study. Adjudications are not reads and are left out."""
     out: dict[int, dict[str, str]] = defaultdict(dict)
     if not study_ids:
         return out
@@ -274,7 +274,11 @@ def _latest_reviews(
         q = (
             select(Review.study_id, Review.reviewer, Review.label)
             .join(Prediction, Prediction.id == Review.prediction_id)
-            .where(Prediction.bundle_hash == bundle_hash, Review.study_id.in_(list(study_ids)))
+            .where(
+                Prediction.bundle_hash == bundle_hash,
+                Review.study_id.in_(list(study_ids)),
+                Review.kind == "read",
+            )
             .order_by(Review.created_at, Review.id)
         )
         for study_id, reviewer, label in session.execute(q):

@@ -27,12 +27,14 @@ from sqlalchemy import (
     Engine,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     UniqueConstraint,
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -168,7 +170,18 @@ class Prediction(Base):
 
 
 class Review(Base):
+    """One version of one reader's review of a prediction; rows are never updated.
+
+    An edit adds a row with ``version + 1`` that names the row it supersedes; a reader's current
+    opinion is their highest version. ``kind`` is "read" (a clinician's read, first or second)
+    or "adjudication" (an admin settling readers who disagree).
+    """
+
     __tablename__ = "review"
+    # A unique index rather than a constraint: SQLite adds it without rebuilding the table.
+    __table_args__ = (
+        Index("uq_review_version", "prediction_id", "reviewer", "kind", "version", unique=True),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prediction_id: Mapped[int] = mapped_column(ForeignKey("prediction.id"), index=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
@@ -176,6 +189,30 @@ class Review(Base):
     agree: Mapped[bool] = mapped_column(Boolean)
     label: Mapped[str] = mapped_column(String(64))
     comment: Mapped[str] = mapped_column(String(4096), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16), default="read", server_default="read")
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    supersedes_id: Mapped[int | None] = mapped_column(
+        ForeignKey("review.id", name="fk_review_supersedes")
+    )
+    confidence: Mapped[int | None] = mapped_column(Integer)  # 1 (unsure) .. 5 (certain)
+    reason: Mapped[str] = mapped_column(String(1024), default="", server_default="")
+    seconds_spent: Mapped[float | None] = mapped_column(Float)
+    # Every label the reader holds true (multi-label problems); ``label`` is the main one.
+    corrected_labels: Mapped[list[Any] | None] = mapped_column(JSON)
+
+
+class UserAccount(Base):
+    """A person who may sign in to the app; the password is kept as an argon2id hash only."""
+
+    __tablename__ = "user_account"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(16))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    failed_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -274,6 +311,21 @@ def _audit_fields(ev: AuditEvent) -> dict[str, Any]:
     }
 
 
+# Any constant: PostgreSQL's transaction-level advisory lock that serialises appends to the chain.
+_APPEND_LOCK = 7_300_417
+
+
+def lock_for_append(session: Session) -> None:
+    """Serialise this transaction's appends (audit chain, review versions) with everyone else's.
+
+    SQLite already runs one writer at a time (``BEGIN IMMEDIATE``). PostgreSQL, under READ
+    COMMITTED, would let two transactions read the same last audit row and fork the chain, so
+    they queue on an advisory lock that is released at commit or rollback.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _APPEND_LOCK})
+
+
 def record_audit(
     session: Session,
     actor: str,
@@ -285,6 +337,7 @@ def record_audit(
     reason: str = "",
 ) -> AuditEvent:
     """Append one audit event, chained to the previous one by hash."""
+    lock_for_append(session)
     last = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(1)).first()
     prev = last.hash if last else GENESIS
     ev = AuditEvent(
@@ -305,14 +358,20 @@ def record_audit(
     return ev
 
 
-def verify_audit(session: Session) -> int | None:
-    """Id of the first audit row whose chain does not hold, or None when all rows check out."""
+def first_bad_audit(session: Session) -> AuditEvent | None:
+    """The first audit row whose chain does not hold (edited, inserted or deleted before it)."""
     prev = GENESIS
     for ev in session.scalars(select(AuditEvent).order_by(AuditEvent.id)):
         if ev.prev_hash != prev or ev.hash != _event_hash(prev, _audit_fields(ev)):
-            return ev.id
+            return ev
         prev = ev.hash
     return None
+
+
+def verify_audit(session: Session) -> int | None:
+    """Id of the first audit row whose chain does not hold, or None when all rows check out."""
+    bad = first_bad_audit(session)
+    return bad.id if bad is not None else None
 
 
 def new_session(url: str) -> Session:

@@ -1,29 +1,51 @@
-"""Who is using the app: sign-in, the signed-in reviewer, and the guard every page calls.
+"""Who is using the app: sign-in with a password, roles, idle time-out, and the guard every page
+calls.
 
-For now a reviewer's name is enough. Roles and passwords plug in at :func:`authenticate`
-(check a credential, look up a role) without touching the pages: they only ever call
-:func:`require_reviewer` and read the :class:`Reviewer` it returns.
+Accounts live in the database (:mod:`workbench.users`: argon2id hashes, lockout, audit). The
+session keeps only the user name and role; every run re-checks that the account is still enabled
+and that the session has not been idle too long. Pages call :func:`require_page` with their own
+name, so a page refuses a wrong-role session even when reached by URL.
 """
 
 from __future__ import annotations
 
-import re
+import contextlib
+import time
 from dataclasses import dataclass
-from typing import Literal
 
 import streamlit as st
+from streamlit.errors import StreamlitAPIException
 
-from workbench.ui.common import page_file
+from workbench import users
+from workbench.ui.common import PAGE_FILES, PageName, page_file, settings
 
-Role = Literal["clinician", "researcher", "auditor"]
+Role = users.Role
+SignInError = users.SignInError
 
 SESSION_KEY = "reviewer"
-# Letters (any script), digits, space and . ' - _ ; 1 to 64 characters.
-_NAME = re.compile(r"[^\W][\w .'-]{0,63}")
+LAST_SEEN = "auth_last_seen"
+FLASH = "auth_flash"  # a message for the sign-in page (why the session ended)
+GO_HOME = "auth_go_home"
 
-
-class SignInError(ValueError):
-    """A sign-in that cannot be accepted; the message is shown to the user."""
+ALL_ROLES: frozenset[Role] = frozenset(users.ROLES)
+# Which roles may open which page. The app's menu and every page's own guard read this one table.
+PAGE_ROLES: dict[PageName, frozenset[Role]] = {
+    "signin": ALL_ROLES,
+    "worklist": frozenset({"clinician", "admin"}),
+    "study": frozenset({"clinician", "admin"}),
+    "cohorts": frozenset({"researcher", "admin"}),
+    "reports": frozenset({"researcher", "auditor", "admin"}),
+    "audit": frozenset({"auditor", "admin"}),
+    "adjudication": frozenset({"admin"}),
+}
+# Where each role lands after signing in.
+HOME: dict[Role, PageName] = {
+    "clinician": "worklist",
+    "researcher": "cohorts",
+    "auditor": "reports",
+    "admin": "worklist",
+}
+assert set(PAGE_ROLES) == set(PAGE_FILES)
 
 
 @dataclass(frozen=True)
@@ -32,44 +54,71 @@ class Reviewer:
     role: Role = "clinician"
 
 
-def authenticate(name: str, password: str | None = None) -> Reviewer:
-    """The reviewer for these credentials, or :class:`SignInError`.
+def may_open(role: Role, page: PageName) -> bool:
+    return role in PAGE_ROLES[page]
 
-    The seam for real authentication: today any well-formed name signs in as a clinician and
-    ``password`` is ignored.
-    """
-    name = " ".join(name.split())
-    if not name:
-        raise SignInError("Enter your name to sign in.")
-    if not _NAME.fullmatch(name):
-        raise SignInError("Use letters, digits, spaces and . ' - _ (at most 64 characters).")
-    return Reviewer(name=name)
+
+def allowed_pages(role: Role) -> list[PageName]:
+    return [p for p in PAGE_FILES if may_open(role, p)]
+
+
+def authenticate(name: str, password: str) -> Reviewer:
+    """The reviewer for these credentials, or :class:`SignInError` (audited either way)."""
+    account = users.authenticate(settings(), name, password)
+    return Reviewer(name=account.username, role=account.role)
 
 
 def sign_in(reviewer: Reviewer) -> None:
     # A plain dict, not the dataclass: it survives Streamlit reloading this module in development.
     st.session_state[SESSION_KEY] = {"name": reviewer.name, "role": reviewer.role}
+    st.session_state[LAST_SEEN] = time.time()
+    st.session_state[GO_HOME] = True
+    st.session_state.pop("signin_password", None)  # the typed password does not linger
 
 
-def sign_out() -> None:
-    # Drop everything the session holds: drafts, selections and the reviewer.
+def sign_out(reason: str = "") -> None:
+    """End the session (audited) and drop everything it holds: drafts, selections, the user."""
+    stored = st.session_state.get(SESSION_KEY)
+    if isinstance(stored, dict) and stored.get("name"):
+        users.record_sign_out(settings(), str(stored["name"]), reason)
     for key in list(st.session_state.keys()):
         del st.session_state[key]
 
 
 def current_reviewer() -> Reviewer | None:
+    """The signed-in reviewer, or None. Ends the session when it has been idle too long or the
+    account was disabled since, and leaves the sign-in page a message saying so."""
     stored = st.session_state.get(SESSION_KEY)
     if not isinstance(stored, dict) or not stored.get("name"):
         return None
-    return Reviewer(name=str(stored["name"]), role=stored.get("role", "clinician"))
+    s = settings()
+    now = time.time()
+    last = float(st.session_state.get(LAST_SEEN, 0.0))
+    if now - last > s.idle_minutes * 60:
+        sign_out("idle")
+        st.session_state[FLASH] = (
+            f"You were signed out after {s.idle_minutes:g} minutes without activity."
+        )
+        return None
+    account = users.get_account(s, str(stored["name"]))
+    if account is None or account.disabled or account.role != stored.get("role"):
+        sign_out("account changed")
+        st.session_state[FLASH] = "Your account was changed by an administrator; sign in again."
+        return None
+    st.session_state[LAST_SEEN] = now
+    return Reviewer(name=account.username, role=account.role)
 
 
-def require_reviewer() -> Reviewer:
-    """The signed-in reviewer; otherwise say so, link to the sign-in page and stop the page."""
+def require_page(page: PageName) -> Reviewer:
+    """The signed-in reviewer if their role may use ``page``; otherwise say why and stop."""
     reviewer = current_reviewer()
     if reviewer is None:
         st.warning("Please sign in to use the review workbench.")
-        st.page_link(str(page_file("signin")), label="Go to sign-in", icon=":material/login:")
+        with contextlib.suppress(StreamlitAPIException):  # no link when run outside the app
+            st.page_link(str(page_file("signin")), label="Go to sign-in", icon=":material/login:")
+        st.stop()
+    if not may_open(reviewer.role, page):
+        st.error(f"This page is not open to the {reviewer.role} role.")
         st.stop()
     _sidebar(reviewer)
     return reviewer

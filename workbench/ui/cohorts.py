@@ -13,7 +13,7 @@ from workbench.bundle import BundleInfo, list_bundles
 from workbench.catalog import cohort_summary, quarantine_report
 from workbench.config import Settings
 from workbench.ui import data
-from workbench.ui.auth import require_reviewer
+from workbench.ui.auth import require_page
 from workbench.ui.common import settings
 
 SPLIT_ORDER = ("train", "calibration", "test", data.UNASSIGNED)
@@ -140,7 +140,7 @@ def quarantine_panel(s: Settings) -> None:
 
 
 def main() -> None:
-    require_reviewer()
+    require_page("cohorts")
     s = settings()
     st.title("Cohorts and models")
     summaries = data.cohort_summaries(s)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from workbench.config import Settings, get_settings
 
-PageName = Literal["signin", "worklist", "study", "cohorts", "reports"]
+PageName = Literal["signin", "worklist", "study", "cohorts", "reports", "audit", "adjudication"]
 
 _HERE = Path(__file__).resolve().parent
 PAGE_FILES: dict[PageName, str] = {
@@ -21,6 +21,8 @@ PAGE_FILES: dict[PageName, str] = {
     "study": "study.py",
     "cohorts": "cohorts.py",
     "reports": "reports.py",
+    "audit": "audit.py",
+    "adjudication": "adjudication.py",
 }
 
 # Session-state keys shared between pages (per user: st.session_state is per browser session).

@@ -1,4 +1,5 @@
-"""What the app reads from the store and the model bundles, and the one thing it writes (reviews).
+"""What the app reads from the store and the model bundles; reviews (the app's one write) come
+from :mod:`workbench.reviews` and are re-exported here for the pages.
 
 Pages get plain frozen records, never ORM objects: nothing lazy-loads after its session closed,
 and nothing here carries a UID or a file path, only study keys and pseudonyms. No Streamlit in
@@ -12,32 +13,41 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
 
 from sqlalchemy import distinct, func, select
 
 from workbench.bundle import version_number
 from workbench.config import Settings
 from workbench.inference import latest_predictions
+
+# Reviews live in workbench.reviews; the pages reach them through this module.
+from workbench.reviews import (  # noqa: F401
+    ADJUDICATE_ACTION,
+    REVIEW_ACTION,
+    REVISE_ACTION,
+    Dispute,
+    ReviewError,
+    ReviewRecord,
+    ReviewStatus,
+    current_reads,
+    disputes,
+    other_readers,
+    review_status,
+    reviews_for,
+    save_review,
+)
 from workbench.store import (
     Cohort,
     CohortMember,
     Prediction,
-    Review,
     Study,
     new_session,
     record_audit,
     session_scope,
 )
 
-ReviewStatus = Literal["unreviewed", "agreed", "disagreed"]
-REVIEW_ACTION = "review.create"
 REPORT_ACTION = "report.build"
 UNASSIGNED = "unassigned"
-
-
-class ReviewError(ValueError):
-    """A review that cannot be stored as given (unknown prediction, label not a class...)."""
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -105,17 +115,6 @@ class PredictionDetail:
 
 
 @dataclass(frozen=True)
-class ReviewRecord:
-    id: int
-    prediction_id: int
-    reviewer: str
-    agree: bool
-    label: str
-    comment: str
-    created_at: datetime
-
-
-@dataclass(frozen=True)
 class CohortSummary:
     name: str
     created_at: datetime
@@ -138,12 +137,6 @@ def _top_finding(probabilities: dict[str, float], priority: float, target: str |
     return min(probabilities, key=lambda c: abs(probabilities[c] - priority))
 
 
-def _status(review: Review | None) -> ReviewStatus:
-    if review is None:
-        return "unreviewed"
-    return "agreed" if review.agree else "disagreed"
-
-
 def list_models(settings: Settings) -> list[ModelRef]:
     """Models with stored predictions, the most recently used first."""
     with new_session(settings.database_url) as session:
@@ -160,21 +153,14 @@ def list_models(settings: Settings) -> list[ModelRef]:
     return sorted(models, key=lambda m: (m.newest, version_number(m.version)), reverse=True)
 
 
-def _latest_reviews(session: Any, prediction_ids: list[int]) -> dict[int, Review]:
-    latest: dict[int, Review] = {}
-    if not prediction_ids:
-        return latest
-    q = select(Review).where(Review.prediction_id.in_(prediction_ids)).order_by(Review.id)
-    for review in session.scalars(q):
-        latest[review.prediction_id] = review
-    return latest
+def worklist(settings: Settings, bundle_hash: str, viewer: str | None = None) -> list[WorklistRow]:
+    """The newest prediction per study of one model, highest priority first.
 
-
-def worklist(settings: Settings, bundle_hash: str) -> list[WorklistRow]:
-    """The newest prediction per study of one model, highest priority first."""
+    With ``viewer`` the statuses are as that (blinded) reader may see them.
+    """
     preds = latest_predictions(settings, bundle_hash)
     with new_session(settings.database_url) as session:
-        reviews = _latest_reviews(session, [p.id for p in preds.values()])
+        reviews = current_reads(session, [p.id for p in preds.values()])
     rows = []
     for p in preds.values():
         target = next((im.get("saliency_target") for im in p.per_image), None)
@@ -188,7 +174,7 @@ def worklist(settings: Settings, bundle_hash: str) -> list[WorklistRow]:
                 top_finding=_top_finding(p.probabilities, p.priority, target),
                 priority=float(p.priority),
                 top_k=tuple((str(c), float(v)) for c, v in p.top_k),
-                status=_status(reviews.get(p.id)),
+                status=review_status(reviews.get(p.id), viewer),
             )
         )
     return sorted(rows, key=lambda r: (-r.priority, r.study_key))
@@ -232,25 +218,6 @@ def load_prediction(settings: Settings, prediction_id: int) -> PredictionDetail 
             explain_method=p.explain_method,
             created_at=p.created_at,
         )
-
-
-def _record(r: Review) -> ReviewRecord:
-    return ReviewRecord(
-        id=r.id,
-        prediction_id=r.prediction_id,
-        reviewer=r.reviewer,
-        agree=r.agree,
-        label=r.label,
-        comment=r.comment,
-        created_at=r.created_at,
-    )
-
-
-def reviews_for(settings: Settings, prediction_id: int) -> list[ReviewRecord]:
-    """Every review of one prediction, newest first."""
-    with new_session(settings.database_url) as session:
-        q = select(Review).where(Review.prediction_id == prediction_id).order_by(Review.id.desc())
-        return [_record(r) for r in session.scalars(q)]
 
 
 def cohort_summaries(settings: Settings) -> list[CohortSummary]:
@@ -298,75 +265,6 @@ def cohort_summaries(settings: Settings) -> list[CohortSummary]:
         )
         for c in cohorts
     ]
-
-
-# --- the one write ---------------------------------------------------------------------------
-
-
-def save_review(
-    settings: Settings,
-    reviewer: str,
-    prediction_id: int,
-    agree: bool,
-    label: str,
-    comment: str,
-) -> ReviewRecord:
-    """Store a review and its audit event ("review.create") in one transaction.
-
-    Either both rows are committed or neither is; database errors propagate to the caller.
-    """
-    comment = comment.strip()
-    with session_scope(settings.database_url) as session:
-        pred = session.get(Prediction, prediction_id)
-        if pred is None:
-            raise ReviewError(f"prediction {prediction_id} no longer exists")
-        if label not in pred.probabilities:
-            raise ReviewError(f"{label!r} is not one of the model's classes")
-        previous = _latest_reviews(session, [prediction_id]).get(prediction_id)
-        review = Review(
-            prediction_id=pred.id,
-            study_id=pred.study_id,
-            reviewer=reviewer,
-            agree=agree,
-            label=label,
-            comment=comment,
-        )
-        session.add(review)
-        session.flush()
-        fields = {
-            "prediction_id": pred.id,
-            "study_key": pred.study.study_key,
-            "model": f"{pred.model_name}/{pred.model_version}",
-            "bundle_hash": pred.bundle_hash,
-            "predicted_label": pred.predicted_label,
-        }
-        old = None
-        if previous is not None:
-            old = {
-                "review_id": previous.id,
-                "reviewer": previous.reviewer,
-                "agree": previous.agree,
-                "label": previous.label,
-                "comment": previous.comment,
-            }
-        record_audit(
-            session,
-            actor=reviewer,
-            action=REVIEW_ACTION,
-            object_type="review",
-            object_id=review.id,
-            old_value=old,
-            new_value={
-                **fields,
-                "review_id": review.id,
-                "reviewer": reviewer,
-                "agree": agree,
-                "label": label,
-                "comment": comment,
-            },
-            reason=comment,
-        )
-        return _record(review)
 
 
 def record_report(

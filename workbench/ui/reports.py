@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from workbench.bundle import list_bundles
 from workbench.ui import data
-from workbench.ui.auth import require_reviewer
+from workbench.ui.auth import require_page
 from workbench.ui.common import settings
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def downloads(built: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    reviewer = require_reviewer()
+    reviewer = require_page("reports")
     s = settings()
     st.title("Consistency report")
     st.caption(

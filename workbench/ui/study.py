@@ -4,6 +4,7 @@ and the review form (agree, or disagree with a corrected label and a reason)."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pandas as pd
 import streamlit as st
@@ -11,13 +12,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from workbench.config import Settings
 from workbench.ui import data, imaging
-from workbench.ui.auth import Reviewer, require_reviewer
+from workbench.ui.auth import Reviewer, require_page
 from workbench.ui.common import OPEN_PREDICTION, format_top_k, page_file, percent, settings
+from workbench.ui.worklist import blind_viewer
 
 log = logging.getLogger(__name__)
 
 METHOD_NAMES = {"gradcam": "Grad-CAM", "ig": "Integrated Gradients", "occlusion": "Occlusion"}
 ASSESSMENTS = ("Agree", "Disagree")
+CONFIDENCE = {1: "1 unsure", 2: "2", 3: "3", 4: "4", 5: "5 certain"}
 # Viewer settings follow the reviewer from study to study (and across pages).
 VIEWER_DEFAULTS = {"wl_center": 0.5, "wl_width": 1.0, "heat_alpha": 0.4}
 
@@ -54,13 +57,13 @@ def header(detail: data.PredictionDetail) -> None:
     st.caption(" · ".join(f for f in facts if f))
 
 
-def navigation_buttons(s: Settings, detail: data.PredictionDetail) -> None:
+def navigation_buttons(s: Settings, reviewer: Reviewer, detail: data.PredictionDetail) -> None:
     back, nxt, _ = st.columns([1, 1, 3])
     if back.button("Worklist", icon=":material/arrow_back:", width="stretch"):
         st.switch_page(str(page_file("worklist")))
     queue = [
         r.prediction_id
-        for r in data.worklist(s, detail.bundle_hash)
+        for r in data.worklist(s, detail.bundle_hash, viewer=blind_viewer(reviewer))
         if r.status == "unreviewed" and r.prediction_id != detail.prediction_id
     ]
     if nxt.button(
@@ -208,14 +211,27 @@ def validate(assessment: str | None, label: str, comment: str, predicted: str) -
 
 
 def review_form(s: Settings, reviewer: Reviewer, detail: data.PredictionDetail) -> None:
-    st.subheader("Your review")
     key = f"review_{detail.prediction_id}"
+    mine = data.reviews_for(s, detail.prediction_id, reviewer=reviewer.name)
+    current = mine[0] if mine else None
+    st.subheader("Your review" if current is None else f"Your review (version {current.version})")
+    others = data.other_readers(s, detail.prediction_id, reviewer.name)
+    if others and reviewer.role == "clinician":
+        st.info(
+            "Second read: another clinician has read this study. Their read is hidden from you "
+            "so that the two reads stay independent."
+        )
+    # The time spent is measured from the first time this reader opened the study.
+    opened = st.session_state.setdefault(f"{key}_opened", time.time())
     classes = list(detail.classes)
+    start_label = current.label if current else detail.predicted_label
     with st.form(f"{key}_form", clear_on_submit=False):
         assessment = st.radio(
             "Do you agree with the model?",
             ASSESSMENTS,
-            index=None,
+            index=None
+            if current is None
+            else ASSESSMENTS.index("Agree" if current.agree else "Disagree"),
             horizontal=True,
             key=f"{key}_assessment",
             persist_state="session",
@@ -223,8 +239,16 @@ def review_form(s: Settings, reviewer: Reviewer, detail: data.PredictionDetail) 
         label = st.selectbox(
             "Label (correct it when you disagree)",
             classes,
-            index=classes.index(detail.predicted_label) if detail.predicted_label in classes else 0,
+            index=classes.index(start_label) if start_label in classes else 0,
             key=f"{key}_label",
+            persist_state="session",
+        )
+        confidence = st.select_slider(
+            "Confidence",
+            options=list(CONFIDENCE),
+            value=current.confidence if current and current.confidence else 3,
+            format_func=lambda c: CONFIDENCE[c],
+            key=f"{key}_confidence",
             persist_state="session",
         )
         comment = st.text_area(
@@ -233,11 +257,22 @@ def review_form(s: Settings, reviewer: Reviewer, detail: data.PredictionDetail) 
             key=f"{key}_comment",
             persist_state="session",
         )
-        submitted = st.form_submit_button("Submit review", type="primary")
+        reason = ""
+        if current is not None:
+            reason = st.text_input(
+                "Why do you change your review? (the earlier version is kept)",
+                max_chars=1000,
+                key=f"{key}_reason",
+            )
+        submitted = st.form_submit_button(
+            "Submit review" if current is None else "Save new version", type="primary"
+        )
 
     receipt_key = f"{key}_receipt"
     if submitted:
         problem = validate(assessment, str(label), comment, detail.predicted_label)
+        if current is not None and not problem and not reason.strip():
+            problem = "Say why you change your review."
         if problem:
             st.error(problem)
         else:
@@ -249,36 +284,49 @@ def review_form(s: Settings, reviewer: Reviewer, detail: data.PredictionDetail) 
                     agree=assessment == "Agree",
                     label=str(label),
                     comment=comment,
+                    role=reviewer.role,
+                    confidence=int(confidence),
+                    reason=reason,
+                    seconds_spent=round(time.time() - float(opened), 1),
                 )
             except data.ReviewError as err:
                 st.error(f"The review was not saved: {err}. Your entries are kept above.")
             except (SQLAlchemyError, OSError) as err:
                 log.warning("review of prediction %s not saved: %s", detail.prediction_id, err)
-                reason = getattr(err, "orig", None) or err
+                reason_text = getattr(err, "orig", None) or err
                 st.error(
-                    f"The review was not saved: the database reported “{reason}”. "
+                    f"The review was not saved: the database reported “{reason_text}”. "
                     "Your entries are kept above; submit again when the database is back."
                 )
             else:
                 st.session_state[receipt_key] = saved.id
+                st.session_state[f"{key}_opened"] = time.time()  # a next version's own time
+                st.rerun()  # show the form as the next version
     receipt = st.session_state.get(receipt_key)
     if receipt is not None:
         st.success(f"Review #{receipt} saved and recorded in the audit log.")
 
 
-def history(s: Settings, detail: data.PredictionDetail) -> None:
-    reviews = data.reviews_for(s, detail.prediction_id)
+def history(s: Settings, reviewer: Reviewer, detail: data.PredictionDetail) -> None:
+    """Every version of the reviews; a clinician sees only their own (reads are blind)."""
+    viewer = blind_viewer(reviewer)
+    reviews = data.reviews_for(s, detail.prediction_id, reviewer=viewer)
     if not reviews:
         return
-    with st.expander(f"Reviews of this prediction ({len(reviews)})", expanded=True):
+    title = "Your reviews" if viewer else "Reviews of this prediction"
+    with st.expander(f"{title} ({len(reviews)})", expanded=True):
         st.dataframe(
             pd.DataFrame(
                 {
                     "When (UTC)": [f"{r.created_at:%Y-%m-%d %H:%M}" for r in reviews],
                     "Reviewer": [r.reviewer for r in reviews],
+                    "Kind": [r.kind for r in reviews],
+                    "Version": [r.version for r in reviews],
                     "Assessment": ["agreed" if r.agree else "disagreed" for r in reviews],
                     "Label": [r.label for r in reviews],
+                    "Confidence": [r.confidence for r in reviews],
                     "Comment": [r.comment for r in reviews],
+                    "Why changed": [r.reason for r in reviews],
                 }
             ),
             hide_index=True,
@@ -287,7 +335,7 @@ def history(s: Settings, detail: data.PredictionDetail) -> None:
 
 
 def main() -> None:
-    reviewer = require_reviewer()
+    reviewer = require_page("study")
     s = settings()
     chosen = st.session_state.get(OPEN_PREDICTION)
     detail = data.load_prediction(s, int(chosen)) if chosen is not None else None
@@ -297,14 +345,14 @@ def main() -> None:
         st.page_link(str(page_file("worklist")), label="Worklist", icon=":material/list:")
         return
     header(detail)
-    navigation_buttons(s, detail)
+    navigation_buttons(s, reviewer, detail)
     left, right = st.columns([3, 2], gap="large")
     with left:
         viewer(s, detail)
     with right:
         findings(detail)
         review_form(s, reviewer, detail)
-        history(s, detail)
+        history(s, reviewer, detail)
 
 
 if __name__ == "__main__":

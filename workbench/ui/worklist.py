@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from workbench.ui import data
-from workbench.ui.auth import require_reviewer
+from workbench.ui.auth import Reviewer, require_page
 from workbench.ui.common import (
     OPEN_PREDICTION,
     WORKLIST_MODEL,
@@ -17,8 +17,24 @@ from workbench.ui.common import (
     settings,
 )
 
-STATUS_TEXT = {"unreviewed": "Unreviewed", "agreed": "Agreed", "disagreed": "Disagreed"}
-FILTERS = ("All", "Unreviewed", "Reviewed")
+STATUS_TEXT = {
+    "unreviewed": "Unreviewed",
+    "agreed": "Agreed",
+    "disagreed": "Disagreed",
+    "disputed": "Disputed",
+    "read_by_other": "Second read open",
+}
+FILTERS = ("All", "Unreviewed", "Reviewed", "Disputed")
+SHOWN: dict[str, set[str]] = {
+    "Unreviewed": {"unreviewed"},
+    "Reviewed": {"agreed", "disagreed", "read_by_other"},
+    "Disputed": {"disputed"},
+}
+
+
+def blind_viewer(reviewer: Reviewer) -> str | None:
+    """Clinicians read blind to each other; admins (who adjudicate) see every read."""
+    return reviewer.name if reviewer.role == "clinician" else None
 
 
 def open_study(prediction_id: int) -> None:
@@ -43,7 +59,7 @@ def table(rows: list[data.WorklistRow]) -> pd.DataFrame:
 
 
 def main() -> None:
-    require_reviewer()
+    reviewer = require_page("worklist")
     s = settings()
     st.title("Worklist")
 
@@ -66,19 +82,17 @@ def main() -> None:
         "Show", FILTERS, horizontal=True, key="worklist_filter", persist_state="session"
     )
 
-    rows = data.worklist(s, bundle_hash)
+    rows = data.worklist(s, bundle_hash, viewer=blind_viewer(reviewer))
     counts = {k: sum(r.status == k for r in rows) for k in STATUS_TEXT}
     st.caption(
-        f"{len(rows)} studies · {counts['unreviewed']} unreviewed · {counts['agreed']} agreed · "
-        f"{counts['disagreed']} disagreed. Sorted by the calibrated probability of the most "
-        "probable finding, highest first."
+        f"{len(rows)} studies · "
+        + " · ".join(f"{n} {STATUS_TEXT[k].lower()}" for k, n in counts.items() if n)
+        + ". Sorted by the calibrated probability of the most probable finding, highest first."
     )
-    if shown == "Unreviewed":
-        rows = [r for r in rows if r.status == "unreviewed"]
-    elif shown == "Reviewed":
-        rows = [r for r in rows if r.status != "unreviewed"]
+    if shown in SHOWN:
+        rows = [r for r in rows if r.status in SHOWN[shown]]
     if not rows:
-        st.success("Nothing to show: every study in this list has been reviewed.")
+        st.success(f"Nothing to show under “{shown}”.")
         return
 
     st.dataframe(

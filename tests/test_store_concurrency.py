@@ -1,0 +1,179 @@
+"""Concurrent review writers: 8 processes x 300 reviews against SQLite (WAL, BEGIN IMMEDIATE)
+and against a real PostgreSQL (``tests/postgres.py``). No review may be lost or duplicated, no
+writer may see a lock error, versions must stay contiguous per reader, and the audit chain must
+still verify. The throughput is printed, not asserted (the machine is shared)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.postgres import postgres_fixture
+from workbench.config import Settings
+from workbench.store import (
+    AuditEvent,
+    Patient,
+    Prediction,
+    Review,
+    Study,
+    get_engine,
+    session_scope,
+    verify_audit,
+)
+
+WORKERS = 8
+WRITES = 300
+READERS = 4  # two processes share each reader name, so they race for the same version numbers
+PREDICTIONS = 12
+CLASSES = ("normal", "effusion")
+
+postgres = postgres_fixture("module")
+
+
+def _settings(url: str) -> Settings:
+    tmp = Path(tempfile.gettempdir())
+    return Settings(home=tmp, database_url=url, models_dir=tmp, cache_dir=tmp)
+
+
+def seed(url: str) -> list[int]:
+    """A handful of predictions to review (no images: reviews only need the rows)."""
+    with session_scope(url) as s:
+        s.add(Patient(pseudonym="p0"))
+        ids = []
+        for i in range(PREDICTIONS):
+            study = Study(study_uid=f"1.2.3.{i}", study_key=f"S{i:04d}", patient_pseudonym="p0")
+            s.add(study)
+            s.flush()
+            pred = Prediction(
+                study_id=study.id,
+                model_name="m",
+                model_version="v1",
+                bundle_hash="h",
+                code_version="c",
+                transform_hash="t",
+                pixel_hashes=[],
+                probabilities={"normal": 0.7, "effusion": 0.3},
+                raw_probabilities={"normal": 0.7, "effusion": 0.3},
+                predicted_label="normal",
+                top_k=[["normal", 0.7]],
+                priority=0.7,
+                per_image=[],
+            )
+            s.add(pred)
+            s.flush()
+            ids.append(pred.id)
+    return ids
+
+
+def write_reviews(
+    url: str, worker: int, prediction_ids: list[int], barrier: Any, results: Any
+) -> None:
+    """One writer process: WRITES reviews, each its own transaction with its audit event."""
+    from workbench.reviews import save_review
+
+    settings = _settings(url)
+    get_engine(url)  # connect (and check the schema) before the clock starts
+    errors: list[str] = []
+    barrier.wait()
+    for j in range(WRITES):
+        agree = (worker + j) % 3 != 0
+        try:
+            save_review(
+                settings,
+                f"reader{worker % READERS}",
+                prediction_ids[(worker + j) % len(prediction_ids)],
+                agree=agree,
+                label=CLASSES[0] if agree else CLASSES[1],
+                comment="",
+                reason=f"w{worker}-{j}",  # unique per write: finds lost and duplicated rows
+                confidence=1 + j % 5,
+            )
+        except Exception as err:  # noqa: BLE001 - reported to the parent, which fails the test
+            errors.append(f"{type(err).__name__}: {err}"[:300])
+    results.put((worker, errors))
+
+
+def run_writers(url: str) -> tuple[float, list[str]]:
+    ids = seed(url)
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(WORKERS + 1)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=write_reviews, args=(url, w, ids, barrier, results))
+        for w in range(WORKERS)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        barrier.wait(timeout=120)
+        t0 = time.perf_counter()
+        errors: list[str] = []
+        for _ in procs:
+            _, errs = results.get(timeout=300)
+            errors += errs
+        elapsed = time.perf_counter() - t0
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return elapsed, errors
+
+
+def check(url: str) -> None:
+    with session_scope(url) as s:
+        rows = s.scalars(select(Review).order_by(Review.id)).all()
+        reasons = [r.reason for r in rows]
+        expected = {f"w{w}-{j}" for w in range(WORKERS) for j in range(WRITES)}
+        assert len(rows) == WORKERS * WRITES
+        assert set(reasons) == expected and len(set(reasons)) == len(reasons)
+        # Each reader's versions of a prediction are 1..n, each superseding the one before.
+        chains: dict[tuple[int, str], list[Review]] = {}
+        for r in rows:
+            chains.setdefault((r.prediction_id, r.reviewer), []).append(r)
+        for chain in chains.values():
+            chain.sort(key=lambda r: r.version)
+            assert [r.version for r in chain] == list(range(1, len(chain) + 1))
+            assert [r.supersedes_id for r in chain] == [None] + [r.id for r in chain[:-1]]
+        n_events = s.scalar(
+            select(func.count()).select_from(AuditEvent).where(AuditEvent.action.like("review.%"))
+        )
+        assert n_events == WORKERS * WRITES
+        assert verify_audit(s) is None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.timeout(300)
+def test_concurrent_review_writers_lose_and_duplicate_nothing(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture
+) -> None:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'workbench.db'}"
+    else:
+        url = request.getfixturevalue("postgres").create_database("concurrency")
+    get_engine(url)  # the schema, migrated once before the writers start
+    elapsed, errors = run_writers(url)
+    assert errors == [], errors[:5]
+    check(url)
+    with capsys.disabled():
+        print(
+            f"\n{backend}: {WORKERS} processes x {WRITES} review writes in {elapsed:.1f} s = "
+            f"{WORKERS * WRITES / elapsed:.0f} transactions/s"
+        )
+
+
+def test_the_migrations_build_the_models_schema_on_postgresql(postgres) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from workbench.store import Base
+
+    engine = get_engine(postgres.create_database("schema"))
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
