@@ -166,6 +166,14 @@ class Prediction(Base):
     per_image: Mapped[list[Any]] = mapped_column(JSON)
     explain_method: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # What the bundle ships for trust (None when it ships none): the conformal prediction set
+    # {"coverage", "classes"}, the out-of-distribution result {"flagged", "score", "threshold",
+    # "reasons"} with its flag as a column for the worklist filter, and the most similar
+    # training studies [{"study_key", "label", "similarity"}].
+    prediction_set: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    ood_flag: Mapped[bool | None] = mapped_column(Boolean, index=True)
+    ood: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    similar: Mapped[list[Any] | None] = mapped_column(JSON)
     study: Mapped[Study] = relationship()
 
 
