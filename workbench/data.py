@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -98,16 +98,22 @@ def train_transforms(spec: InputSpec) -> Compose:
     )
 
 
-def to_records(items: Sequence[CohortItem], classes: Sequence[str]) -> list[dict[str, Any]]:
-    """One record per model input (image or volume) with its study's label index."""
+def to_records(
+    items: Sequence[CohortItem],
+    classes: Sequence[str],
+    target: Callable[[str | None], Any] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per model input (image or volume) with its study's target: by default the
+    label's class index; ``target(label)`` gives another encoding (e.g. a (K,) multi-hot)."""
     index = {c: i for i, c in enumerate(classes)}
     out = []
     for it in items:
+        y = target(it.label) if target is not None else index.get(it.label or "", -1)
         for path, view, ph in zip(it.images, it.views, it.pixel_hashes, strict=True):
             out.append(
                 {
                     "image": str(path),
-                    "label": index.get(it.label or "", -1),
+                    "label": y,
                     "study_id": it.study_id,
                     "view": view,
                     "pixel_hash": ph,
