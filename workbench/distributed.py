@@ -131,16 +131,21 @@ class _GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
+        import warnings
+
         from torch.distributed.nn.functional import all_reduce
 
         dims = [0, *range(2, x.dim())]  # every axis but the channel: x is (B, C, ...)
-        xf = x.float()
-        count = torch.tensor(
-            [float(xf.numel() // xf.shape[1])], device=x.device, dtype=torch.float32
-        )
-        # (C,) sums and squared sums over this rank's share, then over all ranks
-        stats = torch.cat([count, xf.sum(dims), (xf * xf).sum(dims)])
-        stats = all_reduce(stats)
+        # float64 sums: var = E[x^2] - E[x]^2 cancels badly in float32 where the mean is large
+        # against the spread (the stem's BatchNorm, fed by raw intensities).
+        xd = x.double()
+        count = torch.tensor([float(x.numel() // x.shape[1])], device=x.device, dtype=xd.dtype)
+        # (1 + 2C,): count, per-channel sums and squared sums over this rank's share
+        stats = torch.cat([count, xd.sum(dims), (xd * xd).sum(dims)])
+        with warnings.catch_warnings():
+            # deprecated in favour of functional collectives, which have no autograd for it
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = all_reduce(stats)  # summed over ranks; its backward sums gradients
         c = x.shape[1]
         n, mean = stats[0], stats[1 : c + 1] / stats[0]
         var = (stats[c + 1 :] / n - mean * mean).clamp_min(0.0)  # biased, as BN normalises
@@ -150,9 +155,11 @@ class _GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 0.1
                 self.running_mean.mul_(1 - m).add_(mean.detach() * m)
-                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)) * m)
+                unbiased = var.detach() * float(n / (n - 1).clamp_min(1))
+                self.running_var.mul_(1 - m).add_(unbiased * m)
         shape = [1, c] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        mean, var = mean.float(), var.float()
+        y = (x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
