@@ -138,6 +138,15 @@ class Objective(nn.Module):
         self.register_buffer("class_weight", class_weight)
         self.register_buffer("pos_weight", pos_weight)
 
+    def describe(self, classes: Sequence[str]) -> dict[str, object]:
+        """The loss as data, for the experiment record."""
+        weights = self.pos_weight if self.sigmoid else self.class_weight
+        name = "pos_weight" if self.sigmoid else "class_weight"
+        return {
+            "kind": "binary_cross_entropy_with_logits" if self.sigmoid else "cross_entropy",
+            name: None if weights is None else dict(zip(classes, weights.tolist(), strict=True)),
+        }
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.sigmoid:
             # (B, K) -> (B,): each study's loss is its mean over the K labels

@@ -470,6 +470,7 @@ def _fit(
     training = {
         **asdict(cfg),
         "problem": problem.kind,
+        "loss": loss_fn.describe(classes),
         "device": str(device),
         "precision": precision,
         "eval_precision": eval_precision,
