@@ -8,6 +8,11 @@ Recipe (2 CPU cores, the demo cohort)::
 The calibration split doubles as the validation split for early stopping (as in Guo et al.
 2017, where the validation set also fits the temperature); the test split is touched only once,
 after the model and its calibration are fixed.
+
+The problem (binary / multi-class softmax, one-vs-rest or multi-label sigmoids) comes from the
+labels (see ``problems.py``). Under ``torchrun`` every rank runs this loop on its share of each
+global batch (see ``distributed.py``); rank 0 alone writes. ``--folds K`` repeats the run on
+patient-level folds.
 """
 
 from __future__ import annotations
