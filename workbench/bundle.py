@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import workbench
-from workbench.calibration import Calibration
+from workbench.calibration import Calibration, LabelCalibration, calibration_from_dict
 from workbench.data import InputSpec
 from workbench.nets import create_network
 
@@ -53,7 +53,7 @@ class Bundle:
     network: nn.Module
     classes: tuple[str, ...]
     spec: InputSpec
-    calibration: Calibration
+    calibration: Calibration | LabelCalibration
     negative_class: str | None
     metadata: dict[str, Any]
     bundle_hash: str
@@ -61,6 +61,17 @@ class Bundle:
     @property
     def workbench(self) -> dict[str, Any]:
         return dict(self.metadata["workbench"])
+
+    @property
+    def problem(self) -> str:
+        """binary, multiclass, ovr or multilabel (bundles from before problems: softmax)."""
+        return str(self.metadata["workbench"].get("problem") or "multiclass")
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """Per-label decision thresholds of a sigmoid (ovr / multilabel) model, in class order."""
+        t = self.metadata["workbench"].get("thresholds")
+        return [float(t[c]) for c in self.classes] if t else None
 
 
 def code_version() -> str:
@@ -172,7 +183,7 @@ def save_bundle(
     network: nn.Module,
     classes: tuple[str, ...],
     spec: InputSpec,
-    calibration: Calibration,
+    calibration: Calibration | LabelCalibration,
     extra: dict[str, Any],
     negative_class: str | None = None,
     figures: dict[str, bytes] | None = None,
@@ -230,12 +241,15 @@ def save_bundle(
             "outputs": {
                 "pred": {
                     "type": "probabilities",
-                    "format": "classes",
+                    # softmax rows sum to one; sigmoid (ovr / multilabel) outputs are per label
+                    "format": "labels"
+                    if extra.get("problem") in ("ovr", "multilabel")
+                    else "classes",
                     "num_channels": len(classes),
                     "spatial_shape": [1],
                     "dtype": "float32",
                     "value_range": [0, 1],
-                    "is_onehot": True,
+                    "is_onehot": extra.get("problem") not in ("ovr", "multilabel"),
                     "channel_def": {str(i): c for i, c in enumerate(classes)},
                 }
             },
@@ -337,7 +351,7 @@ def load_bundle(models_dir: Path, model: str, device: str | torch.device = "cpu"
         network=network,
         classes=classes,
         spec=spec,
-        calibration=Calibration.from_dict(wb["calibration"]),
+        calibration=calibration_from_dict(wb["calibration"]),
         negative_class=wb.get("negative_class"),
         metadata=metadata,
         bundle_hash=info.bundle_hash,

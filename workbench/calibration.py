@@ -487,3 +487,113 @@ def fit_calibration(
         n_folds=n_folds,
         notes=tuple(notes),
     )
+
+
+# --------------------------------------------------------------------------- per label
+
+
+def _as_binary_logits(z: np.ndarray) -> np.ndarray:
+    """(n,) sigmoid logit -> (n, 2) logits [-z/2, z/2], whose softmax is [1 - s(z), s(z)]:
+    a sigmoid output is calibrated as the binary softmax problem it is."""
+    z = np.asarray(z, dtype=np.float64)
+    return np.stack([-z / 2.0, z / 2.0], axis=1)
+
+
+@dataclass(frozen=True)
+class LabelCalibration:
+    """Independent calibrations of K sigmoid outputs (one-vs-rest or multi-label models).
+
+    Each label's map is a binary :class:`Calibration` (none / temperature / sigmoid /
+    isotonic, chosen by held-out log loss) of that label's logit, stored as plain data.
+    ``apply`` gives (n, K) probabilities that need not sum to one.
+    """
+
+    labels: tuple[Calibration, ...]
+    classes: tuple[str, ...]
+    method: str = "per_label"
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """(n, K) logits -> (n, K) calibrated per-label probabilities (float64)."""
+        z = np.atleast_2d(np.asarray(logits, dtype=np.float64))
+        if z.shape[1] != self.n_classes:
+            raise ValueError(f"logits have {z.shape[1]} columns but {self.n_classes} labels")
+        if not np.all(np.isfinite(z)):
+            raise ValueError("logits contain NaN or infinite values")
+        return np.stack(
+            [cal.apply(_as_binary_logits(z[:, j]))[:, 1] for j, cal in enumerate(self.labels)],
+            axis=1,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": _FORMAT_VERSION,
+            "method": self.method,
+            "classes": list(self.classes),
+            "labels": {c: cal.to_dict() for c, cal in zip(self.classes, self.labels, strict=True)},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LabelCalibration:
+        classes = tuple(str(c) for c in d["classes"])
+        return cls(tuple(Calibration.from_dict(d["labels"][c]) for c in classes), classes)
+
+
+def calibration_from_dict(d: Mapping[str, Any]) -> Calibration | LabelCalibration:
+    """Either kind of stored calibration, by its ``method``."""
+    if d.get("method") == "per_label":
+        return LabelCalibration.from_dict(d)
+    return Calibration.from_dict(d)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Element-wise logistic function, float64, without overflow warnings."""
+    return _expit(np.asarray(logits, dtype=np.float64))
+
+
+def fit_label_calibration(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    classes: Sequence[str],
+    seed: int = 0,
+) -> tuple[LabelCalibration, dict[str, dict[str, Any]]]:
+    """Fit one binary calibration per sigmoid output; returns it and, per label, what the
+    fit found (chosen method, held-out log losses, notes).
+
+    logits: (n, K); targets: (n, K) 0/1. A label without two positives and two negatives
+    keeps the plain sigmoid (``none``).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(targets).astype(np.int64)
+    fitted, report = [], {}
+    for j, c in enumerate(classes):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "smallest class has 1 sample": noted below
+            res = fit_calibration(_as_binary_logits(z[:, j]), y[:, j], ("no", "yes"), seed=seed)
+        fitted.append(res.calibration)
+        report[c] = {
+            "method": res.calibration.method,
+            "held_out_log_loss": res.held_out_log_loss,
+            "notes": list(res.notes),
+        }
+    return LabelCalibration(tuple(fitted), tuple(str(c) for c in classes)), report
+
+
+def youden_thresholds(probs: np.ndarray, targets: np.ndarray) -> list[float]:
+    """Per label, the probability threshold maximising Youden's J (sensitivity + specificity
+    - 1) on (n, K) probabilities and 0/1 targets; 0.5 where a label is absent or constant."""
+    from sklearn.metrics import roc_curve
+
+    out = []
+    for j in range(probs.shape[1]):
+        yj = np.asarray(targets)[:, j]
+        if yj.min() == yj.max():
+            out.append(0.5)
+            continue
+        fpr, tpr, thr = roc_curve(yj, probs[:, j])
+        best = int(np.argmax(tpr - fpr))
+        out.append(float(np.clip(thr[best], 0.0, 1.0)))
+    return out

@@ -752,3 +752,55 @@ def study_headers(settings: Settings, study_ids: Sequence[int]) -> dict[int, Stu
                 sizes=tuple(sorted({(i.rows, i.columns) for i in insts})),
             )
     return out
+
+
+# --- cross-validation folds -----------------------------------------------------------------
+
+
+def _strata(items: Sequence[CohortItem]) -> dict[str, list[str]]:
+    """Patients grouped by their most frequent label (ties: the first in sorted order), as
+    :func:`split_cohort` stratifies them; patients sorted within each group."""
+    labels: dict[str, list[str]] = defaultdict(list)
+    for it in items:
+        labels[it.patient].append(it.label or "")
+    groups: dict[str, list[str]] = defaultdict(list)
+    for patient, ls in sorted(labels.items()):
+        groups[max(sorted(set(ls)), key=ls.count)].append(patient)
+    return dict(sorted(groups.items()))
+
+
+def patient_folds(items: Sequence[CohortItem], k: int, seed: int = 0) -> dict[str, int]:
+    """Assign each patient to one of ``k`` folds (0..k-1), stratified by label like the
+    train / calibration / test split: a patient's studies never straddle two folds."""
+    if k < 2:
+        raise CatalogError("cross-validation needs at least 2 folds")
+    rng = np.random.default_rng(seed)
+    folds: dict[str, int] = {}
+    offset = 0  # continue the round-robin across groups so fold sizes stay balanced
+    for patients in _strata(items).values():
+        for rank, idx in enumerate(rng.permutation(len(patients))):
+            folds[patients[idx]] = (offset + rank) % k
+        offset += len(patients)
+    return folds
+
+
+def fold_assignment(
+    items: Sequence[CohortItem],
+    folds: dict[str, int],
+    test_fold: int,
+    seed: int = 0,
+    calibration_fraction: float = 0.25,
+) -> dict[int, str]:
+    """Study id -> split for one cross-validation run: the patients of ``test_fold`` are the
+    test split; the others are divided (by patient, stratified) into train and calibration."""
+    rest = [it for it in items if folds[it.patient] != test_fold]
+    rng = np.random.default_rng([seed, test_fold])
+    split_of: dict[str, str] = {p: "test" for p, f in folds.items() if f == test_fold}
+    for patients in _strata(rest).values():
+        n = len(patients)
+        n_cal = int(round(calibration_fraction * n))
+        if n >= 2:
+            n_cal = min(max(n_cal, 1), n - 1)
+        for rank, idx in enumerate(rng.permutation(n)):
+            split_of[patients[idx]] = "calibration" if rank < n_cal else "train"
+    return {it.study_id: split_of[it.patient] for it in items}

@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--modality", choices=["DX", "CT"], default="DX")
     s.add_argument("--image-size", type=int, help="in-plane size (default 256 DX, 128 CT)")
+    s.add_argument(
+        "--multilabel",
+        action="store_true",
+        help="DX: some studies show both a nodule and an effusion (label 'effusion;nodule')",
+    )
 
     s = sub.add_parser(
         "ingest",
@@ -125,6 +130,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--freeze-blocks", type=int, default=0, help="freeze the first N dense blocks")
     s.add_argument("--backbone-lr-factor", type=float, default=1.0, help="backbone lr = lr x this")
+    s.add_argument(
+        "--problem",
+        choices=["auto", "binary", "multiclass", "ovr", "multilabel"],
+        default="auto",
+        help="auto: multilabel when a study has several labels ('a;b'), else multi-class",
+    )
+    s.add_argument(
+        "--balance",
+        choices=["weights", "sampler", "none"],
+        default="weights",
+        help="class imbalance: weighted loss, class-balanced sampling, or nothing",
+    )
+    s.add_argument(
+        "--folds", type=int, default=0, help="K >= 2: patient-level K-fold cross-validation"
+    )
+    s.add_argument("--compile", action="store_true", help="torch.compile the network")
 
     s = sub.add_parser("predict", help="predict studies with a trained model")
     s.add_argument("model", help="model name, NAME/VERSION or a bundle folder")
@@ -203,7 +224,9 @@ def cmd_synth(a: argparse.Namespace) -> None:
     from workbench.dicom.synth import synthesize_cohort
 
     size = a.image_size or (128 if a.modality == "CT" else 256)
-    s = synthesize_cohort(a.out, a.studies, a.seed, a.modality, size, progress=True)
+    s = synthesize_cohort(
+        a.out, a.studies, a.seed, a.modality, size, progress=True, multilabel=a.multilabel
+    )
     counts = ", ".join(f"{k} {v}" for k, v in sorted(s.class_counts.items()))
     print(
         f"wrote {s.n_files} files: {s.n_studies} studies of {s.n_patients} patients "
@@ -364,14 +387,30 @@ def cmd_models(a: argparse.Namespace) -> None:
 
     bundles = list_bundles(_settings().models_dir)
     for b in bundles:
-        wb = b.workbench
-        auroc = wb.get("metrics", {}).get("test", {}).get("auroc_macro")
-        shown = f"{auroc:.3f}" if auroc is not None else "n/a"
-        print(
-            f"{b.ref}  cohort {wb.get('cohort')}  classes {','.join(wb.get('classes', []))}  "
-            f"test AUROC {shown}  created {wb.get('created')}"
-        )
+        print(model_line(b.ref, b.workbench))
     print(f"{len(bundles)} model bundles")
+
+
+def _num(value: object, fmt: str = ".3f") -> str:
+    return format(value, fmt) if isinstance(value, int | float) else "n/a"
+
+
+def model_line(ref: str, wb: dict) -> str:  # type: ignore[type-arg]
+    """One bundle's experiment record in a line: problem, test AUROC and ECE, epochs,
+    duration, hardware."""
+    test = wb.get("metrics", {}).get("test", {})
+    tr = wb.get("training", {})
+    hw = tr.get("hardware") or {}
+    where = hw.get("gpu") or hw.get("cpu") or tr.get("device", "?")
+    if hw.get("processes", 1) > 1:
+        where = f"{hw['processes']} x {where}"
+    epochs = tr.get("epochs_run", len(tr.get("history", [])))
+    return (
+        f"{ref}  {wb.get('problem', 'multiclass')}  cohort {wb.get('cohort')}  "
+        f"classes {','.join(wb.get('classes', []))}  AUROC {_num(test.get('auroc_macro'))}  "
+        f"ECE {_num(test.get('ece_after'))}  epochs {epochs}  "
+        f"{_num(tr.get('seconds'), '.0f')} s  on {where}  created {wb.get('created')}"
+    )
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -392,13 +431,29 @@ def cmd_train(a: argparse.Namespace) -> None:
         init_from=a.init_from,
         freeze_blocks=a.freeze_blocks,
         backbone_lr_factor=a.backbone_lr_factor,
+        problem=a.problem,
+        balance=a.balance,
+        folds=a.folds,
+        compile=a.compile,
     )
-    res = train(_settings(), cfg)
+    # Under torchrun only rank 0 reports (every rank returns the same result).
+    main_rank = os.environ.get("RANK", "0") == "0"
+    res = train(_settings(), cfg, progress=main_rank)
+    if not main_rank:
+        return
     m = res.metrics
     print(
-        f"bundle {res.bundle}: best epoch {res.best_epoch}, test accuracy {m['accuracy']:.3f}, "
-        f"macro AUROC {m['auroc_macro']:.3f}, ECE {m['ece_before']:.3f} → {m['ece_after']:.3f}"
+        f"bundle {res.bundle}: best epoch {res.best_epoch}, test accuracy {_num(m['accuracy'])}, "
+        f"macro AUROC {_num(m['auroc_macro'])}, "
+        f"ECE {_num(m['ece_before'])} → {_num(m['ece_after'])}"
     )
+    for label, auroc in (m.get("auroc_per_label") or {}).items():
+        print(f"  {label}: AUROC {_num(auroc)}")
+    if res.folds:
+        f = res.folds
+        for key in ("accuracy", "auroc_macro", "ece_after"):
+            print(f"{f['folds']}-fold {key}: {_num(f[key]['mean'])} ± {_num(f[key]['sd'])}")
+        print(f"cross-validation record: {f.get('path')}")
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
@@ -587,6 +642,10 @@ def cmd_demo(a: argparse.Namespace) -> None:
         init_from=None,
         freeze_blocks=0,
         backbone_lr_factor=1.0,
+        problem="auto",
+        balance="weights",
+        folds=0,
+        compile=False,
     )
     cmd_train(ns)
     cmd_predict(

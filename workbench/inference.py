@@ -24,12 +24,13 @@ from sqlalchemy.orm import selectinload
 from tqdm import tqdm
 
 from workbench.bundle import Bundle, code_version
-from workbench.calibration import softmax
+from workbench.calibration import sigmoid, softmax
 from workbench.catalog import CohortItem
 from workbench.config import Settings
 from workbench.data import eval_transforms
 from workbench.explain import saliency
 from workbench.nets import embed
+from workbench.problems import Problem
 from workbench.runtime import autocast, resolve_precision, to_device
 from workbench.store import Prediction, new_session
 
@@ -51,8 +52,8 @@ class StudyPrediction:
     study_id: int
     study_key: str
     probabilities: dict[str, float]  # calibrated, study level
-    raw_probabilities: dict[str, float]  # uncalibrated softmax of the study logit
-    predicted_label: str
+    raw_probabilities: dict[str, float]  # uncalibrated softmax (sigmoid) of the study logit
+    predicted_label: str  # multi-label: the findings above their thresholds, joined with ';'
     top_k: list[tuple[str, float]]
     priority: float  # calibrated probability of the most probable finding
     images: tuple[ImagePrediction, ...]
@@ -95,8 +96,11 @@ def predict_study(
         logits_t, emb_t = embed(model, x)
     logits = logits_t.float().cpu().numpy()
     study_logit = logits.mean(axis=0, keepdims=True)
+    # Softmax models: rows that sum to one. One-vs-rest and multi-label models: one calibrated
+    # sigmoid probability per label, (K,), each compared with its own threshold.
     calibrated = bundle.calibration.apply(study_logit)[0]
-    raw = softmax(study_logit)[0]
+    problem = Problem(bundle.problem, bundle.classes, bundle.negative_class)
+    raw = (sigmoid(study_logit) if problem.sigmoid else softmax(study_logit))[0]
     per_image_cal = bundle.calibration.apply(logits)
     target = _finding_index(bundle, calibrated)
     images = []
@@ -128,7 +132,7 @@ def predict_study(
         study_key=item.study_key,
         probabilities=_as_dict(bundle.classes, calibrated),
         raw_probabilities=_as_dict(bundle.classes, raw),
-        predicted_label=bundle.classes[int(np.argmax(calibrated))],
+        predicted_label=problem.decide(calibrated, bundle.thresholds),
         top_k=[(bundle.classes[int(k)], float(calibrated[k])) for k in order],
         priority=priority,
         images=tuple(images),

@@ -145,3 +145,64 @@ def kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
     if len(a) < 2:
         return None
     return _safe(cohen_kappa_score, list(a), list(b))
+
+
+def label_metrics(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    classes: Sequence[str],
+    thresholds: Sequence[float],
+    exclusive: bool,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics of K sigmoid outputs (one-vs-rest or multi-label), per label and macro.
+
+    probs: (N, K) independent probabilities; targets: (N, K) 0/1. Per label: AUROC with a 95%
+    CI, sensitivity and specificity at its threshold, prevalence. ``accuracy`` is the argmax
+    accuracy for mutually ``exclusive`` classes (one-vs-rest), else the exact-match ratio (every
+    label of a study right at its threshold); ``auroc_macro`` is the mean of defined AUROCs.
+    """
+    y = np.asarray(targets).astype(np.int64)
+    n = len(y)
+    t = np.asarray(thresholds, dtype=np.float64)
+    hit = probs >= t[None, :]  # (N, K) decisions
+
+    def accuracy(i: np.ndarray) -> float:
+        if exclusive:
+            return float((probs[i].argmax(axis=1) == y[i].argmax(axis=1)).mean())
+        return float((hit[i] == (y[i] == 1)).all(axis=1).mean())
+
+    def macro(i: np.ndarray) -> float | None:
+        vals = [_safe(roc_auc_score, y[i, j], probs[i, j]) for j in range(len(classes))]
+        defined = [v for v in vals if v is not None]
+        return float(np.mean(defined)) if defined else None
+
+    def stats(i: np.ndarray) -> dict[str, float | None]:
+        row: dict[str, float | None] = {"auroc_macro": macro(i), "accuracy": accuracy(i)}
+        for j, c in enumerate(classes):
+            row[f"{c}.auroc"] = _safe(roc_auc_score, y[i, j], probs[i, j])
+        return row
+
+    cis = bootstrap_ci(stats, n, n_resamples, seed)
+    out: dict[str, Any] = {
+        "n": int(n),
+        "accuracy": accuracy(np.arange(n)),
+        "accuracy_ci": cis["accuracy"],
+        "auroc_macro": macro(np.arange(n)),
+        "auroc_macro_ci": cis["auroc_macro"],
+        "hamming_loss": float((hit != (y == 1)).mean()) if n else None,
+        "per_class": {},
+    }
+    for j, c in enumerate(classes):
+        pos = y[:, j] == 1
+        out["per_class"][c] = {
+            "n": int(pos.sum()),
+            "prevalence": float(pos.mean()) if n else None,
+            "auroc": _safe(roc_auc_score, y[:, j], probs[:, j]),
+            "auroc_ci": cis[f"{c}.auroc"],
+            "threshold": float(t[j]),
+            "sensitivity": float(hit[pos, j].mean()) if pos.any() else None,
+            "specificity": float((~hit[~pos, j]).mean()) if (~pos).any() else None,
+        }
+    return out

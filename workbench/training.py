@@ -8,42 +8,83 @@ Recipe (2 CPU cores, the demo cohort)::
 The calibration split doubles as the validation split for early stopping (as in Guo et al.
 2017, where the validation set also fits the temperature); the test split is touched only once,
 after the model and its calibration are fixed.
+
+The problem (binary / multi-class softmax, one-vs-rest or multi-label sigmoids) comes from the
+labels (see ``problems.py``). Under ``torchrun`` every rank runs this loop on its share of each
+global batch (see ``distributed.py``); rank 0 alone writes. ``--folds K`` repeats the run on
+patient-level folds.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import monai
 import numpy as np
 import torch
 from monai.data import DataLoader
 from monai.utils import set_determinism
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from workbench.bundle import hash_bundle, resolve_bundle_path, save_bundle
 from workbench.calibration import (
+    Calibration,
+    LabelCalibration,
     brier_score,
     expected_calibration_error,
     fit_calibration,
+    fit_label_calibration,
+    sigmoid,
     softmax,
+    youden_thresholds,
 )
-from workbench.catalog import CohortItem, cohort_hash, cohort_items, split_cohort
+from workbench.catalog import (
+    CohortItem,
+    cohort_hash,
+    cohort_items,
+    fold_assignment,
+    patient_folds,
+    split_cohort,
+)
 from workbench.config import Settings
 from workbench.data import InputSpec, make_dataset, to_records
-from workbench.metrics import classification_metrics
+from workbench.distributed import (
+    World,
+    all_sum,
+    broadcast,
+    close_world,
+    gather,
+    init_world,
+    shard,
+    sync_batchnorm,
+)
+from workbench.metrics import classification_metrics, label_metrics
 from workbench.nets import (
     create_network,
     freeze_early_blocks,
     keep_frozen_in_eval,
     load_initial_weights,
+)
+from workbench.problems import (
+    NEGATIVE_NAMES,
+    Problem,
+    ProblemError,
+    make_objective,
+    resolve_problem,
+    sample_weights,
+    validation_loss,
 )
 from workbench.runtime import (
     autocast,
@@ -54,7 +95,12 @@ from workbench.runtime import (
     to_device,
 )
 
-NEGATIVE_NAMES = ("normal", "no_lesion", "negative", "no_finding")
+T = TypeVar("T")
+__all__ = ["NEGATIVE_NAMES", "TrainConfig", "TrainResult", "TrainingError", "train"]
+
+
+SPLITS = ("train", "calibration", "test")
+BALANCE_MODES: tuple[str, ...] = ("weights", "sampler", "none")
 
 
 class TrainingError(Exception):
@@ -67,7 +113,7 @@ class TrainConfig:
     name: str
     epochs: int = 12
     image_size: int = 96
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch: split over ranks under torchrun
     lr: float = 1e-3
     weight_decay: float = 1e-4
     precision: str = "auto"
@@ -81,6 +127,10 @@ class TrainConfig:
     init_from: str | None = None  # a bundle (NAME, NAME/vN, folder) or a weights file (.pt/.pth)
     freeze_blocks: int = 0  # freeze the stem and this many early dense blocks
     backbone_lr_factor: float = 1.0  # backbone learning rate = lr x this
+    problem: str = "auto"  # auto | binary | multiclass | ovr | multilabel
+    balance: str = "weights"  # weights (loss) | sampler (class-balanced draw) | none
+    folds: int = 0  # K >= 2: patient-level K-fold cross-validation, one bundle per fold
+    compile: bool = False  # torch.compile the training forward pass
 
 
 @dataclass(frozen=True)
@@ -89,6 +139,7 @@ class TrainResult:
     history: list[dict[str, float]]
     best_epoch: int
     metrics: dict[str, Any] = field(default_factory=dict)
+    folds: dict[str, Any] | None = None  # cross-validation summary (--folds)
 
 
 def _seed_everything(seed: int) -> None:
@@ -109,17 +160,141 @@ def _labelled(items: list[CohortItem]) -> list[CohortItem]:
     return [i for i in items if i.label]
 
 
+def _on_main(world: World, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and hand its result to every rank.
+
+    An exception on rank 0 is re-raised on every rank (as a TrainingError with its message),
+    so the other ranks stop too instead of waiting in the next collective until the timeout.
+    """
+    if not world.distributed:
+        return fn()
+    value: Any = None
+    error: str | None = None
+    if world.main:
+        try:
+            value = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below on every rank
+            error = f"{type(err).__name__}: {err}"
+            broadcast((None, error), world)
+            raise
+    value, error = broadcast((value, error), world)
+    if error is not None:
+        raise TrainingError(f"rank 0 failed: {error}")
+    return value  # type: ignore[no-any-return]
+
+
+def hardware(device: torch.device, world: World) -> dict[str, Any]:
+    """Where a run computed: CPU model and cores, GPU name, processes, library versions."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = (ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+            cpu = next(names, cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "processes": world.size,
+        "backend": torch.distributed.get_backend() if world.distributed else None,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train, calibrate and bundle a model on ``cfg.cohort``."""
-    started = time.time()
-    _seed_everything(cfg.seed)
-    split_counts = split_cohort(settings, cfg.cohort, cfg.seed, cfg.split_fractions)
+    """Train, calibrate and bundle a model on ``cfg.cohort``.
+
+    Under ``torchrun`` every rank calls this; rank 0 writes checkpoints, bundles and rows and
+    every rank returns rank 0's result. With ``cfg.folds >= 2``: K-fold cross-validation.
+    """
+    if cfg.balance not in BALANCE_MODES:
+        raise TrainingError(f"--balance must be one of {', '.join(BALANCE_MODES)}")
+    world, device = init_world(resolve_device(cfg.device))
+    try:
+        if cfg.folds >= 2:
+            return _cross_validate(settings, cfg, world, device, progress)
+        return _fit(settings, cfg, world, device, progress and world.main)
+    finally:
+        close_world(world)
+
+
+def _cross_validate(
+    settings: Settings, cfg: TrainConfig, world: World, device: torch.device, progress: bool
+) -> TrainResult:
+    """Patient-level K-fold cross-validation: fold k is the test split of run k, the other
+    patients are divided into train and calibration. One bundle per fold
+    (``NAME-foldK``); per-fold metrics with mean and sd go to ``HOME/crossval/NAME.json``
+    and into the returned result."""
     items = _labelled(cohort_items(settings, cfg.cohort))
     if not items:
         raise TrainingError(f"cohort {cfg.cohort!r} has no labelled studies")
-    classes = tuple(sorted({i.label for i in items if i.label}))
-    if len(classes) < 2:
-        raise TrainingError(f"cohort {cfg.cohort!r} has only one class ({classes[0]})")
+    if len({i.patient for i in items}) < cfg.folds:
+        raise TrainingError(f"--folds {cfg.folds}: the cohort has fewer patients than folds")
+    folds = patient_folds(items, cfg.folds, cfg.seed)
+    cal_fraction = cfg.split_fractions[1] / (cfg.split_fractions[0] + cfg.split_fractions[1])
+    runs: list[TrainResult] = []
+    for k in range(cfg.folds):
+        assignment = fold_assignment(items, folds, k, cfg.seed, cal_fraction)
+        fold_cfg = replace(cfg, name=f"{cfg.name}-fold{k + 1}", folds=0)
+        if progress and world.main:
+            print(f"fold {k + 1}/{cfg.folds}")
+        runs.append(_fit(settings, fold_cfg, world, device, progress and world.main, assignment))
+    keys = ("accuracy", "auroc_macro", "ece_before", "ece_after")
+    per_fold = [{"fold": k + 1, "bundle": str(r.bundle), **r.metrics} for k, r in enumerate(runs)]
+    summary: dict[str, Any] = {
+        "cohort": cfg.cohort,
+        "folds": cfg.folds,
+        "seed": cfg.seed,
+        "per_fold": per_fold,
+    }
+    for key in keys:
+        vals = [r.metrics[key] for r in runs if r.metrics.get(key) is not None]
+        summary[key] = {
+            "mean": float(np.mean(vals)) if vals else None,
+            "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+        }
+    if world.main:
+        out = settings.home / "crossval" / f"{cfg.name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2, default=float))
+        summary["path"] = str(out)
+    last = runs[-1]
+    return TrainResult(last.bundle, last.history, last.best_epoch, last.metrics, summary)
+
+
+def _fit(
+    settings: Settings,
+    cfg: TrainConfig,
+    world: World,
+    device: torch.device,
+    progress: bool,
+    assignment: dict[int, str] | None = None,
+) -> TrainResult:
+    """One training run on this rank; ``assignment`` (study id -> split) overrides the
+    cohort's stored split (cross-validation)."""
+    started = time.time()
+    _seed_everything(cfg.seed)
+    if assignment is None:
+        # Rank 0 assigns and stores the split; the others read what it stored.
+        split_counts = _on_main(
+            world, lambda: split_cohort(settings, cfg.cohort, cfg.seed, cfg.split_fractions)
+        )
+    items = _labelled(cohort_items(settings, cfg.cohort))
+    if not items:
+        raise TrainingError(f"cohort {cfg.cohort!r} has no labelled studies")
+    if assignment is not None:
+        items = [replace(i, split=assignment[i.study_id]) for i in items]
+        split_counts = {s: sum(i.split == s for i in items) for s in SPLITS}
+    try:
+        problem = resolve_problem(cfg.problem, [i.label for i in items])
+    except ProblemError as err:
+        raise TrainingError(f"cohort {cfg.cohort!r}: {err}") from err
+    classes = problem.classes
     by_split = {s: [i for i in items if i.split == s] for s in ("train", "calibration", "test")}
     for s, its in by_split.items():
         if not its:
@@ -129,26 +304,30 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
     if len(dims) > 1:
         raise TrainingError(f"cohort {cfg.cohort!r} mixes 2D images and 3D volumes")
     spatial_dims = dims.pop()
+    if cfg.batch_size < 2 * world.size:
+        raise TrainingError(
+            f"--batch-size {cfg.batch_size} is the global batch: it needs at least 2 images "
+            f"per process ({world.size} processes)"
+        )
     spec = InputSpec(image_size=cfg.image_size, spatial_dims=spatial_dims)
-    device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, spatial_dims, training=True)
     # Validation, calibration and test logits use the precision that `predict` will use, so
     # the calibration is fitted on the same numbers it will be applied to.
     eval_precision = resolve_precision(cfg.precision, device, spatial_dims, training=False)
-    negative = next((c for c in classes if c.lower() in NEGATIVE_NAMES), None)
 
-    records = {s: to_records(its, classes) for s, its in by_split.items()}
+    records = {s: to_records(its, classes, target=problem.target) for s, its in by_split.items()}
     train_ds = _SeededAugmentation(make_dataset(records["train"], spec, train=True), cfg.seed)
     val_ds = make_dataset(records["calibration"], spec, train=False)
+    val_targets = np.stack([np.asarray(r["label"]) for r in records["calibration"]])
+    train_targets = [r["label"] for r in records["train"]]
+    draw = sample_weights(problem, train_targets) if cfg.balance == "sampler" else None
 
     model, init_report = prepare_network(settings, cfg, spatial_dims, len(classes))
     model = model.to(device)
     if spatial_dims == 2:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    # Class weights (inverse frequency) so a rare finding is not drowned by the negatives.
-    counts = np.bincount([r["label"] for r in records["train"]], minlength=len(classes))
-    weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(classes), dtype=torch.float)
-    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
+    # Imbalance: class weights / pos_weight in the loss, or a balanced sampler (--balance).
+    loss_fn = make_objective(problem, train_targets, cfg.balance, world).to(device)
     # A lower learning rate for the (pretrained) backbone than for the head, when asked.
     backbone = [p for p in model.features.parameters() if p.requires_grad]  # type: ignore[union-attr]
     head = [p for p in model.class_layers.parameters() if p.requires_grad]  # type: ignore[union-attr]
@@ -166,7 +345,7 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
 
     run_dir = settings.models_dir / cfg.name / ".training"
     ckpt_path = run_dir / "checkpoint.pt"
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     best_loss, best_epoch, bad_epochs, start_epoch, step = float("inf"), -1, 0, 0, 0
     start_batch, epoch_losses = 0, []  # position inside a partly done epoch
     best_state: dict[str, torch.Tensor] | None = None
@@ -185,8 +364,23 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
         if progress:
             print(f"resuming at epoch {start_epoch + 1}, batch {start_batch + 1} (step {step})")
 
+    # The network the optimiser steps through: BatchNorm over the global batch and gradient
+    # averaging across ranks when distributed, compiled when asked. `model` stays the plain
+    # module whose state dict is checkpointed and bundled (same keys in every case).
+    net: nn.Module = model
+    if world.distributed:
+        net = sync_batchnorm(model, device)
+        net = DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+    step_seconds: list[float] = []
+
     def checkpoint(epoch: int, batch: int, losses: list[float]) -> None:
-        """Everything needed to continue exactly here, written atomically."""
+        """Everything needed to continue exactly here, written atomically by rank 0."""
+        if not world.main:
+            return
         _atomic_save(
             {
                 "config": asdict(cfg),
@@ -209,12 +403,16 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
         )
 
     for epoch in range(start_epoch, cfg.epochs):
+        epoch_started = time.time()
         # The order of an epoch and each sample's augmentation depend only on (seed, epoch,
-        # index), never on how far the run got: a resumed epoch replays exactly.
+        # index), never on how far the run got: a resumed epoch replays exactly. Each rank
+        # takes its share of every global batch.
         train_ds.epoch = epoch
-        batches = _epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, epoch)
-        loader = DataLoader(train_ds, batch_sampler=batches[start_batch:], num_workers=0)
+        batches = _epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, epoch, draw)
+        mine = [shard(b, world) for b in batches[start_batch:]]
+        loader = DataLoader(train_ds, batch_sampler=mine, num_workers=0)
         done_before = list(epoch_losses)
+        last_tick = time.perf_counter()
 
         def on_step(
             step_losses: list[float],
@@ -222,13 +420,16 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
             first: int = start_batch,
             before: list[float] = done_before,
         ) -> None:
-            nonlocal step
+            nonlocal step, last_tick
             step += 1
+            now = time.perf_counter()
+            step_seconds.append(now - last_tick)
+            last_tick = now
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint(epoch, first + len(step_losses), before + step_losses)
 
         losses = done_before + train_epoch(
-            model,
+            net,
             loader,
             loss_fn,
             optimizer,
@@ -240,18 +441,22 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             progress=progress,
             on_step=on_step,
+            world=world,
         )
         start_batch, epoch_losses = 0, []
+        lr_used = float(optimizer.param_groups[-1]["lr"])
         scheduler.step()
-        val = forward_dataset(model, val_ds, device, eval_precision, spatial_dims)
-        val_loss = float(
-            nn.functional.cross_entropy(
-                torch.from_numpy(val["logits"]),
-                torch.as_tensor([r["label"] for r in records["calibration"]]),
-            )
-        )
+        val_logits = _forward_sharded(model, val_ds, device, eval_precision, spatial_dims, world)
+        val_loss = validation_loss(problem, val_logits, val_targets)
         history.append(
-            {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss}
+            {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)),
+                "val_loss": val_loss,
+                "val_auroc": _auroc(problem, val_logits, val_targets),
+                "lr": lr_used,
+                "seconds": round(time.time() - epoch_started, 2),
+            }
         )
         if progress:
             print(f"epoch {epoch + 1}: train loss {np.mean(losses):.4f}, val loss {val_loss:.4f}")
@@ -267,70 +472,205 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    training = {
+        **asdict(cfg),
+        "problem": problem.kind,
+        "loss": loss_fn.describe(classes),
+        "device": str(device),
+        "precision": precision,
+        "eval_precision": eval_precision,
+        "init": init_report,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "history": history,
+        "steps": step,
+        "step_seconds_median": float(np.median(step_seconds)) if step_seconds else None,
+        # The first step of a compiled network includes compiling it.
+        "compile_seconds": (
+            round(step_seconds[0] - float(np.median(step_seconds[1:] or [0.0])), 2)
+            if cfg.compile and step_seconds
+            else None
+        ),
+        "hardware": hardware(device, world),
+        "torch_threads": torch.get_num_threads(),
+    }
+    context = _RunContext(
+        settings, cfg, problem, spec, records, by_split, items, modality, device,
+        eval_precision, split_counts, training, started,
+    )  # fmt: skip
+    result = _on_main(world, lambda: _calibrate_test_and_bundle(context, model, val_ds))
+    return TrainResult(bundle=result[0], history=history, best_epoch=best_epoch, metrics=result[1])
 
-    # Calibrate on study-level logits of the calibration split, then test once.
-    cal = forward_dataset(model, val_ds, device, eval_precision, spatial_dims)
+
+@dataclass(frozen=True)
+class _RunContext:
+    """What the last stage (calibrate, test, bundle) needs from the run."""
+
+    settings: Settings
+    cfg: TrainConfig
+    problem: Problem
+    spec: InputSpec
+    records: dict[str, list[dict[str, Any]]]
+    by_split: dict[str, list[CohortItem]]
+    items: list[CohortItem]
+    modality: str
+    device: torch.device
+    eval_precision: str
+    split_counts: dict[str, int]
+    training: dict[str, Any]
+    started: float
+
+
+def _calibrate_test_and_bundle(
+    ctx: _RunContext, model: nn.Module, val_ds: Any
+) -> tuple[Path, dict[str, Any]]:
+    """Calibrate on study-level logits of the calibration split, test once, write the bundle
+    (rank 0 only). Returns the bundle folder and the summary metrics."""
+    cfg, problem, classes, spec = ctx.cfg, ctx.problem, ctx.problem.classes, ctx.spec
+    sd = ctx.spec.spatial_dims
+    cal = forward_dataset(model, val_ds, ctx.device, ctx.eval_precision, sd)
     cal_ids, cal_logits = mean_by_study(cal["study_ids"], cal["logits"])
-    cal_labels = _study_labels(records["calibration"], cal_ids)
-    result = fit_calibration(cal_logits, cal_labels, classes, seed=cfg.seed)
+    cal_labels = _study_labels(ctx.records["calibration"], cal_ids)
     test_ids, test_logits = mean_by_study(
-        *_logits(model, records["test"], spec, device, eval_precision)
+        *_logits(model, ctx.records["test"], spec, ctx.device, ctx.eval_precision)
     )
-    test_labels = _study_labels(records["test"], test_ids)
-    raw = softmax(test_logits)
-    calibrated = result.calibration.apply(test_logits)
-    test_metrics = classification_metrics(calibrated, test_labels, classes, n_resamples=200)
-    test_metrics["ece_before"] = expected_calibration_error(raw, test_labels)
-    test_metrics["ece_after"] = expected_calibration_error(calibrated, test_labels)
-    test_metrics["brier_before"] = brier_score(raw, test_labels)
-    test_metrics["brier_after"] = brier_score(calibrated, test_labels)
+    test_labels = _study_labels(ctx.records["test"], test_ids)
+    calibration: Calibration | LabelCalibration
+    extra_problem: dict[str, Any] = {"problem": problem.kind}
+    if problem.sigmoid:
+        calibration, per_label_fit = fit_label_calibration(
+            cal_logits, cal_labels, classes, seed=cfg.seed
+        )
+        # Per-label operating points, chosen on the calibration split (Youden's J) from the
+        # calibrated probabilities, so `predict` applies them to the numbers it shows.
+        thresholds = youden_thresholds(calibration.apply(cal_logits), cal_labels)
+        raw = sigmoid(test_logits)
+        calibrated = calibration.apply(test_logits)
+        test_metrics = label_metrics(
+            calibrated, test_labels, classes, thresholds, problem.kind == "ovr", n_resamples=200
+        )
+        for name, probs in (("before", raw), ("after", calibrated)):
+            eces = _per_label(expected_calibration_error, probs, test_labels)
+            briers = _per_label(brier_score, probs, test_labels)
+            test_metrics[f"ece_{name}"] = float(np.mean(eces))
+            test_metrics[f"brier_{name}"] = float(np.mean(briers))
+            for c, e, b in zip(classes, eces, briers, strict=True):
+                test_metrics["per_class"][c][f"ece_{name}"] = e
+                test_metrics["per_class"][c][f"brier_{name}"] = b
+        calibration_fit: dict[str, Any] = {"per_label": per_label_fit}
+        extra_problem["thresholds"] = dict(zip(classes, thresholds, strict=True))
+        extra_problem["threshold_rule"] = "youden, calibration split, calibrated probabilities"
+    else:
+        result = fit_calibration(cal_logits, cal_labels, classes, seed=cfg.seed)
+        calibration = result.calibration
+        raw = softmax(test_logits)
+        calibrated = calibration.apply(test_logits)
+        test_metrics = classification_metrics(calibrated, test_labels, classes, n_resamples=200)
+        test_metrics["ece_before"] = expected_calibration_error(raw, test_labels)
+        test_metrics["ece_after"] = expected_calibration_error(calibrated, test_labels)
+        test_metrics["brier_before"] = brier_score(raw, test_labels)
+        test_metrics["brier_after"] = brier_score(calibrated, test_labels)
+        calibration_fit = {
+            "held_out_log_loss": result.held_out_log_loss,
+            "before": result.before,
+            "after": result.after,
+        }
     summary = {
         "accuracy": test_metrics["accuracy"],
         "auroc_macro": test_metrics["auroc_macro"],
         "ece_before": test_metrics["ece_before"],
         "ece_after": test_metrics["ece_after"],
     }
+    if problem.sigmoid:
+        summary["auroc_per_label"] = {c: test_metrics["per_class"][c]["auroc"] for c in classes}
+    training = {**ctx.training, "seconds": round(time.time() - ctx.started, 1)}
     extra = {
-        "modality": modality,
+        **extra_problem,
+        "modality": ctx.modality,
         "cohort": cfg.cohort,
-        "cohort_hash": cohort_hash(items),
+        "cohort_hash": cohort_hash(ctx.items),
         "split": {
             "seed": cfg.seed,
             "fractions": list(cfg.split_fractions),
-            "studies": split_counts,
-            "patients": {s: len({i.patient for i in its}) for s, its in by_split.items()},
+            "studies": ctx.split_counts,
+            "patients": {s: len({i.patient for i in its}) for s, its in ctx.by_split.items()},
         },
-        "training": {
-            **asdict(cfg),
-            "device": str(device),
-            "precision": precision,
-            "eval_precision": eval_precision,
-            "init": init_report,
-            "best_epoch": best_epoch,
-            "history": history,
-            "seconds": round(time.time() - started, 1),
-            "torch_threads": torch.get_num_threads(),
-        },
-        "calibration_fit": {
-            "held_out_log_loss": result.held_out_log_loss,
-            "before": result.before,
-            "after": result.after,
-        },
+        "training": training,
+        "calibration_fit": calibration_fit,
         "metrics": {"test": summary, "test_detail": test_metrics},
     }
     bundle = save_bundle(
-        settings.models_dir,
+        ctx.settings.models_dir,
         cfg.name,
         model,
         classes,
         spec,
-        result.calibration,
+        calibration,
         extra,
-        negative_class=negative,
-        figures={"training.png": _training_curves(history, cfg.name)},
+        negative_class=problem.negative,
+        figures={"training.png": _training_curves(training["history"], cfg.name)},
     )
-    ckpt_path.unlink(missing_ok=True)
-    return TrainResult(bundle=bundle, history=history, best_epoch=best_epoch, metrics=summary)
+    (ctx.settings.models_dir / cfg.name / ".training" / "checkpoint.pt").unlink(missing_ok=True)
+    return bundle, summary
+
+
+def _per_label(
+    fn: Callable[[np.ndarray, np.ndarray], float], probs: np.ndarray, targets: np.ndarray
+) -> list[float]:
+    """A binary calibration metric of each sigmoid output: column j as [1 - p, p]."""
+    return [
+        fn(np.stack([1 - probs[:, j], probs[:, j]], axis=1), np.asarray(targets)[:, j].astype(int))
+        for j in range(probs.shape[1])
+    ]
+
+
+def _auroc(problem: Problem, logits: np.ndarray, targets: np.ndarray) -> float | None:
+    """Validation AUROC for the per-epoch record (macro over classes or labels)."""
+    import warnings
+
+    from sklearn.metrics import roc_auc_score
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if problem.sigmoid:
+                vals = [
+                    roc_auc_score(targets[:, j], logits[:, j])
+                    for j in range(logits.shape[1])
+                    if 0 < targets[:, j].sum() < len(targets)
+                ]
+                return float(np.mean(vals)) if vals else None
+            p = softmax(logits)
+            k = p.shape[1]
+            if k == 2:
+                return float(roc_auc_score(targets, p[:, 1]))
+            return float(roc_auc_score(targets, p, multi_class="ovr", labels=range(k)))
+        except ValueError:
+            return None
+
+
+def _forward_sharded(
+    model: nn.Module,
+    dataset: Any,
+    device: torch.device,
+    precision: str,
+    spatial_dims: int,
+    world: World,
+) -> np.ndarray:
+    """(N, K) logits of ``dataset``, each rank computing every world.size-th record and all
+    ranks receiving all of them (so every rank takes the same early-stopping decision)."""
+    if not world.distributed:
+        return forward_dataset(model, dataset, device, precision, spatial_dims)["logits"]
+    idx = list(range(world.rank, len(dataset), world.size))
+    part: Any = Subset(dataset, idx)  # a map-style dataset, as forward_dataset iterates
+    out = forward_dataset(model, part, device, precision, spatial_dims)
+    parts = gather((idx, out["logits"]), world)
+    k = next(p[1].shape[1] for p in parts if len(p[0]))
+    logits = np.zeros((len(dataset), k), dtype=np.float32)
+    for ids, values in parts:
+        if len(ids):
+            logits[ids] = values
+    return logits
 
 
 class _SeededAugmentation(TorchDataset):
@@ -353,11 +693,20 @@ class _SeededAugmentation(TorchDataset):
         return self.base[index]
 
 
-def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled batches of one epoch, from (seed, epoch) alone. A last batch smaller than
-    ``batch_size`` is dropped when there is more than one batch: a batch of one image breaks
-    BatchNorm, and a ragged batch is noise anyway."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+def _epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, draw: np.ndarray | None = None
+) -> list[list[int]]:
+    """The shuffled global batches of one epoch, from (seed, epoch) alone. A last batch smaller
+    than ``batch_size`` is dropped when there is more than one batch: a batch of one image
+    breaks BatchNorm, and a ragged batch is noise anyway.
+
+    ``draw`` (N,) weights: class-balanced sampling instead of a permutation, n indices drawn
+    with replacement from the same seeded generator, so a resumed epoch draws the same."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if draw is not None:
+        order = torch.multinomial(torch.as_tensor(draw), n, replacement=True, generator=gen)
+    else:
+        order = torch.randperm(n, generator=gen)
     idx = order.tolist()
     batches = [idx[k : k + batch_size] for k in range(0, n, batch_size)]
     if len(batches) > 1 and len(batches[-1]) < batch_size:
@@ -378,15 +727,20 @@ def train_epoch(
     desc: str = "train",
     progress: bool = False,
     on_step: Callable[[list[float]], None] | None = None,
+    world: World | None = None,
 ) -> list[float]:
     """One pass over ``loader`` under autocast; returns the loss of each step.
 
     ``on_step(losses_so_far)`` runs after each optimiser step (the fit loop checkpoints there).
+    ``model`` may be wrapped (DistributedDataParallel, torch.compile); under torchrun the
+    losses returned are those of the global batch, the same on every rank.
 
-    Raises TrainingError on a non-finite loss before the optimiser touches the weights.
+    Raises TrainingError on a non-finite loss before the optimiser touches the weights (on
+    every rank at once: the check reads the loss reduced over ranks).
     """
+    world = world or World()
     model.train()
-    keep_frozen_in_eval(model)
+    keep_frozen_in_eval(_unwrap(model))
     losses: list[float] = []
     bar = tqdm(loader, desc=desc, disable=not progress)
     for batch in bar:
@@ -396,15 +750,18 @@ def train_epoch(
         with autocast(device, precision):
             logits = model(x)  # (B, K), in bf16/fp16 under autocast
         loss = loss_fn(logits.float(), y)
-        if not torch.isfinite(loss):
+        # This rank's loss is its share of the global batch's loss (see Objective): the sum
+        # over ranks / world size is the global batch's loss.
+        reported = float(all_sum(loss.detach(), world)) / world.size
+        if not np.isfinite(reported):
             raise TrainingError(
-                f"the loss became {loss.item()} after {len(losses)} steps of this epoch; "
+                f"the loss became {reported} after {len(losses)} steps of this epoch; "
                 "the last good checkpoint is kept. Lower --lr or use --precision fp32"
             )
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        losses.append(loss.item())
+        losses.append(reported)
         if on_step is not None:
             on_step(losses)
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", refresh=False)
@@ -412,6 +769,15 @@ def train_epoch(
             break
     bar.close()
     return losses
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain network inside DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def prepare_network(
@@ -483,5 +849,9 @@ def _logits(
 
 
 def _study_labels(records: list[dict[str, Any]], study_ids: np.ndarray) -> np.ndarray:
+    """(S,) class indices, or (S, K) 0/1 targets for sigmoid problems, in ``study_ids`` order."""
     by_study = {r["study_id"]: r["label"] for r in records}
-    return np.asarray([by_study[int(s)] for s in study_ids], dtype=np.int64)
+    rows = [by_study[int(s)] for s in study_ids]
+    if rows and isinstance(rows[0], np.ndarray):
+        return np.stack(rows).astype(np.int64)
+    return np.asarray(rows, dtype=np.int64)

@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 DX_CLASSES = ("normal", "nodule", "effusion")
+MULTI_LABEL = "effusion;nodule"  # a study with both findings (``multilabel=True``)
 CT_CLASSES = ("no_lesion", "lesion")
 
 CT_SLICES = 32
@@ -376,7 +377,8 @@ def _draw_dx(
     lung = np.maximum.reduce(lung_masks) if len(lung_masks) > 1 else lung_masks[0]
     fluid = np.zeros_like(lung)
     located: dict[str, Any] | None = None
-    if label == "effusion":
+    found = set(label.split(";"))
+    if "effusion" in found:
         sides: list[dict[str, Any]] = []
         targets = finding["sides"] if view == "PA" else [0]
         for i in targets:
@@ -407,7 +409,8 @@ def _draw_dx(
     img = 0.03 + 0.47 * body + (bones + 0.03 * ribs) * body + 0.04 * heart * body
     img += -0.3 * air + 0.09 * ribs * lung + (markings + 0.07 * hila) * air
 
-    if label == "nodule":
+    if "nodule" in found:
+        effusion = located
         r = finding["radius"]
         lg = lungs[finding["side"]] if view == "PA" else lungs[0]
         cy, cx = lg.point(finding["u"] if view == "PA" else finding["u_lat"], finding["w"])
@@ -417,6 +420,8 @@ def _draw_dx(
             "center_col": round(float(cx * n - 0.5), 2),
             "radius_px": round(float(r * n), 2),
         }
+        if effusion is not None:  # both findings: each located under its name
+            located = {"nodule": located, "effusion": effusion}
 
     # exposure / processing differences between images
     img = img * rng.uniform(0.92, 1.08) + rng.uniform(-0.03, 0.03)
@@ -424,7 +429,12 @@ def _draw_dx(
 
 
 def _dx_finding(rng: np.random.Generator, label: str) -> dict[str, Any]:
-    """What both views of one study share about its finding."""
+    """What both views of one study share about its finding (both findings: ``a;b``)."""
+    if ";" in label:
+        out: dict[str, Any] = {}
+        for part in sorted(label.split(";")):  # distinct keys per finding: merged safely
+            out.update(_dx_finding(rng, part))
+        return out
     if label == "nodule":
         # a point well inside the aerated lung, above the heart; height shared by both views
         return {
@@ -507,11 +517,15 @@ def _draw_ct(
 # --------------------------------------------------------------------------------------------
 
 
-def _label_list(rng: np.random.Generator, n: int, modality: str) -> list[str]:
+def _label_list(
+    rng: np.random.Generator, n: int, modality: str, multilabel: bool = False
+) -> list[str]:
     if modality == "DX":
         n_nod = max(1, round(n / 4)) if n >= 2 else 0
         n_eff = max(1, round(n / 4)) if n >= 3 else 0
         labels = ["nodule"] * n_nod + ["effusion"] * n_eff
+        if multilabel and n >= 4:  # about one study in six shows both findings
+            labels += [MULTI_LABEL] * max(1, round(n / 6))
         labels += ["normal"] * (n - len(labels))
     else:
         n_les = max(1, n // 2) if n >= 2 else 0
@@ -545,7 +559,7 @@ class _Patient:
 
 
 def _plan(
-    rng: np.random.Generator, n_studies: int, modality: str
+    rng: np.random.Generator, n_studies: int, modality: str, multilabel: bool = False
 ) -> tuple[list[_Patient], list[_Study]]:
     n_two = max(1, round(n_studies / 5)) if n_studies >= 2 else 0
     n_patients = n_studies - n_two
@@ -553,7 +567,7 @@ def _plan(
     counts = [counts[i] for i in rng.permutation(n_patients)]
     sites = [i % len(SITES) for i in range(n_patients)]
     sites = [sites[i] for i in rng.permutation(n_patients)]
-    labels = _label_list(rng, n_studies, modality)
+    labels = _label_list(rng, n_studies, modality, multilabel)
 
     patients: list[_Patient] = []
     studies: list[_Study] = []
@@ -791,8 +805,12 @@ def synthesize_cohort(
     modality: Literal["DX", "CT"] = "DX",
     image_size: int = 256,
     progress: bool = False,
+    multilabel: bool = False,
 ) -> SynthSummary:
-    """Write a fake cohort under ``out`` (see the module docstring) and summarise it."""
+    """Write a fake cohort under ``out`` (see the module docstring) and summarise it.
+
+    ``multilabel`` (DX): some studies show a nodule and an effusion, labelled
+    ``effusion;nodule``; without it the cohort is exactly as before."""
     if modality not in ("DX", "CT"):
         raise ValueError(f"modality must be 'DX' or 'CT', not {modality!r}")
     if n_studies < 1:
@@ -809,7 +827,7 @@ def synthesize_cohort(
         # join them ourselves so that distinct parts always give distinct UIDs.
         return generate_uid(entropy_srcs=["|".join([*namespace, *(str(p) for p in parts)])])
 
-    patients, studies = _plan(rng, n_studies, modality)
+    patients, studies = _plan(rng, n_studies, modality, multilabel and modality == "DX")
     findings: dict[str, Any] = {}
     rows: list[tuple[str, str]] = []
     n_files = 0
@@ -838,5 +856,5 @@ def synthesize_cohort(
         n_patients=len(patients),
         n_studies=len(studies),
         n_files=n_files,
-        class_counts={c: counts.get(c, 0) for c in classes},
+        class_counts={c: counts.get(c, 0) for c in (*classes, *sorted(set(counts) - set(classes)))},
     )
