@@ -187,10 +187,14 @@ def save_bundle(
     extra: dict[str, Any],
     negative_class: str | None = None,
     figures: dict[str, bytes] | None = None,
+    data_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a new version of model ``name``; returns the bundle folder.
 
     ``figures`` (file name -> PNG bytes) go to ``docs/``, e.g. the training curves.
+    ``data_files`` (file name -> bytes, arrays saved with ``np.savez``) go to ``models/`` beside
+    the weights, e.g. the similar-case index; the metadata lists their sha256 (so the bundle
+    hash, which covers the metadata, covers them too).
 
     Written to a temporary folder and renamed into place, so a crash never leaves half a bundle.
     """
@@ -270,6 +274,9 @@ def save_bundle(
             "code_version": code_version(),
             "platform": platform.platform(),
             **extra,
+            "data_files": {
+                Path(n).name: hashlib.sha256(d).hexdigest() for n, d in (data_files or {}).items()
+            },
         },
     }
     (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2, default=float))
@@ -286,6 +293,8 @@ def save_bundle(
     (tmp / "docs" / "README.md").write_text(_model_card(name, version, metadata))
     for file_name, data in (figures or {}).items():
         (tmp / "docs" / Path(file_name).name).write_bytes(data)
+    for file_name, data in (data_files or {}).items():
+        (tmp / "models" / Path(file_name).name).write_bytes(data)
     final = model_dir / version
     os.replace(tmp, final)
     return final

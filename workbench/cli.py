@@ -146,6 +146,18 @@ def _parser() -> argparse.ArgumentParser:
         "--folds", type=int, default=0, help="K >= 2: patient-level K-fold cross-validation"
     )
     s.add_argument("--compile", action="store_true", help="torch.compile the network")
+    s.add_argument(
+        "--coverage",
+        type=float,
+        default=0.9,
+        help="target coverage of the conformal prediction sets (default 0.9)",
+    )
+    s.add_argument(
+        "--sanity-images",
+        type=int,
+        default=4,
+        help="test images for the saliency sanity checks stored with the bundle (0: skip)",
+    )
 
     s = sub.add_parser("predict", help="predict studies with a trained model")
     s.add_argument("model", help="model name, NAME/VERSION or a bundle folder")
@@ -435,6 +447,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         balance=a.balance,
         folds=a.folds,
         compile=a.compile,
+        coverage=a.coverage,
+        sanity_images=a.sanity_images,
     )
     # Under torchrun only rank 0 reports (every rank returns the same result).
     main_rank = os.environ.get("RANK", "0") == "0"

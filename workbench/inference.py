@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from workbench.bundle import Bundle, code_version
 from workbench.calibration import sigmoid, softmax
-from workbench.catalog import CohortItem
+from workbench.catalog import CohortItem, study_headers
 from workbench.config import Settings
 from workbench.data import eval_transforms
 from workbench.explain import saliency
@@ -33,6 +33,7 @@ from workbench.nets import embed
 from workbench.problems import Problem
 from workbench.runtime import autocast, resolve_precision, to_device
 from workbench.store import Prediction, new_session
+from workbench.trust import load_trust
 
 EXPLAIN_METHODS: tuple[str, ...] = ("gradcam", "ig", "occlusion", "none")
 
@@ -58,6 +59,9 @@ class StudyPrediction:
     priority: float  # calibrated probability of the most probable finding
     images: tuple[ImagePrediction, ...]
     embedding: np.ndarray  # mean image embedding (F,)
+    # what the bundle ships for trust (None when it ships none): "prediction_set", "ood" and
+    # "similar", see workbench.trust.LoadedTrust.assess
+    trust: dict[str, Any] | None = None
 
 
 def saliency_path(settings: Settings, bundle_hash: str, pixel_hash: str, method: str) -> Path:
@@ -124,6 +128,12 @@ def predict_study(
                 saliency_target=bundle.classes[target] if explain != "none" else None,
             )
         )
+    embedding = emb_t.float().mean(dim=0).cpu().numpy()
+    trust = load_trust(bundle.path, bundle.workbench)
+    checks = None
+    if trust is not None:
+        header = study_headers(settings, [item.study_id])[item.study_id]
+        checks = trust.assess(bundle.classes, item.study_key, calibrated, embedding, header)
     order = np.argsort(-calibrated)[: min(5, len(bundle.classes))]
     finding = [k for k, c in enumerate(bundle.classes) if c != bundle.negative_class]
     priority = float(calibrated[finding].max()) if finding else float(calibrated.max())
@@ -136,7 +146,8 @@ def predict_study(
         top_k=[(bundle.classes[int(k)], float(calibrated[k])) for k in order],
         priority=priority,
         images=tuple(images),
-        embedding=emb_t.float().mean(dim=0).cpu().numpy(),
+        embedding=embedding,
+        trust=checks,
     )
 
 
@@ -214,6 +225,10 @@ def to_row(pred: StudyPrediction, bundle: Bundle, code: str, explain: str) -> Pr
             for im in pred.images
         ],
         explain_method=explain,
+        prediction_set=(pred.trust or {}).get("prediction_set"),
+        ood=(pred.trust or {}).get("ood"),
+        ood_flag=None if pred.trust is None else bool(pred.trust["ood"]["flagged"]),
+        similar=(pred.trust or {}).get("similar"),
     )
 
 
@@ -242,12 +257,24 @@ def write_csv(path: Path, bundle: Bundle, preds: Sequence[Prediction]) -> None:
         w = csv.writer(fh)
         w.writerow(
             ["study_key", "predicted_label", *[f"p_{c}" for c in bundle.classes], "top_k"]
-            + ["priority", "model", "version", "bundle_hash"]
+            + ["prediction_set", "out_of_distribution", "priority"]
+            + ["model", "version", "bundle_hash"]
         )
         for p in preds:
             w.writerow(
                 [p.study.study_key, p.predicted_label]
                 + [f"{p.probabilities[c]:.6f}" for c in bundle.classes]
                 + [";".join(f"{c}:{v:.4f}" for c, v in p.top_k)]
+                + [_set_text(p.prediction_set), "" if p.ood_flag is None else str(p.ood_flag)]
                 + [f"{p.priority:.6f}", bundle.name, bundle.version, bundle.bundle_hash]
             )
+
+
+def _set_text(pset: dict[str, Any] | None) -> str:
+    """A prediction set as text: "nodule;effusion", a label's status for multi-label, "" when
+    the bundle has none; an empty set is written as "{}" (more certain than the coverage)."""
+    if not pset:
+        return ""
+    if "labels" in pset:
+        return ";".join(f"{k}:{v}" for k, v in pset["labels"].items())
+    return ";".join(pset["classes"]) or "{}"

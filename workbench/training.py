@@ -57,6 +57,7 @@ from workbench.catalog import (
     fold_assignment,
     patient_folds,
     split_cohort,
+    study_headers,
 )
 from workbench.config import Settings
 from workbench.data import InputSpec, make_dataset, to_records
@@ -77,6 +78,7 @@ from workbench.nets import (
     keep_frozen_in_eval,
     load_initial_weights,
 )
+from workbench.ood import StudyHeader
 from workbench.problems import (
     NEGATIVE_NAMES,
     Problem,
@@ -94,6 +96,7 @@ from workbench.runtime import (
     resolve_precision,
     to_device,
 )
+from workbench.trust import INDEX_FILE, SplitOutputs, fit_trust, index_bytes, saliency_checks
 
 T = TypeVar("T")
 __all__ = ["NEGATIVE_NAMES", "TrainConfig", "TrainResult", "TrainingError", "train"]
@@ -131,6 +134,8 @@ class TrainConfig:
     balance: str = "weights"  # weights (loss) | sampler (class-balanced draw) | none
     folds: int = 0  # K >= 2: patient-level K-fold cross-validation, one bundle per fold
     compile: bool = False  # torch.compile the training forward pass
+    coverage: float = 0.9  # target coverage of the conformal prediction sets
+    sanity_images: int = 4  # test images for the saliency sanity checks (0: skip them)
 
 
 @dataclass(frozen=True)
@@ -531,9 +536,14 @@ def _calibrate_test_and_bundle(
     cal = forward_dataset(model, val_ds, ctx.device, ctx.eval_precision, sd)
     cal_ids, cal_logits = mean_by_study(cal["study_ids"], cal["logits"])
     cal_labels = _study_labels(ctx.records["calibration"], cal_ids)
-    test_ids, test_logits = mean_by_study(
-        *_logits(model, ctx.records["test"], spec, ctx.device, ctx.eval_precision)
+    test_out = forward_dataset(
+        model,
+        make_dataset(ctx.records["test"], spec, train=False),
+        ctx.device,
+        ctx.eval_precision,
+        sd,
     )
+    test_ids, test_logits = mean_by_study(test_out["study_ids"], test_out["logits"])
     test_labels = _study_labels(ctx.records["test"], test_ids)
     calibration: Calibration | LabelCalibration
     extra_problem: dict[str, Any] = {"problem": problem.kind}
@@ -583,6 +593,8 @@ def _calibrate_test_and_bundle(
     }
     if problem.sigmoid:
         summary["auroc_per_label"] = {c: test_metrics["per_class"][c]["auroc"] for c in classes}
+    trust, trust_files = _fit_trust(ctx, model, calibration, cal, test_out, calibrated, test_ids)
+    summary.update(_trust_summary(trust))
     training = {**ctx.training, "seconds": round(time.time() - ctx.started, 1)}
     extra = {
         **extra_problem,
@@ -598,6 +610,7 @@ def _calibrate_test_and_bundle(
         "training": training,
         "calibration_fit": calibration_fit,
         "metrics": {"test": summary, "test_detail": test_metrics},
+        "trust": trust,
     }
     bundle = save_bundle(
         ctx.settings.models_dir,
@@ -609,9 +622,110 @@ def _calibrate_test_and_bundle(
         extra,
         negative_class=problem.negative,
         figures={"training.png": _training_curves(training["history"], cfg.name)},
+        data_files=trust_files,
     )
     (ctx.settings.models_dir / cfg.name / ".training" / "checkpoint.pt").unlink(missing_ok=True)
     return bundle, summary
+
+
+def _study_split(
+    ctx: _RunContext, split: str, out: dict[str, Any], headers: dict[int, StudyHeader]
+) -> SplitOutputs:
+    """A split's forward pass at study level, with each study's key, subgroups and header."""
+    from workbench.report import age_band  # the report's bands, so the subgroups match
+
+    ids, logits = mean_by_study(out["study_ids"], out["logits"])
+    _, emb = mean_by_study(out["study_ids"], out["embeddings"])
+    by_id = {i.study_id: i for i in ctx.by_split[split]}
+    studies = [by_id[int(s)] for s in ids]
+    return SplitOutputs(
+        study_ids=ids,
+        study_keys=tuple(i.study_key for i in studies),
+        logits=logits,
+        embeddings=emb,
+        labels=_study_labels(ctx.records[split], ids),
+        headers=tuple(headers[int(s)] for s in ids),
+        subgroups={
+            "site": [i.site for i in studies],
+            "sex": [i.sex for i in studies],
+            "age_band": [age_band(i.age_years) for i in studies],
+        },
+    )
+
+
+def _fit_trust(
+    ctx: _RunContext,
+    model: nn.Module,
+    calibration: Any,
+    cal: dict[str, Any],
+    test: dict[str, Any],
+    test_probs: np.ndarray,
+    test_ids: np.ndarray,
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Operating points, conformal sets, OOD detector, similar-case index and saliency checks
+    (:mod:`workbench.trust`): their metadata for the bundle, and the index file."""
+    spec, sd = ctx.spec, ctx.spec.spatial_dims
+    train_out = forward_dataset(
+        model,
+        make_dataset(ctx.records["train"], spec, train=False),
+        ctx.device,
+        ctx.eval_precision,
+        sd,
+    )
+    headers = study_headers(ctx.settings, [i.study_id for i in ctx.items])
+    splits = {
+        name: _study_split(ctx, name, out, headers)
+        for name, out in (("train", train_out), ("calibration", cal), ("test", test))
+    }
+    trust = fit_trust(
+        ctx.problem.classes,
+        calibration,
+        splits["train"],
+        splits["calibration"],
+        splits["test"],
+        coverage=ctx.cfg.coverage,
+        negative=ctx.problem.negative,
+    )
+    meta = trust.metadata()
+    meta["saliency_checks"] = _saliency_checks(ctx, model, test_probs, test_ids)
+    return meta, {INDEX_FILE: index_bytes(trust.index)}
+
+
+def _saliency_checks(
+    ctx: _RunContext, model: nn.Module, test_probs: np.ndarray, test_ids: np.ndarray
+) -> dict[str, Any]:
+    """Sanity checks of the saliency methods on the test images the model is surest of a
+    finding in (the maps a clinician would look at)."""
+    n = ctx.cfg.sanity_images
+    classes, negative = ctx.problem.classes, ctx.problem.negative
+    findings = [k for k, c in enumerate(classes) if c != negative] or list(range(len(classes)))
+    if n <= 0 or not len(test_ids):
+        return {}
+    best = test_probs[:, findings].max(axis=1)
+    chosen = np.argsort(-best)[:n]
+    target_of = {
+        int(test_ids[i]): findings[int(np.argmax(test_probs[i, findings]))] for i in chosen
+    }
+    records = [r for r in ctx.records["test"] if int(r["study_id"]) in target_of]
+    records = list({int(r["study_id"]): r for r in records}.values())  # one image per study
+    dataset = make_dataset(records, ctx.spec, train=False)
+    images = [
+        to_device(torch.as_tensor(dataset[j]["image"])[None], ctx.device, ctx.spec.spatial_dims)
+        for j in range(len(records))
+    ]
+    targets = [target_of[int(r["study_id"])] for r in records]
+    return saliency_checks(_unwrap(model).eval(), images, targets, ctx.eval_precision)
+
+
+def _trust_summary(trust: dict[str, Any]) -> dict[str, Any]:
+    """The trust figures that `workbench models` and the model card show."""
+    report = trust.get("trust_report", {})
+    return {
+        "conformal_coverage": report.get("conformal_test", {}).get("coverage"),
+        "mean_set_size": report.get("conformal_test", {}).get("mean_set_size"),
+        "ood_false_flag_rate": report.get("ood_test", {}).get("false_flag_rate"),
+        "similar_precision_at_5": report.get("similar_test", {}).get("precision_at_k"),
+    }
 
 
 def _per_label(
@@ -833,19 +947,6 @@ def _training_curves(history: list[dict[str, float]], name: str) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
-
-
-def _logits(
-    model: nn.Module,
-    records: list[dict[str, Any]],
-    spec: InputSpec,
-    device: torch.device,
-    precision: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    out = forward_dataset(
-        model, make_dataset(records, spec, train=False), device, precision, spec.spatial_dims
-    )
-    return out["study_ids"], out["logits"]
 
 
 def _study_labels(records: list[dict[str, Any]], study_ids: np.ndarray) -> np.ndarray:

@@ -15,15 +15,23 @@ test images.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from workbench.calibration import Calibration
-from workbench.conformal import ConformalSets, coverage_summary, fit_conformal, study_uniform
+from workbench.conformal import (
+    ConformalSets,
+    MultiLabelConformal,
+    coverage_summary,
+    fit_conformal,
+    fit_multilabel_conformal,
+    study_uniform,
+)
 from workbench.explain import sanity_checks
 from workbench.ood import HeaderProfile, OODDetector, StudyHeader, false_flag_rate
 from workbench.similar import EmbeddingIndex, precision_at_k
@@ -51,7 +59,7 @@ class Trust:
     """The fitted pieces (see the module docstring) and what the test split measured."""
 
     operating_points: dict[str, Any]
-    conformal: ConformalSets
+    conformal: ConformalSets | MultiLabelConformal | None  # None: too few calibration studies
     index: EmbeddingIndex
     ood: OODDetector
     report: dict[str, Any]
@@ -60,7 +68,7 @@ class Trust:
         """The JSON that goes into the bundle's metadata (the index goes beside it)."""
         return {
             "operating_points": self.operating_points,
-            "conformal": self.conformal.to_dict(),
+            "conformal": self.conformal.to_dict() if self.conformal is not None else None,
             "ood": self.ood.to_dict(),
             "similar": {"k": SIMILAR_K, "n_studies": len(self.index)},
             "trust_report": self.report,
@@ -111,35 +119,87 @@ def apply_operating_points(
     return out
 
 
+def label_names(labels: np.ndarray, classes: Sequence[str], none: str = "none") -> list[str]:
+    """Text labels of studies: class indices (S,), or 0/1 targets (S, K) joined with ';'."""
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        return [classes[int(y)] for y in labels]
+    return [";".join(c for c, t in zip(classes, row, strict=True) if t) or none for row in labels]
+
+
+def _multilabel_coverage(
+    sets: Sequence[Mapping[str, str]], targets: np.ndarray, classes: Sequence[str]
+) -> dict[str, Any]:
+    """Per label: share of studies whose set holds the truth, and share left undecided."""
+    out: dict[str, Any] = {"n": len(sets), "per_label": {}}
+    for j, name in enumerate(classes):
+        truth = np.where(np.asarray(targets)[:, j] == 1, "present", "absent")
+        status = [s[name] for s in sets]
+        out["per_label"][name] = {
+            "coverage": float(
+                np.mean([st in ("uncertain", t) for st, t in zip(status, truth, strict=True)])
+            ),
+            "uncertain_rate": float(np.mean([st == "uncertain" for st in status])),
+        }
+    cov = [v["coverage"] for v in out["per_label"].values()]
+    out["coverage"] = float(np.mean(cov)) if cov else None
+    return out
+
+
 def fit_trust(
     classes: Sequence[str],
-    calibration: Calibration,
+    calibration: Any,
     train: SplitOutputs,
     cal: SplitOutputs,
     test: SplitOutputs,
     coverage: float = 0.9,
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
+    negative: str | None = None,
 ) -> Trust:
-    """Fit operating points, conformal sets, index and OOD detector; measure them on test."""
-    label_names = [classes[int(y)] for y in train.labels]
+    """Fit operating points, conformal sets, index and OOD detector; measure them on test.
+
+    ``calibration`` has ``apply(logits) -> probabilities``. Labels are class indices (S,) for
+    single-label problems, or 0/1 targets (S, K) for multi-label and one-vs-rest ones: those
+    get per-label conformal sets and keep their own per-label thresholds (no operating points
+    here).
+    """
+    multilabel = np.asarray(train.labels).ndim == 2
     cal_probs = calibration.apply(cal.logits)
     test_probs = calibration.apply(test.logits)
-    points = operating_points(cal_probs, cal.labels, classes, target_sensitivity)
-
     u_cal = np.array([study_uniform(k) for k in cal.study_keys])
     u_test = np.array([study_uniform(k) for k in test.study_keys])
-    conformal = fit_conformal(cal_probs, cal.labels, coverage, "aps", u=u_cal)
-    test_sets = conformal.predict(test_probs, u_test)
+    conformal: ConformalSets | MultiLabelConformal | None = None
+    conformal_test: dict[str, Any] = {}
+    points: dict[str, Any] = {}
+    points_test: dict[str, Any] = {}
+    try:
+        if multilabel:
+            conformal = fit_multilabel_conformal(cal_probs, cal.labels, classes, coverage, u_cal)
+            conformal_test = _multilabel_coverage(
+                conformal.predict(test_probs, u_test), test.labels, classes
+            )
+        else:
+            conformal = fit_conformal(cal_probs, cal.labels, coverage, "aps", u=u_cal)
+            test_sets = conformal.predict(test_probs, u_test)
+            conformal_test = coverage_summary(test_sets, test.labels.tolist(), test.subgroups)
+    except ValueError as err:  # a calibration split too small for this coverage
+        conformal_test = {"skipped": str(err)}
+    if not multilabel:
+        points = operating_points(cal_probs, cal.labels, classes, target_sensitivity)
+        points_test = apply_operating_points(points, test_probs, test.labels, classes)
 
-    index = EmbeddingIndex(train.embeddings, train.study_keys, label_names)
+    none = negative or "none"
+    train_names = label_names(train.labels, classes, none)
+    test_names = label_names(test.labels, classes, none)
+    index = EmbeddingIndex(train.embeddings, train.study_keys, train_names)
     detector = OODDetector(HeaderProfile.fit(train.headers))
     detector.fit(index, train.embeddings, cal.embeddings)
     test_flags = detector.assess(index, test.embeddings, test.headers)
 
-    label_counts = np.bincount(train.labels, minlength=len(classes)) / max(len(train.labels), 1)
+    shares = np.array([train_names.count(n) for n in set(train_names)]) / max(len(train_names), 1)
     report = {
-        "operating_points_test": apply_operating_points(points, test_probs, test.labels, classes),
-        "conformal_test": coverage_summary(test_sets, test.labels.tolist(), test.subgroups),
+        "operating_points_test": points_test,
+        "conformal_test": conformal_test,
         "ood_test": {
             "n": len(test_flags),
             "false_flag_rate": false_flag_rate(test_flags),
@@ -147,11 +207,9 @@ def fit_trust(
         },
         "similar_test": {
             "k": SIMILAR_K,
-            "precision_at_k": precision_at_k(
-                index, test.embeddings, [classes[int(y)] for y in test.labels], SIMILAR_K
-            ),
+            "precision_at_k": precision_at_k(index, test.embeddings, test_names, SIMILAR_K),
             # what picking training studies at random would give
-            "chance": float(np.sum(label_counts**2)),
+            "chance": float(np.sum(shares**2)),
         },
     }
     return Trust(points, conformal, index, detector, report)
@@ -171,3 +229,97 @@ def saliency_checks(
         "n_images": len(images),
         "methods": sanity_checks(model, images, targets, precision=precision, ig_steps=16),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# In the bundle, and at prediction time
+# --------------------------------------------------------------------------------------------
+
+INDEX_FILE = "similar_index.npz"
+
+
+def index_bytes(index: EmbeddingIndex) -> bytes:
+    """The index as the bytes of an ``.npz`` file (for ``save_bundle(data_files=...)``)."""
+    import io
+
+    buf = io.BytesIO()
+    index.save(buf)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class LoadedTrust:
+    """What a bundle ships for trust, ready to apply to one study at a time."""
+
+    conformal: ConformalSets | MultiLabelConformal | None
+    index: EmbeddingIndex
+    ood: OODDetector
+    operating_points: dict[str, Any]
+    saliency_checks: dict[str, Any]
+
+    def assess(
+        self,
+        classes: Sequence[str],
+        study_key: str,
+        probs: np.ndarray,
+        embedding: np.ndarray,
+        header: StudyHeader,
+    ) -> dict[str, Any]:
+        """Prediction set, OOD result and similar cases for one study (JSON-ready).
+
+        ``probs``: (K,) calibrated; ``embedding``: (F,) the study's mean embedding.
+        """
+        u = np.array([study_uniform(study_key)])
+        cp = self.conformal
+        pset: dict[str, Any] | None
+        if cp is None:
+            pset = None
+        elif isinstance(cp, MultiLabelConformal):
+            pset = {
+                "coverage": cp.per_label[0].coverage if cp.per_label else None,
+                "labels": cp.predict(probs[None], u)[0],
+            }
+        else:
+            members = cp.predict(probs[None], u)[0]
+            pset = {"coverage": cp.coverage, "classes": [classes[k] for k in members]}
+        ood = self.ood.assess(self.index, embedding[None], [header])[0]
+        similar = [
+            {"study_key": n.study_key, "label": n.label, "similarity": round(n.similarity, 4)}
+            for n in self.index.query(embedding[None], SIMILAR_K, exclude=[study_key])[0]
+        ]
+        return {"prediction_set": pset, "ood": ood.to_dict(), "similar": similar}
+
+
+_LOADED: dict[tuple[str, str], LoadedTrust | None] = {}
+
+
+def load_trust(bundle_path: Path, workbench_meta: Mapping[str, Any]) -> LoadedTrust | None:
+    """The bundle's trust pieces, or None for a bundle that ships none (older bundles).
+
+    Cached per bundle folder and metadata (a bundle is immutable once written).
+    """
+    meta = workbench_meta.get("trust")
+    if not meta:
+        return None
+    key = (str(bundle_path), json.dumps(meta, sort_keys=True, default=str)[:4096])
+    if key in _LOADED:
+        return _LOADED[key]
+    arrays: dict[str, np.ndarray] = {}
+    index = EmbeddingIndex.load(bundle_path / "models" / INDEX_FILE)
+    conformal_meta = meta.get("conformal")
+    conformal: ConformalSets | MultiLabelConformal | None = None
+    if conformal_meta:
+        conformal = (
+            MultiLabelConformal.from_dict(conformal_meta)
+            if "per_label" in conformal_meta
+            else ConformalSets.from_dict(conformal_meta)
+        )
+    loaded = LoadedTrust(
+        conformal=conformal,
+        index=index,
+        ood=OODDetector.from_dict(meta["ood"], arrays),
+        operating_points=dict(meta.get("operating_points") or {}),
+        saliency_checks=dict(meta.get("saliency_checks") or {}),
+    )
+    _LOADED[key] = loaded
+    return loaded
