@@ -30,6 +30,7 @@ from workbench.config import Settings
 from workbench.data import eval_transforms
 from workbench.explain import saliency
 from workbench.nets import embed
+from workbench.ood import StudyHeader
 from workbench.problems import Problem
 from workbench.runtime import autocast, resolve_precision, to_device
 from workbench.store import Prediction, new_session
@@ -84,8 +85,12 @@ def predict_study(
     item: CohortItem,
     explain: str = "gradcam",
     precision: str = "auto",
+    header: StudyHeader | None = None,
 ) -> StudyPrediction:
-    """Run the bundle on one study; saliency maps are written to the cache."""
+    """Run the bundle on one study; saliency maps are written to the cache.
+
+    ``header``: the study's header facts for the OOD check (read from the catalog if None).
+    """
     if explain not in EXPLAIN_METHODS:
         raise ValueError(f"--explain must be one of {', '.join(EXPLAIN_METHODS)}")
     model = bundle.network
@@ -132,7 +137,8 @@ def predict_study(
     trust = load_trust(bundle.path, bundle.workbench)
     checks = None
     if trust is not None:
-        header = study_headers(settings, [item.study_id])[item.study_id]
+        if header is None:
+            header = study_headers(settings, [item.study_id])[item.study_id]
         checks = trust.assess(bundle.classes, item.study_key, calibrated, embedding, header)
     order = np.argsort(-calibrated)[: min(5, len(bundle.classes))]
     finding = [k for k, c in enumerate(bundle.classes) if c != bundle.negative_class]
@@ -175,6 +181,8 @@ def predict_items(
     """Predict and store each study; studies already predicted by this bundle are skipped
     (so an interrupted batch resumes) unless ``force``. Returns the new predictions."""
     done: set[int] = set()
+    # read before the writing session opens: SQLite allows one writer, and it would be us
+    headers = study_headers(settings, [i.study_id for i in items])
     with new_session(settings.database_url) as session:
         if not force:
             done = set(
@@ -190,7 +198,9 @@ def predict_items(
         for n, item in enumerate(tqdm(items, desc="predict", unit="study", disable=not progress)):
             if item.study_id in done or not item.images:
                 continue
-            pred = predict_study(settings, bundle, item, explain, precision)
+            pred = predict_study(
+                settings, bundle, item, explain, precision, headers.get(item.study_id)
+            )
             session.add(to_row(pred, bundle, code, explain))
             out.append(pred)
             if n % 16 == 15:
