@@ -179,6 +179,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--cohort", required=True)
     s.add_argument("--out", type=Path, required=True)
+    s.add_argument(
+        "--retest",
+        action="store_true",
+        help="first compute test-retest consistency (forward passes: the same study twice, "
+        "small intensity, noise and rotation changes) and keep it beside the bundle",
+    )
+    s.add_argument(
+        "--retest-saliency",
+        choices=["gradcam", "ig", "occlusion", "none"],
+        default="gradcam",
+        help="saliency method whose rank correlation --retest measures",
+    )
 
     s = sub.add_parser(
         "send",
@@ -531,7 +543,13 @@ def cmd_promote(a: argparse.Namespace) -> None:
 def cmd_report(a: argparse.Namespace) -> None:
     from workbench.report import build_report
 
-    paths = build_report(_settings(), a.model, a.cohort, a.out)
+    settings = _settings()
+    if getattr(a, "retest", False):
+        from workbench.consistency import write_retest
+
+        path = write_retest(settings, a.model, a.cohort, explain=a.retest_saliency)
+        print(f"test-retest: {path}")
+    paths = build_report(settings, a.model, a.cohort, a.out)
     print("report: " + ", ".join(str(p) for p in paths))
 
 

@@ -53,8 +53,11 @@ SECTION_TITLES: tuple[str, ...] = (
     "Calibration",
     "Subgroups",
     "Reader agreement",
+    "Test-retest consistency",
 )
 MIN_GROUP_SIZE = 20
+# A perturbation that flips more than this share of top-1 labels is worth a warning.
+RETEST_FLIP_WARN = 0.10
 # (lower bound inclusive, upper bound exclusive, label); None is open.
 AGE_BANDS: tuple[tuple[int | None, int | None, str], ...] = (
     (None, 40, "<40"),
@@ -94,6 +97,7 @@ class Case:
     transform_hash: str
     code_version: str
     reviews: tuple[tuple[str, str], ...] = ()  # (reviewer, label), latest per reviewer
+    ood: bool | None = None  # flagged out-of-distribution, where the prediction says so
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -189,7 +193,8 @@ def compute_report(
         performance = _performance(probs, labels, classes, n_resamples, seed)
         recorded = wb.get("metrics", {}).get("test", {})
         performance["bundle_recorded"] = {k: recorded.get(k) for k in ("accuracy", "auroc_macro")}
-        subgroups = _subgroups(cases, probs, labels)
+        subgroups = _subgroups(cases, probs, labels, performance, n_resamples, seed)
+        conformal = _conformal(bundle, cases, probs, labels)
     missing = len(evaluable) - len(evaluated)
     data: dict[str, Any] = {
         "report_format": 1,
@@ -215,6 +220,9 @@ def compute_report(
         "calibration": _calibration(bundle, probs, raw, labels),
         "subgroups": subgroups,
         "reader_agreement": _reader_agreement(cases),
+        "conformal": conformal,
+        "ood": _ood(bundle, cases),
+        "test_retest": _test_retest(bundle, cohort),
     }
     data["consistency"] = _consistency(data) if is_training else {"checked": False}
     data["warnings"] = _warnings(data)
@@ -249,7 +257,33 @@ def _case(
         transform_hash=pred.transform_hash,
         code_version=pred.code_version,
         reviews=tuple(sorted(reviews.items())),
+        ood=ood_flag(pred),
     )
+
+
+def ood_flag(pred: Prediction) -> bool | None:
+    """Whether a stored prediction was flagged out-of-distribution, if it says.
+
+    Read defensively because the flag is optional: a row attribute ``ood`` / ``ood_flag``
+    (a bool, or a dict with ``flag`` / ``is_ood``), else an ``ood`` entry of any image in
+    ``per_image``. None when the prediction carries no OOD information."""
+
+    def flag(value: Any) -> bool | None:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, Mapping):
+            for key in ("flag", "is_ood", "flagged", "ood"):
+                if isinstance(value.get(key), bool):
+                    return bool(value[key])
+        return None
+
+    for attr in ("ood", "ood_flag"):
+        found = flag(getattr(pred, attr, None))
+        if found is not None:
+            return found
+    flags = [flag(im.get("ood")) for im in (pred.per_image or []) if isinstance(im, Mapping)]
+    known = [f for f in flags if f is not None]
+    return any(known) if known else None
 
 
 def age_band(age: int | None) -> str:
@@ -410,23 +444,72 @@ def _calibration(
     }
 
 
-def _group_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    n = len(labels)
+def _auroc_or_none(probs: np.ndarray, labels: np.ndarray) -> float | None:
     try:
-        auroc: float | None = macro_auroc(probs, labels)
+        return macro_auroc(probs, labels)
     except ValueError:
-        auroc = None
-    return {
+        return None
+
+
+def _group_metrics(
+    probs: np.ndarray, labels: np.ndarray, n_resamples: int = 0, seed: int = 0
+) -> dict[str, Any]:
+    """n, accuracy, macro AUROC and (with ``n_resamples``) their bootstrap 95% CIs.
+
+    The AUROC interval is left out (None) for small groups: a few hundred AUROCs of a
+    handful of studies cost time and say nothing the "small" mark does not."""
+    from workbench.metrics import bootstrap_ci
+
+    n = len(labels)
+    small = n < MIN_GROUP_SIZE
+    out: dict[str, Any] = {
         "n": n,
         "accuracy": float((probs.argmax(axis=1) == labels).mean()) if n else None,
-        "auroc_macro": auroc,
-        "small": n < MIN_GROUP_SIZE,
+        "auroc_macro": _auroc_or_none(probs, labels),
+        "small": small,
+        "accuracy_ci": [None, None],
+        "auroc_macro_ci": [None, None],
     }
+    if n_resamples and n:
+        hit = (probs.argmax(axis=1) == labels).astype(np.float64)
+
+        def stats(idx: np.ndarray) -> dict[str, float | None]:
+            row: dict[str, float | None] = {"accuracy": float(hit[idx].mean())}
+            if not small:
+                row["auroc_macro"] = _auroc_or_none(probs[idx], labels[idx])
+            return row
+
+        cis = bootstrap_ci(stats, n, n_resamples, seed)
+        out["accuracy_ci"] = list(cis["accuracy"])
+        if "auroc_macro" in cis:
+            out["auroc_macro_ci"] = list(cis["auroc_macro"])
+    return out
 
 
-def _subgroups(cases: Sequence[Case], probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def _outside(ci: Sequence[float | None], value: float | None) -> str | None:
+    """ "below" / "above" when the interval excludes ``value``, else None."""
+    lo, hi = ci
+    if value is None or lo is None or hi is None:
+        return None
+    if hi < value:
+        return "below"
+    if lo > value:
+        return "above"
+    return None
+
+
+def _subgroups(
+    cases: Sequence[Case],
+    probs: np.ndarray,
+    labels: np.ndarray,
+    overall: Mapping[str, Any] | None = None,
+    n_resamples: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics per site, sex and age band; a group is flagged when it is small or when its
+    95% CI of accuracy or macro AUROC excludes the overall value."""
     order = {"age_band": [b[2] for b in AGE_BANDS] + [UNKNOWN]}
-    out: dict[str, Any] = {"min_group_size": MIN_GROUP_SIZE}
+    out: dict[str, Any] = {"min_group_size": MIN_GROUP_SIZE, "flagged": []}
     for attr in ("site", "sex", "age_band"):
         values = [getattr(c, attr) for c in cases]
         present = set(values)
@@ -434,8 +517,104 @@ def _subgroups(cases: Sequence[Case], probs: np.ndarray, labels: np.ndarray) -> 
         rows = []
         for g in names:
             idx = np.asarray([v == g for v in values])
-            rows.append({"group": g, **_group_metrics(probs[idx], labels[idx])})
+            row = {"group": g, **_group_metrics(probs[idx], labels[idx], n_resamples, seed)}
+            row["excludes_overall"] = {
+                metric: _outside(row[f"{metric}_ci"], (overall or {}).get(metric))
+                for metric in ("accuracy", "auroc_macro")
+            }
+            differs = [m for m, side in row["excludes_overall"].items() if side]
+            if differs:
+                out["flagged"].append(
+                    {
+                        "attribute": attr,
+                        "group": g,
+                        "metrics": differs,
+                        "sides": [row["excludes_overall"][m] for m in differs],
+                    }
+                )
+            rows.append(row)
         out[attr] = rows
+    return out
+
+
+def _conformal(
+    bundle: BundleInfo, cases: Sequence[Case], probs: np.ndarray, labels: np.ndarray
+) -> dict[str, Any]:
+    """Empirical coverage of the bundle's conformal prediction sets, overall and per
+    subgroup, recomputed from the stored calibrated probabilities (the sets are a function
+    of them, the threshold and the study key). Absent when the bundle has no conformal
+    predictor, or one this report cannot read."""
+    from workbench.conformal import ConformalSets, coverage_summary, study_uniform
+
+    raw = bundle.workbench.get("conformal", bundle.metadata.get("conformal"))
+    if not isinstance(raw, Mapping):
+        return {"available": False}
+    candidates = [raw] + [raw[k] for k in ("sets", "single", "predictor") if k in raw]
+    predictor = None
+    for cand in candidates:
+        try:
+            predictor = ConformalSets.from_dict(cand)
+            break
+        except (KeyError, TypeError, ValueError):
+            continue
+    if predictor is None:
+        return {"available": False, "reason": "the bundle's conformal entry is not readable"}
+    u = np.asarray([study_uniform(c.study_key) for c in cases])
+    sets = predictor.predict(probs, u if predictor.randomized else None)
+    groups = {attr: [getattr(c, attr) for c in cases] for attr in ("site", "sex", "age_band")}
+    summary = coverage_summary(sets, labels.tolist(), groups)
+    return {
+        "available": True,
+        "method": predictor.method,
+        "target_coverage": predictor.coverage,
+        "n": summary["n"],
+        "coverage": summary["coverage"],
+        "mean_set_size": summary["mean_set_size"],
+        "subgroups": {
+            attr: [{"group": g, **v} for g, v in rows.items()]
+            for attr, rows in summary["subgroups"].items()
+        },
+    }
+
+
+def _ood(bundle: BundleInfo, cases: Sequence[Case]) -> dict[str, Any]:
+    """Share of evaluated studies flagged out-of-distribution, overall and per subgroup,
+    where the stored predictions carry a flag."""
+    has_detector = "ood" in bundle.workbench or "ood" in bundle.metadata
+    known = [c for c in cases if c.ood is not None]
+    if not known:
+        return {"available": False, "bundle_has_detector": has_detector}
+    out: dict[str, Any] = {
+        "available": True,
+        "bundle_has_detector": has_detector,
+        "n": len(known),
+        "n_flagged": sum(1 for c in known if c.ood),
+        "rate": sum(1 for c in known if c.ood) / len(known),
+        "subgroups": {},
+    }
+    for attr in ("site", "sex", "age_band"):
+        by: dict[str, list[bool]] = defaultdict(list)
+        for c in known:
+            by[getattr(c, attr)].append(bool(c.ood))
+        out["subgroups"][attr] = [
+            {"group": g, "n": len(v), "n_flagged": sum(v), "rate": sum(v) / len(v)}
+            for g, v in sorted(by.items())
+        ]
+    return out
+
+
+def _test_retest(bundle: BundleInfo, cohort: str) -> dict[str, Any]:
+    """The stored test-retest results (``workbench report --retest`` computes them), marked
+    stale when they were computed for other weights or metadata than the bundle's now."""
+    from workbench.consistency import read_retest
+
+    found = read_retest(bundle.path, cohort)
+    if found is None:
+        return {"available": False}
+    out = {k: v for k, v in found.items() if k != "code_version"}
+    out["available"] = True
+    out["matches_bundle"] = found.get("bundle_hash") == bundle.bundle_hash
+    out["retest_code_version"] = found.get("code_version")
     return out
 
 
@@ -541,6 +720,44 @@ def _warnings(data: Mapping[str, Any]) -> list[str]:
         )
     if ev["n_studies"] < MIN_GROUP_SIZE:
         out.append(f"Only {ev['n_studies']} studies are evaluated: confidence intervals are wide.")
+    sub = data["subgroups"]
+    for f in sub.get("flagged", []):
+        metrics = " and ".join(
+            f"{'macro AUROC' if m == 'auroc_macro' else m} ({side})"
+            for m, side in zip(f["metrics"], f["sides"], strict=True)
+        )
+        out.append(
+            f"Subgroup {f['attribute']} = {f['group']}: the 95% interval of its {metrics} "
+            f"excludes the overall value (see Subgroups)."
+        )
+    small = [
+        f"{attr} = {r['group']}"
+        for attr in ("site", "sex", "age_band")
+        for r in sub.get(attr, [])
+        if r["small"]
+    ]
+    if small and ev["n_studies"] >= MIN_GROUP_SIZE:
+        out.append(
+            f"{len(small)} subgroups have fewer than {MIN_GROUP_SIZE} studies: "
+            + ", ".join(small)
+            + "."
+        )
+    rt = data.get("test_retest", {})
+    if rt.get("available"):
+        if not rt.get("matches_bundle"):
+            out.append("The test-retest results were computed for another version of this bundle.")
+        rep_ = rt.get("repeat", {})
+        if rep_.get("n_flips") or rep_.get("max_abs_probability_change"):
+            out.append(
+                "Predicting the same study twice did not give the same probabilities: "
+                "inference is not deterministic."
+            )
+        for r in rt.get("perturbations", []):
+            if r["flip_rate"] > RETEST_FLIP_WARN:
+                out.append(
+                    f"A small acquisition change ({r['name']}) flips the top-1 label of "
+                    f"{r['n_flips']} of {r['n']} studies."
+                )
     return out
 
 
