@@ -452,8 +452,8 @@ def _dx_finding(rng: np.random.Generator, label: str) -> dict[str, Any]:
 
 # A degraded site: display contrast kept at this fraction and this much Gaussian noise added
 # (display units, before the site's own noise) - enough that faint findings disappear.
-DEGRADE_CONTRAST = 0.3
-DEGRADE_NOISE = 0.2
+DEGRADE_CONTRAST = 0.15
+DEGRADE_NOISE = 0.3
 DEGRADE_CT_NOISE_HU = 200.0
 
 
