@@ -186,3 +186,35 @@ def test_predict_without_a_model_uses_the_promoted_one(
     out = capsys.readouterr()
     assert code == 0, out.err
     assert f"with {pipeline.model}/v2" in out.out
+
+
+def test_the_guard_refuses_on_the_point_difference_or_the_interval_and_explains() -> None:
+    from workbench.promotion import guard
+
+    def cmp(old: float, new: float, lo: float | None) -> dict:
+        return {"auroc": {"old": old, "new": new, "diff": new - old, "diff_ci": [lo, None]}}
+
+    assert guard(cmp(0.90, 0.89, -0.015), 0.02)[0] is True
+    ok, why = guard(cmp(0.90, 0.85, -0.01), 0.02)
+    assert not ok and "more than the margin" in why
+    ok, why = guard(cmp(0.90, 0.90, -0.06), 0.02)
+    assert not ok and "paired 95% CI" in why
+    ok, why = guard(cmp(0.90, 0.91, None), 0.02)
+    assert ok and "point difference decided" in why
+    assert (
+        guard({"auroc": {"old": None, "new": 0.9, "diff": None, "diff_ci": [None, None]}}, 0.02)[0]
+        is False
+    )
+
+
+def test_the_threshold_for_a_sensitivity_keeps_that_share_of_positives() -> None:
+    import numpy as np
+
+    from workbench.compare import threshold_for_sensitivity
+
+    scores = np.asarray([0.9, 0.8, 0.7, 0.6, 0.2, 0.1])
+    positive = np.asarray([True, True, True, True, False, False])
+    assert threshold_for_sensitivity(scores, positive, 0.5) == 0.8
+    assert threshold_for_sensitivity(scores, positive, 1.0) == 0.6
+    assert threshold_for_sensitivity(scores, positive, 0.0) == 0.9  # at least one positive
+    assert threshold_for_sensitivity(scores, np.zeros(6, bool), 0.5) is None
