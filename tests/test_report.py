@@ -136,6 +136,8 @@ def test_every_number_the_html_shows_is_in_the_json(report: Built) -> None:
         "subgroups.site.0.accuracy",
         "subgroups.sex.0.auroc_macro",
         "subgroups.age_band.0.n",
+        "subgroups.manufacturer.0.accuracy",
+        "subgroups.view.0.n",
         "evaluation.n_studies",
         "evaluation.n_missing_prediction",
     ):

@@ -28,14 +28,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 
 from workbench.bundle import Bundle, load_bundle
 from workbench.catalog import CatalogError, CohortItem, cohort_items
 from workbench.config import Settings
 from workbench.metrics import bootstrap_ci, macro_auroc
-from workbench.report import AGE_BANDS, UNKNOWN, age_band, normalise
-from workbench.store import Series, new_session
+from workbench.report import AGE_BANDS, UNKNOWN, age_band, manufacturers, normalise, view_group
 
 SUBGROUP_ATTRS: tuple[str, ...] = ("site", "manufacturer", "sex", "age_band", "view")
 DEFAULT_MARGIN = 0.02
@@ -284,25 +282,15 @@ def _threshold_shift(
     return {"stored_thresholds": stored is not None, "per_class": per_class}
 
 
-def _manufacturers(settings: Settings, study_ids: Sequence[int]) -> dict[int, str]:
-    """study id → manufacturer of its series (joined with '+' when they differ)."""
-    found: dict[int, set[str]] = {}
-    with new_session(settings.database_url) as session:
-        q = select(Series.study_id, Series.manufacturer).where(Series.study_id.in_(study_ids))
-        for sid, man in session.execute(q):
-            found.setdefault(sid, set()).add(man or UNKNOWN)
-    return {sid: "+".join(sorted(v)) for sid, v in found.items()}
-
-
 def group_values(settings: Settings, items: Sequence[CohortItem]) -> dict[str, list[str]]:
     """Each subgroup attribute's value per item, in item order."""
-    mans = _manufacturers(settings, [i.study_id for i in items])
+    mans = manufacturers(settings, [i.study_id for i in items])
     return {
         "site": [i.site or UNKNOWN for i in items],
         "manufacturer": [mans.get(i.study_id, UNKNOWN) for i in items],
         "sex": [i.sex or UNKNOWN for i in items],
         "age_band": [age_band(i.age_years) for i in items],
-        "view": ["+".join(sorted({v or UNKNOWN for v in i.views})) or UNKNOWN for i in items],
+        "view": [view_group(i.views) for i in items],
     }
 
 

@@ -27,7 +27,7 @@ import json
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
@@ -56,6 +56,14 @@ SECTION_TITLES: tuple[str, ...] = (
     "Test-retest consistency",
 )
 MIN_GROUP_SIZE = 20
+# Subgroup attributes, in the order the report shows them, with their headings.
+SUBGROUP_ATTRS: tuple[tuple[str, str], ...] = (
+    ("site", "Site"),
+    ("manufacturer", "Manufacturer"),
+    ("sex", "Sex"),
+    ("age_band", "Age band (years)"),
+    ("view", "Views"),
+)
 # A perturbation that flips more than this share of top-1 labels is worth a warning.
 RETEST_FLIP_WARN = 0.10
 # (lower bound inclusive, upper bound exclusive, label); None is open.
@@ -98,6 +106,8 @@ class Case:
     code_version: str
     reviews: tuple[tuple[str, str], ...] = ()  # (reviewer, label), latest per reviewer
     ood: bool | None = None  # flagged out-of-distribution, where the prediction says so
+    manufacturer: str = UNKNOWN  # of the study's series ('+'-joined when they differ)
+    view: str = UNKNOWN  # the study's view positions, sorted and '+'-joined (e.g. "LL+PA")
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -181,7 +191,10 @@ def compute_report(
         )
     evaluated = [i for i in evaluable if i.study_id in preds]
     reviews = _latest_reviews(settings, bundle.bundle_hash, [i.study_id for i in evaluated])
-    cases = [_case(i, preds[i.study_id], classes, reviews.get(i.study_id, {})) for i in evaluated]
+    makers = manufacturers(settings, [i.study_id for i in evaluated])
+    cases = [
+        _case(i, preds[i.study_id], classes, reviews.get(i.study_id, {}), makers) for i in evaluated
+    ]
 
     probs = np.asarray([c.probabilities for c in cases], dtype=np.float64)
     raw = np.asarray([c.raw_probabilities for c in cases], dtype=np.float64)
@@ -229,8 +242,31 @@ def compute_report(
     return normalise(data), cases
 
 
+def manufacturers(settings: Settings, study_ids: Sequence[int]) -> dict[int, str]:
+    """study id → manufacturer of its series ('+'-joined when they differ), from the catalog."""
+    from workbench.store import Series
+
+    found: dict[int, set[str]] = defaultdict(set)
+    if not study_ids:
+        return {}
+    with new_session(settings.database_url) as session:
+        q = select(Series.study_id, Series.manufacturer).where(Series.study_id.in_(list(study_ids)))
+        for sid, maker in session.execute(q):
+            found[sid].add(maker or UNKNOWN)
+    return {sid: "+".join(sorted(v)) for sid, v in found.items()}
+
+
+def view_group(views: Sequence[str]) -> str:
+    """A study's views as one group name: sorted, '+'-joined ("LL+PA")."""
+    return "+".join(sorted({v or UNKNOWN for v in views})) or UNKNOWN
+
+
 def _case(
-    item: CohortItem, pred: Prediction, classes: Sequence[str], reviews: Mapping[str, str]
+    item: CohortItem,
+    pred: Prediction,
+    classes: Sequence[str],
+    reviews: Mapping[str, str],
+    makers: Mapping[int, str] | None = None,
 ) -> Case:
     assert item.label is not None
     try:
@@ -258,6 +294,8 @@ def _case(
         code_version=pred.code_version,
         reviews=tuple(sorted(reviews.items())),
         ood=ood_flag(pred),
+        manufacturer=(makers or {}).get(item.study_id, UNKNOWN),
+        view=view_group(item.views),
     )
 
 
@@ -510,7 +548,7 @@ def _subgroups(
     95% CI of accuracy or macro AUROC excludes the overall value."""
     order = {"age_band": [b[2] for b in AGE_BANDS] + [UNKNOWN]}
     out: dict[str, Any] = {"min_group_size": MIN_GROUP_SIZE, "flagged": []}
-    for attr in ("site", "sex", "age_band"):
+    for attr, _ in SUBGROUP_ATTRS:
         values = [getattr(c, attr) for c in cases]
         present = set(values)
         names = [g for g in order[attr] if g in present] if attr in order else sorted(present)
@@ -561,7 +599,7 @@ def _conformal(
         return {"available": False, "reason": "the bundle's conformal entry is not readable"}
     u = np.asarray([study_uniform(c.study_key) for c in cases])
     sets = predictor.predict(probs, u if predictor.randomized else None)
-    groups = {attr: [getattr(c, attr) for c in cases] for attr in ("site", "sex", "age_band")}
+    groups = {attr: [getattr(c, attr) for c in cases] for attr, _ in SUBGROUP_ATTRS}
     summary = coverage_summary(sets, labels.tolist(), groups)
     return {
         "available": True,
@@ -592,7 +630,7 @@ def _ood(bundle: BundleInfo, cases: Sequence[Case]) -> dict[str, Any]:
         "rate": sum(1 for c in known if c.ood) / len(known),
         "subgroups": {},
     }
-    for attr in ("site", "sex", "age_band"):
+    for attr, _ in SUBGROUP_ATTRS:
         by: dict[str, list[bool]] = defaultdict(list)
         for c in known:
             by[getattr(c, attr)].append(bool(c.ood))
@@ -732,7 +770,7 @@ def _warnings(data: Mapping[str, Any]) -> list[str]:
         )
     small = [
         f"{attr} = {r['group']}"
-        for attr in ("site", "sex", "age_band")
+        for attr, _ in SUBGROUP_ATTRS
         for r in sub.get(attr, [])
         if r["small"]
     ]
@@ -954,10 +992,11 @@ def render_html(data: Mapping[str, Any], plots: Mapping[str, str] | None = None)
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    globals_: dict[str, Callable[..., Any] | tuple[str, ...]] = {
+    globals_: dict[str, Any] = {
         "num": num,
         "ci": ci,
         "titles": SECTION_TITLES,
+        "subgroup_attrs": SUBGROUP_ATTRS,
     }
     env.globals.update(globals_)
     return env.get_template(TEMPLATE).render(data=data, plots=plots or {})
@@ -982,12 +1021,14 @@ def write_cases_csv(path: Path, classes: Sequence[str], cases: Sequence[Case]) -
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(
-            ["study_key", "patient", "split", "site", "sex", "age_band", "true_label"]
+            ["study_key", "patient", "split", "site", "sex", "age_band", "manufacturer", "view"]
+            + ["true_label"]
             + ["predicted_label", "correct", *[f"p_{c}" for c in classes], "reviewer_labels"]
         )
         for c in sorted(cases, key=lambda c: c.study_key):
             w.writerow(
-                [c.study_key, c.patient, c.split or "", c.site, c.sex, c.age_band, c.label]
+                [c.study_key, c.patient, c.split or "", c.site, c.sex, c.age_band]
+                + [c.manufacturer, c.view, c.label]
                 + [c.predicted_label, int(c.predicted_label == c.label)]
                 + [f"{p:.{DECIMALS}f}" for p in c.probabilities]
                 + [";".join(f"{r}:{label}" for r, label in c.reviews)]
