@@ -73,8 +73,11 @@ def scope_items(items: Sequence[CohortItem], training_cohort: str | None, cohort
 Perturb = Callable[[torch.Tensor], torch.Tensor]
 
 
-def perturbations(seed: int) -> list[tuple[str, str, float, Perturb, Perturb | None]]:
-    """(name, description, parameter, transform of one (C, H, W) input, inverse for maps)."""
+def perturbations(
+    seed: int, spatial_dims: int = 2
+) -> list[tuple[str, str, float, Perturb, Perturb | None]]:
+    """(name, description, parameter, transform of one (C, H, W) or (C, D, H, W) input,
+    inverse for saliency maps). Volumes rotate in the axial (H, W) plane."""
     from monai.transforms import RandGaussianNoise, Rotate, ScaleIntensity
 
     def noise(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +87,9 @@ def perturbations(seed: int) -> list[tuple[str, str, float, Perturb, Perturb | N
         return torch.as_tensor(t(x))
 
     def rot(deg: float) -> Perturb:
-        t = Rotate(angle=math.radians(deg), keep_size=True, mode="bilinear", padding_mode="zeros")
+        rad = math.radians(deg)
+        angle: float | tuple[float, float, float] = rad if spatial_dims == 2 else (rad, 0.0, 0.0)
+        t = Rotate(angle=angle, keep_size=True, mode="bilinear", padding_mode="zeros")
         return lambda x: torch.as_tensor(t(x))
 
     def scale(f: float) -> Perturb:
@@ -156,7 +161,7 @@ def compute_retest(
         items = items[:max_studies]
     if not items:
         raise ConsistencyError(f"cohort {cohort!r} has no studies in the report's scope")
-    perts = perturbations(seed)
+    perts = perturbations(seed, bundle.spec.spatial_dims)
     repeat_flips, repeat_max = 0, 0.0
     changes: dict[str, list[float]] = {p[0]: [] for p in perts}
     flips: dict[str, int] = {p[0]: 0 for p in perts}
