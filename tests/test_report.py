@@ -8,6 +8,7 @@ import dataclasses
 import html as html_lib
 import json
 import re
+import shutil
 import sqlite3
 import time
 import zlib
@@ -135,6 +136,8 @@ def test_every_number_the_html_shows_is_in_the_json(report: Built) -> None:
         "subgroups.site.0.accuracy",
         "subgroups.sex.0.auroc_macro",
         "subgroups.age_band.0.n",
+        "subgroups.manufacturer.0.accuracy",
+        "subgroups.view.0.n",
         "evaluation.n_studies",
         "evaluation.n_missing_prediction",
     ):
@@ -292,3 +295,162 @@ def test_a_cohort_without_predictions_raises_a_clear_report_error(
         build_report(copied, pipeline.model, "nonexistent", tmp_path / "b")
     with pytest.raises(ReportError, match="no model bundle"):
         build_report(copied, "no-such-model", pipeline.cohort, tmp_path / "c")
+
+
+# --- test-retest, subgroup flags, conformal coverage and OOD rate -------------------------
+
+
+@pytest.fixture(scope="module")
+def retested(pipeline, tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Built, Built]:
+    """Test-retest computed for a copy of the tiny model's bundle (its own models folder, so
+    the other reports here stay without it), then the report built twice."""
+    from workbench.consistency import write_retest
+
+    root = tmp_path_factory.mktemp("retest")
+    models = root / "models"
+    shutil.copytree(pipeline.bundle, models / pipeline.model / pipeline.bundle.name)
+    settings = dataclasses.replace(pipeline.settings, models_dir=models)
+    write_retest(settings, pipeline.model, pipeline.cohort, max_saliency=3)
+    first = build(settings, pipeline.model, pipeline.cohort, root / "a")
+    second = build(settings, pipeline.model, pipeline.cohort, root / "b")
+    return settings, first, second
+
+
+def test_test_retest_is_stored_beside_the_bundle_and_rendered(pipeline, retested) -> None:
+    from workbench.consistency import retest_path
+
+    settings, built, _ = retested
+    stored = retest_path(settings.models_dir / pipeline.model / "v1", pipeline.cohort)
+    assert stored.exists()
+    rt = built.data()["test_retest"]
+    assert rt["available"] is True and rt["matches_bundle"] is True
+    assert rt["n_studies"] == built.data()["evaluation"]["n_studies"]
+    # The same pixels twice give the same answer: inference is deterministic.
+    assert rt["repeat"]["flip_rate"] == 0 and rt["repeat"]["max_abs_probability_change"] == 0
+    names = [r["name"] for r in rt["perturbations"]]
+    assert names == ["intensity_up", "intensity_down", "noise", "rotate_plus", "rotate_minus"]
+    for r in rt["perturbations"]:
+        assert 0 <= r["flip_rate"] <= 1 and r["mean_abs_probability_change"] >= 0
+        assert r["n_saliency"] <= 3
+        if r["saliency_spearman_mean"] is not None:
+            assert -1 <= r["saliency_spearman_mean"] <= 1
+    html = built.html.read_text()
+    assert SECTION_TITLES[5] in html and "No test-retest results" not in html
+
+
+def test_the_report_without_retest_says_how_to_compute_it(report: Built) -> None:
+    assert report.data()["test_retest"] == {"available": False}
+    assert "No test-retest results are stored" in report.html.read_text()
+
+
+def test_a_retested_report_is_stable_and_shows_only_json_numbers(retested) -> None:
+    _, first, second = retested
+    a, b = first.data(), second.data()
+    assert a.pop("generated_at") and b.pop("generated_at")
+    assert a == b
+    html = first.html.read_text()
+    data = first.data()
+    shown = NUM_SPAN.findall(html)
+    keys = {k for k, _ in shown}
+    for key in (
+        "test_retest.repeat.flip_rate",
+        "test_retest.perturbations.0.flip_rate",
+        "test_retest.perturbations.2.mean_abs_probability_change",
+        "test_retest.perturbations.3.saliency_spearman_mean",
+        "subgroups.site.0.accuracy_ci.0",
+    ):
+        assert key in keys, key
+    for key, text in shown:
+        assert text == format_number(lookup(data, key)), key
+    rest = visible_text(NUM_SPAN.sub(" ", html))
+    assert not re.findall(r"(?<![\w.])\d+\.\d{2,}(?![\w.])", rest)
+
+
+def test_subgroups_carry_intervals_and_flag_a_group_whose_interval_excludes_the_overall() -> None:
+    import numpy as np
+
+    from workbench.report import _subgroups, _warnings
+
+    # 60 studies at site A all right, 30 at site B all wrong: B's interval is [0, 0].
+    cases = [
+        _fake_case(
+            f"s{i}", "A" if i < 60 else "B", label=i % 2, predicted=i % 2 if i < 60 else 1 - i % 2
+        )
+        for i in range(90)
+    ]
+    labels = np.asarray([c.label_index for c in cases])
+    probs = np.asarray([c.probabilities for c in cases])
+    overall = {"accuracy": 60 / 90, "auroc_macro": None}
+    sub = _subgroups(cases, probs, labels, overall, n_resamples=50, seed=0)
+    b = next(r for r in sub["site"] if r["group"] == "B")
+    assert b["accuracy_ci"] == [0.0, 0.0] and b["excludes_overall"]["accuracy"] == "below"
+    a = next(r for r in sub["site"] if r["group"] == "A")
+    assert a["excludes_overall"]["accuracy"] == "above"
+    assert {"attribute": "site", "group": "B", "metrics": ["accuracy"], "sides": ["below"]} in sub[
+        "flagged"
+    ]
+    data = {
+        "evaluation": {"n_missing_prediction": 0, "n_foreign_label": 0, "n_studies": 90},
+        "lineage": {
+            "evaluated_cohort": {"matches_training_hash": None},
+            "predictions": {"n_pixels_changed": 0, "n_transform_mismatch": 0},
+        },
+        "consistency": {},
+        "subgroups": sub,
+    }
+    assert any("Subgroup site = B" in w and "below" in w for w in _warnings(data))
+
+
+def _fake_case(key: str, site: str, label: int, predicted: int) -> Any:
+    from workbench.report import Case
+
+    p = (0.9, 0.1) if predicted == 0 else (0.1, 0.9)
+    return Case(
+        study_key=key,
+        patient=key,
+        split="test",
+        site=site,
+        sex="F",
+        age_band="40-59",
+        label=("normal", "nodule")[label],
+        label_index=label,
+        predicted_label=("normal", "nodule")[predicted],
+        probabilities=p,
+        raw_probabilities=p,
+        pixel_hashes=(),
+        pixels_changed=False,
+        transform_hash="",
+        code_version="",
+    )
+
+
+def test_conformal_coverage_and_ood_rate_per_subgroup_when_the_model_provides_them(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+
+    from workbench.bundle import BundleInfo
+    from workbench.conformal import ConformalSets
+    from workbench.report import _conformal, _ood, ood_flag
+    from workbench.store import Prediction
+
+    cases = [_fake_case(f"s{i}", "AB"[i % 2], i % 2, 0) for i in range(10)]
+    probs = np.asarray([c.probabilities for c in cases])
+    labels = np.asarray([c.label_index for c in cases])
+    plain = BundleInfo("m", "v1", tmp_path, {"workbench": {}})
+    assert _conformal(plain, cases, probs, labels) == {"available": False}
+    assert _ood(plain, cases)["available"] is False
+    # qhat 1: every set holds every class, so coverage is 1 everywhere.
+    cs = ConformalSets(method="aps", coverage=0.9, qhat=1.0, n_calibration=20)
+    meta = {"workbench": {"trust": {"conformal": cs.to_dict()}}}
+    with_sets = BundleInfo("m", "v1", tmp_path, meta)
+    cf = _conformal(with_sets, cases, probs, labels)
+    assert cf["available"] is True and cf["coverage"] == 1.0 and cf["mean_set_size"] == 2.0
+    assert [g["group"] for g in cf["subgroups"]["site"]] == ["A", "B"]
+
+    assert ood_flag(Prediction(ood_flag=True)) is True
+    assert ood_flag(Prediction(per_image=[{"view": "PA"}])) is None
+    flagged = [dataclasses.replace(c, ood=c.site == "B") for c in cases]
+    od = _ood(plain, flagged)
+    assert od["available"] is True and od["rate"] == 0.5
+    assert {g["group"]: g["rate"] for g in od["subgroups"]["site"]} == {"A": 0.0, "B": 1.0}

@@ -159,20 +159,73 @@ def _parser() -> argparse.ArgumentParser:
         help="test images for the saliency sanity checks stored with the bundle (0: skip)",
     )
 
-    s = sub.add_parser("predict", help="predict studies with a trained model")
-    s.add_argument("model", help="model name, NAME/VERSION or a bundle folder")
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--cohort")
-    g.add_argument("src", nargs="?", type=Path, help="a folder of DICOM files")
+    s = sub.add_parser(
+        "predict",
+        help="predict studies with a trained model",
+        usage="workbench predict [MODEL] (--cohort NAME | SRC) [options]",
+        description="MODEL (a name, NAME/VERSION or a bundle folder; or --model) defaults to "
+        "the model promoted for --task (see `workbench promote`). SRC is a folder of DICOM "
+        "files: it is ingested first. An interrupted run continues where it stopped.",
+    )
+    s.add_argument("targets", nargs="*", metavar="MODEL SRC", help=argparse.SUPPRESS)
+    s.add_argument("--model", dest="model_opt", help="model (instead of the first argument)")
+    s.add_argument("--task", help="without a model: use the model promoted for this task")
+    s.add_argument("--cohort")
     s.add_argument("--split", choices=["train", "calibration", "test"])
     s.add_argument("--explain", choices=["gradcam", "ig", "occlusion", "none"], default="gradcam")
     s.add_argument("--out", type=Path, help="write a CSV of the predictions here")
     s.add_argument("--force", action="store_true", help="predict again studies already done")
+    s.add_argument(
+        "--max", type=int, dest="max_studies", help="predict at most this many new studies"
+    )
+
+    s = sub.add_parser(
+        "compare",
+        help="compare two models on the locked test split of a cohort",
+        description="Both models predict the cohort's test split; prints macro AUROC with the "
+        "paired bootstrap CI of the difference, the top-1 flip rate, score and threshold "
+        "shifts and the change per subgroup.",
+    )
+    s.add_argument("old", help="NAME or NAME/VERSION")
+    s.add_argument("new", help="NAME or NAME/VERSION")
+    s.add_argument("--cohort", required=True)
+    s.add_argument("--out", type=Path, help="write the comparison JSON here")
+    s.add_argument("--resamples", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser(
+        "promote",
+        help="make a model the one in use for a task, if it is not worse than the current one",
+        description="Compares NAME/VERSION with the model promoted for the task (or --against) "
+        "on the test split of the candidate's training cohort (or --cohort) and refuses when "
+        "macro AUROC drops by more than --margin, or the lower bound of the paired bootstrap "
+        "95%% CI of NEW-OLD is below -margin. Either decision is an audit event.",
+    )
+    s.add_argument("model", help="NAME/VERSION (or NAME: its latest version)")
+    s.add_argument("--task", help="registry key (default: the model's name)")
+    s.add_argument("--against", help="compare with this model instead of the promoted one")
+    s.add_argument("--margin", type=float, default=0.02)
+    s.add_argument("--reason", default="", help="why, for the audit trail")
+    s.add_argument("--cohort", help="whose test split to compare on")
+    s.add_argument("--out", type=Path, help="write the comparison JSON here")
+    s.add_argument("--resamples", type=int, default=1000)
 
     s = sub.add_parser("report", help="write the consistency report (HTML, PDF, JSON, CSV)")
     s.add_argument("model")
     s.add_argument("--cohort", required=True)
     s.add_argument("--out", type=Path, required=True)
+    s.add_argument(
+        "--retest",
+        action="store_true",
+        help="first compute test-retest consistency (forward passes: the same study twice, "
+        "small intensity, noise and rotation changes) and keep it beside the bundle",
+    )
+    s.add_argument(
+        "--retest-saliency",
+        choices=["gradcam", "ig", "occlusion", "none"],
+        default="gradcam",
+        help="saliency method whose rank correlation --retest measures",
+    )
 
     s = sub.add_parser(
         "send",
@@ -470,6 +523,36 @@ def cmd_train(a: argparse.Namespace) -> None:
         print(f"cross-validation record: {f.get('path')}")
 
 
+def _predict_target(a: argparse.Namespace) -> tuple[str, Path | None]:
+    """(model, src) from ``[MODEL] [SRC]``, ``--model`` and the promotion registry.
+
+    One argument with --cohort is the model; without --cohort it is the source folder when
+    a model comes from --model or the registry (``workbench predict incoming/``)."""
+    from workbench.promotion import promoted_model
+
+    targets = list(getattr(a, "targets", None) or [])
+    model: str | None = getattr(a, "model_opt", None) or getattr(a, "model", None)
+    src: Path | None = getattr(a, "src", None)
+    if len(targets) > 2:
+        raise ValueError("predict takes at most MODEL and SRC")
+    if len(targets) == 2:
+        model, src = targets[0], Path(targets[1])
+    elif len(targets) == 1:
+        t = targets[0]
+        is_bundle = (Path(t) / "configs" / "metadata.json").exists()
+        if a.cohort or (model is None and (is_bundle or not Path(t).exists())):
+            model = t
+        else:  # a lone folder: the model comes from --model or the promotion registry
+            src = Path(t)
+    if bool(a.cohort) == (src is not None):
+        raise ValueError("give either --cohort NAME or a folder of DICOM files")
+    if model is None:
+        model = promoted_model(_settings(), getattr(a, "task", None))
+        if model is None:
+            raise ValueError("no model given and none promoted (see `workbench promote`)")
+    return model, src
+
+
 def cmd_predict(a: argparse.Namespace) -> None:
     from workbench.bundle import load_bundle
     from workbench.catalog import cohort_items, ingest, items_for_studies
@@ -477,27 +560,90 @@ def cmd_predict(a: argparse.Namespace) -> None:
     from workbench.runtime import resolve_device
 
     settings = _settings()
-    bundle = load_bundle(settings.models_dir, a.model, resolve_device(settings.device))
+    model, src = _predict_target(a)
+    bundle = load_bundle(settings.models_dir, model, resolve_device(settings.device))
     if a.cohort:
         items = cohort_items(settings, a.cohort, a.split)
     else:
-        summary = ingest(settings, a.src)
+        assert src is not None
+        summary = ingest(settings, src)
         print(summary.line())
         items = items_for_studies(settings, summary.study_ids)
-    new = predict_items(settings, bundle, items, a.explain, settings.precision, force=a.force)
+    new = predict_items(
+        settings,
+        bundle,
+        items,
+        a.explain,
+        settings.precision,
+        force=a.force,
+        limit=getattr(a, "max_studies", None),
+    )
     rows = latest_predictions(settings, bundle.bundle_hash, [i.study_id for i in items])
     if a.out:
         write_csv(a.out, bundle, [rows[i.study_id] for i in items if i.study_id in rows])
+    left = sum(1 for i in items if i.study_id not in rows and i.images)
     print(
         f"predicted {len(new)} studies with {bundle.name}/{bundle.version} "
-        f"({len(rows) - len(new)} already done)" + (f"; CSV in {a.out}" if a.out else "")
+        f"({len(rows) - len(new)} already done"
+        + (f", {left} left: run again to continue" if left else "")
+        + ")"
+        + (f"; CSV in {a.out}" if a.out else "")
     )
+
+
+def cmd_compare(a: argparse.Namespace) -> None:
+    from workbench.compare import compare_bundles, format_table
+    from workbench.report import dump_json
+
+    data = compare_bundles(_settings(), a.old, a.new, a.cohort, a.resamples, a.seed)
+    print(format_table(data))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(dump_json(data), encoding="utf-8")
+        print(f"comparison JSON in {a.out}")
+
+
+def cmd_promote(a: argparse.Namespace) -> None:
+    from workbench.compare import format_table
+    from workbench.promotion import PromotionRefused, promote
+    from workbench.report import dump_json
+
+    try:
+        decision = promote(
+            _settings(),
+            a.model,
+            task=a.task,
+            against=a.against,
+            margin=a.margin,
+            reason=a.reason,
+            cohort=a.cohort,
+            n_resamples=a.resamples,
+        )
+    except PromotionRefused as err:
+        if err.comparison is not None:
+            print(format_table(err.comparison))
+            if a.out:
+                a.out.parent.mkdir(parents=True, exist_ok=True)
+                a.out.write_text(dump_json(err.comparison), encoding="utf-8")
+        raise
+    if decision.comparison is not None:
+        print(format_table(decision.comparison))
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(dump_json(decision.comparison), encoding="utf-8")
+    print(decision.message)
 
 
 def cmd_report(a: argparse.Namespace) -> None:
     from workbench.report import build_report
 
-    paths = build_report(_settings(), a.model, a.cohort, a.out)
+    settings = _settings()
+    if getattr(a, "retest", False):
+        from workbench.consistency import write_retest
+
+        path = write_retest(settings, a.model, a.cohort, explain=a.retest_saliency)
+        print(f"test-retest: {path}")
+    paths = build_report(settings, a.model, a.cohort, a.out)
     print("report: " + ", ".join(str(p) for p in paths))
 
 
@@ -691,6 +837,8 @@ COMMANDS = {
     "train": cmd_train,
     "predict": cmd_predict,
     "report": cmd_report,
+    "compare": cmd_compare,
+    "promote": cmd_promote,
     "send": cmd_send,
     "app": cmd_app,
     "demo": cmd_demo,

@@ -177,9 +177,14 @@ def predict_items(
     precision: str = "auto",
     progress: bool = True,
     force: bool = False,
+    limit: int | None = None,
 ) -> list[StudyPrediction]:
     """Predict and store each study; studies already predicted by this bundle are skipped
-    (so an interrupted batch resumes) unless ``force``. Returns the new predictions."""
+    (so an interrupted batch resumes) unless ``force``. Returns the new predictions.
+
+    Each study's row is committed as soon as it is predicted: a run killed at any point
+    leaves only whole predictions, and the next run starts after the last one. ``limit``
+    stops after that many new predictions (a batch done in slices)."""
     done: set[int] = set()
     # read before the writing session opens: SQLite allows one writer, and it would be us
     headers = study_headers(settings, [i.study_id for i in items])
@@ -194,17 +199,20 @@ def predict_items(
                 )
             )
         code = code_version()
-        out = []
-        for n, item in enumerate(tqdm(items, desc="predict", unit="study", disable=not progress)):
-            if item.study_id in done or not item.images:
-                continue
+        out: list[StudyPrediction] = []
+        todo = [i for i in items if i.study_id not in done and i.images]
+        if limit is not None:
+            todo = todo[: max(0, limit)]
+        # The bar counts what is left, so a resumed run shows its true remaining work.
+        for item in tqdm(todo, desc="predict", unit="study", disable=not progress):
             pred = predict_study(
                 settings, bundle, item, explain, precision, headers.get(item.study_id)
             )
             session.add(to_row(pred, bundle, code, explain))
+            # One commit per study: a forward pass costs far more than a SQLite commit, and
+            # a kill then loses at most the study in flight (never a duplicate row).
+            session.commit()
             out.append(pred)
-            if n % 16 == 15:
-                session.commit()
         session.commit()
     return out
 

@@ -27,7 +27,7 @@ import json
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
@@ -53,8 +53,19 @@ SECTION_TITLES: tuple[str, ...] = (
     "Calibration",
     "Subgroups",
     "Reader agreement",
+    "Test-retest consistency",
 )
 MIN_GROUP_SIZE = 20
+# Subgroup attributes, in the order the report shows them, with their headings.
+SUBGROUP_ATTRS: tuple[tuple[str, str], ...] = (
+    ("site", "Site"),
+    ("manufacturer", "Manufacturer"),
+    ("sex", "Sex"),
+    ("age_band", "Age band (years)"),
+    ("view", "Views"),
+)
+# A perturbation that flips more than this share of top-1 labels is worth a warning.
+RETEST_FLIP_WARN = 0.10
 # (lower bound inclusive, upper bound exclusive, label); None is open.
 AGE_BANDS: tuple[tuple[int | None, int | None, str], ...] = (
     (None, 40, "<40"),
@@ -94,6 +105,9 @@ class Case:
     transform_hash: str
     code_version: str
     reviews: tuple[tuple[str, str], ...] = ()  # (reviewer, label), latest per reviewer
+    ood: bool | None = None  # flagged out-of-distribution, where the prediction says so
+    manufacturer: str = UNKNOWN  # of the study's series ('+'-joined when they differ)
+    view: str = UNKNOWN  # the study's view positions, sorted and '+'-joined (e.g. "LL+PA")
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -177,7 +191,10 @@ def compute_report(
         )
     evaluated = [i for i in evaluable if i.study_id in preds]
     reviews = _latest_reviews(settings, bundle.bundle_hash, [i.study_id for i in evaluated])
-    cases = [_case(i, preds[i.study_id], classes, reviews.get(i.study_id, {})) for i in evaluated]
+    makers = manufacturers(settings, [i.study_id for i in evaluated])
+    cases = [
+        _case(i, preds[i.study_id], classes, reviews.get(i.study_id, {}), makers) for i in evaluated
+    ]
 
     probs = np.asarray([c.probabilities for c in cases], dtype=np.float64)
     raw = np.asarray([c.raw_probabilities for c in cases], dtype=np.float64)
@@ -189,7 +206,8 @@ def compute_report(
         performance = _performance(probs, labels, classes, n_resamples, seed)
         recorded = wb.get("metrics", {}).get("test", {})
         performance["bundle_recorded"] = {k: recorded.get(k) for k in ("accuracy", "auroc_macro")}
-        subgroups = _subgroups(cases, probs, labels)
+        subgroups = _subgroups(cases, probs, labels, performance, n_resamples, seed)
+        conformal = _conformal(bundle, cases, probs, labels)
     missing = len(evaluable) - len(evaluated)
     data: dict[str, Any] = {
         "report_format": 1,
@@ -215,14 +233,40 @@ def compute_report(
         "calibration": _calibration(bundle, probs, raw, labels),
         "subgroups": subgroups,
         "reader_agreement": _reader_agreement(cases),
+        "conformal": conformal,
+        "ood": _ood(bundle, cases),
+        "test_retest": _test_retest(bundle, cohort),
     }
     data["consistency"] = _consistency(data) if is_training else {"checked": False}
     data["warnings"] = _warnings(data)
     return normalise(data), cases
 
 
+def manufacturers(settings: Settings, study_ids: Sequence[int]) -> dict[int, str]:
+    """study id → manufacturer of its series ('+'-joined when they differ), from the catalog."""
+    from workbench.store import Series
+
+    found: dict[int, set[str]] = defaultdict(set)
+    if not study_ids:
+        return {}
+    with new_session(settings.database_url) as session:
+        q = select(Series.study_id, Series.manufacturer).where(Series.study_id.in_(list(study_ids)))
+        for sid, maker in session.execute(q):
+            found[sid].add(maker or UNKNOWN)
+    return {sid: "+".join(sorted(v)) for sid, v in found.items()}
+
+
+def view_group(views: Sequence[str]) -> str:
+    """A study's views as one group name: sorted, '+'-joined ("LL+PA")."""
+    return "+".join(sorted({v or UNKNOWN for v in views})) or UNKNOWN
+
+
 def _case(
-    item: CohortItem, pred: Prediction, classes: Sequence[str], reviews: Mapping[str, str]
+    item: CohortItem,
+    pred: Prediction,
+    classes: Sequence[str],
+    reviews: Mapping[str, str],
+    makers: Mapping[int, str] | None = None,
 ) -> Case:
     assert item.label is not None
     try:
@@ -249,7 +293,16 @@ def _case(
         transform_hash=pred.transform_hash,
         code_version=pred.code_version,
         reviews=tuple(sorted(reviews.items())),
+        ood=ood_flag(pred),
+        manufacturer=(makers or {}).get(item.study_id, UNKNOWN),
+        view=view_group(item.views),
     )
+
+
+def ood_flag(pred: Prediction) -> bool | None:
+    """Whether a stored prediction was flagged out-of-distribution; None when the bundle that
+    made it ships no detector (see :mod:`workbench.trust`)."""
+    return pred.ood_flag
 
 
 def age_band(age: int | None) -> str:
@@ -414,32 +467,173 @@ def _calibration(
     }
 
 
-def _group_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    n = len(labels)
+def _auroc_or_none(probs: np.ndarray, labels: np.ndarray) -> float | None:
     try:
-        auroc: float | None = macro_auroc(probs, labels)
+        return macro_auroc(probs, labels)
     except ValueError:
-        auroc = None
-    return {
+        return None
+
+
+def _group_metrics(
+    probs: np.ndarray, labels: np.ndarray, n_resamples: int = 0, seed: int = 0
+) -> dict[str, Any]:
+    """n, accuracy, macro AUROC and (with ``n_resamples``) their bootstrap 95% CIs.
+
+    The AUROC interval is left out (None) for small groups: a few hundred AUROCs of a
+    handful of studies cost time and say nothing the "small" mark does not."""
+    from workbench.metrics import bootstrap_ci
+
+    n = len(labels)
+    small = n < MIN_GROUP_SIZE
+    out: dict[str, Any] = {
         "n": n,
         "accuracy": float((probs.argmax(axis=1) == labels).mean()) if n else None,
-        "auroc_macro": auroc,
-        "small": n < MIN_GROUP_SIZE,
+        "auroc_macro": _auroc_or_none(probs, labels),
+        "small": small,
+        "accuracy_ci": [None, None],
+        "auroc_macro_ci": [None, None],
     }
+    if n_resamples and n:
+        hit = (probs.argmax(axis=1) == labels).astype(np.float64)
+
+        def stats(idx: np.ndarray) -> dict[str, float | None]:
+            row: dict[str, float | None] = {"accuracy": float(hit[idx].mean())}
+            if not small:
+                row["auroc_macro"] = _auroc_or_none(probs[idx], labels[idx])
+            return row
+
+        cis = bootstrap_ci(stats, n, n_resamples, seed)
+        out["accuracy_ci"] = list(cis["accuracy"])
+        if "auroc_macro" in cis:
+            out["auroc_macro_ci"] = list(cis["auroc_macro"])
+    return out
 
 
-def _subgroups(cases: Sequence[Case], probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def _outside(ci: Sequence[float | None], value: float | None) -> str | None:
+    """ "below" / "above" when the interval excludes ``value``, else None."""
+    lo, hi = ci
+    if value is None or lo is None or hi is None:
+        return None
+    if hi < value:
+        return "below"
+    if lo > value:
+        return "above"
+    return None
+
+
+def _subgroups(
+    cases: Sequence[Case],
+    probs: np.ndarray,
+    labels: np.ndarray,
+    overall: Mapping[str, Any] | None = None,
+    n_resamples: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics per site, sex and age band; a group is flagged when it is small or when its
+    95% CI of accuracy or macro AUROC excludes the overall value."""
     order = {"age_band": [b[2] for b in AGE_BANDS] + [UNKNOWN]}
-    out: dict[str, Any] = {"min_group_size": MIN_GROUP_SIZE}
-    for attr in ("site", "sex", "age_band"):
+    out: dict[str, Any] = {"min_group_size": MIN_GROUP_SIZE, "flagged": []}
+    for attr, _ in SUBGROUP_ATTRS:
         values = [getattr(c, attr) for c in cases]
         present = set(values)
         names = [g for g in order[attr] if g in present] if attr in order else sorted(present)
         rows = []
         for g in names:
             idx = np.asarray([v == g for v in values])
-            rows.append({"group": g, **_group_metrics(probs[idx], labels[idx])})
+            row = {"group": g, **_group_metrics(probs[idx], labels[idx], n_resamples, seed)}
+            row["excludes_overall"] = {
+                metric: _outside(row[f"{metric}_ci"], (overall or {}).get(metric))
+                for metric in ("accuracy", "auroc_macro")
+            }
+            differs = [m for m, side in row["excludes_overall"].items() if side]
+            if differs:
+                out["flagged"].append(
+                    {
+                        "attribute": attr,
+                        "group": g,
+                        "metrics": differs,
+                        "sides": [row["excludes_overall"][m] for m in differs],
+                    }
+                )
+            rows.append(row)
         out[attr] = rows
+    return out
+
+
+def _conformal(
+    bundle: BundleInfo, cases: Sequence[Case], probs: np.ndarray, labels: np.ndarray
+) -> dict[str, Any]:
+    """Empirical coverage of the bundle's conformal prediction sets, overall and per
+    subgroup, recomputed from the stored calibrated probabilities (the sets are a function
+    of them, the threshold and the study key). Absent when the bundle has no conformal
+    predictor, or one this report cannot read."""
+    from workbench.conformal import ConformalSets, coverage_summary, study_uniform
+
+    raw = (bundle.workbench.get("trust") or {}).get("conformal")
+    if not isinstance(raw, Mapping):
+        return {"available": False}
+    if "per_label" in raw:
+        return {"available": False, "reason": "per-label sets: see the bundle's trust report"}
+    try:
+        predictor = ConformalSets.from_dict(raw)
+    except (KeyError, TypeError, ValueError):
+        return {"available": False, "reason": "the bundle's conformal entry is not readable"}
+    u = np.asarray([study_uniform(c.study_key) for c in cases])
+    sets = predictor.predict(probs, u if predictor.randomized else None)
+    groups = {attr: [getattr(c, attr) for c in cases] for attr, _ in SUBGROUP_ATTRS}
+    summary = coverage_summary(sets, labels.tolist(), groups)
+    return {
+        "available": True,
+        "method": predictor.method,
+        "target_coverage": predictor.coverage,
+        "n": summary["n"],
+        "coverage": summary["coverage"],
+        "mean_set_size": summary["mean_set_size"],
+        "subgroups": {
+            attr: [{"group": g, **v} for g, v in rows.items()]
+            for attr, rows in summary["subgroups"].items()
+        },
+    }
+
+
+def _ood(bundle: BundleInfo, cases: Sequence[Case]) -> dict[str, Any]:
+    """Share of evaluated studies flagged out-of-distribution, overall and per subgroup,
+    where the stored predictions carry a flag."""
+    has_detector = bool((bundle.workbench.get("trust") or {}).get("ood"))
+    known = [c for c in cases if c.ood is not None]
+    if not known:
+        return {"available": False, "bundle_has_detector": has_detector}
+    out: dict[str, Any] = {
+        "available": True,
+        "bundle_has_detector": has_detector,
+        "n": len(known),
+        "n_flagged": sum(1 for c in known if c.ood),
+        "rate": sum(1 for c in known if c.ood) / len(known),
+        "subgroups": {},
+    }
+    for attr, _ in SUBGROUP_ATTRS:
+        by: dict[str, list[bool]] = defaultdict(list)
+        for c in known:
+            by[getattr(c, attr)].append(bool(c.ood))
+        out["subgroups"][attr] = [
+            {"group": g, "n": len(v), "n_flagged": sum(v), "rate": sum(v) / len(v)}
+            for g, v in sorted(by.items())
+        ]
+    return out
+
+
+def _test_retest(bundle: BundleInfo, cohort: str) -> dict[str, Any]:
+    """The stored test-retest results (``workbench report --retest`` computes them), marked
+    stale when they were computed for other weights or metadata than the bundle's now."""
+    from workbench.consistency import read_retest
+
+    found = read_retest(bundle.path, cohort)
+    if found is None:
+        return {"available": False}
+    out = {k: v for k, v in found.items() if k != "code_version"}
+    out["available"] = True
+    out["matches_bundle"] = found.get("bundle_hash") == bundle.bundle_hash
+    out["retest_code_version"] = found.get("code_version")
     return out
 
 
@@ -545,6 +739,44 @@ def _warnings(data: Mapping[str, Any]) -> list[str]:
         )
     if ev["n_studies"] < MIN_GROUP_SIZE:
         out.append(f"Only {ev['n_studies']} studies are evaluated: confidence intervals are wide.")
+    sub = data["subgroups"]
+    for f in sub.get("flagged", []):
+        metrics = " and ".join(
+            f"{'macro AUROC' if m == 'auroc_macro' else m} ({side})"
+            for m, side in zip(f["metrics"], f["sides"], strict=True)
+        )
+        out.append(
+            f"Subgroup {f['attribute']} = {f['group']}: the 95% interval of its {metrics} "
+            f"excludes the overall value (see Subgroups)."
+        )
+    small = [
+        f"{attr} = {r['group']}"
+        for attr, _ in SUBGROUP_ATTRS
+        for r in sub.get(attr, [])
+        if r["small"]
+    ]
+    if small and ev["n_studies"] >= MIN_GROUP_SIZE:
+        out.append(
+            f"{len(small)} subgroups have fewer than {MIN_GROUP_SIZE} studies: "
+            + ", ".join(small)
+            + "."
+        )
+    rt = data.get("test_retest", {})
+    if rt.get("available"):
+        if not rt.get("matches_bundle"):
+            out.append("The test-retest results were computed for another version of this bundle.")
+        rep_ = rt.get("repeat", {})
+        if rep_.get("n_flips") or rep_.get("max_abs_probability_change"):
+            out.append(
+                "Predicting the same study twice did not give the same probabilities: "
+                "inference is not deterministic."
+            )
+        for r in rt.get("perturbations", []):
+            if r["flip_rate"] > RETEST_FLIP_WARN:
+                out.append(
+                    f"A small acquisition change ({r['name']}) flips the top-1 label of "
+                    f"{r['n_flips']} of {r['n']} studies."
+                )
     return out
 
 
@@ -741,10 +973,11 @@ def render_html(data: Mapping[str, Any], plots: Mapping[str, str] | None = None)
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    globals_: dict[str, Callable[..., Any] | tuple[str, ...]] = {
+    globals_: dict[str, Any] = {
         "num": num,
         "ci": ci,
         "titles": SECTION_TITLES,
+        "subgroup_attrs": SUBGROUP_ATTRS,
     }
     env.globals.update(globals_)
     return env.get_template(TEMPLATE).render(data=data, plots=plots or {})
@@ -769,12 +1002,14 @@ def write_cases_csv(path: Path, classes: Sequence[str], cases: Sequence[Case]) -
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(
-            ["study_key", "patient", "split", "site", "sex", "age_band", "true_label"]
+            ["study_key", "patient", "split", "site", "sex", "age_band", "manufacturer", "view"]
+            + ["true_label"]
             + ["predicted_label", "correct", *[f"p_{c}" for c in classes], "reviewer_labels"]
         )
         for c in sorted(cases, key=lambda c: c.study_key):
             w.writerow(
-                [c.study_key, c.patient, c.split or "", c.site, c.sex, c.age_band, c.label]
+                [c.study_key, c.patient, c.split or "", c.site, c.sex, c.age_band]
+                + [c.manufacturer, c.view, c.label]
                 + [c.predicted_label, int(c.predicted_label == c.label)]
                 + [f"{p:.{DECIMALS}f}" for p in c.probabilities]
                 + [";".join(f"{r}:{label}" for r, label in c.reviews)]

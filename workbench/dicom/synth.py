@@ -23,6 +23,11 @@ Layout::
   "lesion", "center_zyx", "radius_vox", "sop_instance_uids"}`` where ``z`` is the index into
   ``sop_instance_uids`` (InstanceNumber - 1).
 
+``degrade_site`` (a site's name, e.g. ``"site3"``, or its institution name) makes that one
+site's images worse on purpose, for testing that a report notices: contrast squeezed towards
+the image mean and strong extra noise, from a generator of its own per image, so the rest of
+the cohort is byte-identical to the cohort without the option.
+
 The same ``(n_studies, seed, modality, image_size)`` gives byte-identical files: all randomness
 comes from ``numpy.random.default_rng(seed)``, UIDs from :func:`pydicom.uid.generate_uid` with a
 deterministic entropy source, dates from the generator (never the clock).
@@ -455,6 +460,21 @@ def _dx_finding(rng: np.random.Generator, label: str) -> dict[str, Any]:
     return {}
 
 
+# A degraded site: display contrast kept at this fraction and this much Gaussian noise added
+# (display units, before the site's own noise) - enough that faint findings disappear.
+DEGRADE_CONTRAST = 0.15
+DEGRADE_NOISE = 0.3
+DEGRADE_CT_NOISE_HU = 200.0
+
+
+def _degrade(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Low contrast and heavy noise: the image of a failing detector or a bad protocol."""
+    mean = float(p.mean())
+    p = mean + DEGRADE_CONTRAST * (p - mean)
+    p = p + rng.standard_normal(p.shape).astype(np.float32) * DEGRADE_NOISE
+    return np.clip(p, 0.0, 1.0).astype(np.float32)
+
+
 def _to_stored(p: np.ndarray, site: SiteProfile, rng: np.random.Generator) -> np.ndarray:
     p = p + rng.standard_normal(p.shape, dtype=np.float32) * site.noise_sigma
     if site.photometric == "MONOCHROME1":
@@ -689,6 +709,7 @@ def _dx_study_files(
     uid: Any,
     image_size: int,
     findings: dict[str, Any],
+    degrade: np.random.Generator | None = None,
 ) -> int:
     site = patient.site
     n = site.dx_size(image_size)
@@ -698,6 +719,8 @@ def _dx_study_files(
     folder = out / f"p{patient.number:04d}" / f"s{study.index:02d}"
     for series_number, view in ((1, "PA"), (2, "LL")):
         img, located = _draw_dx(rng, n, patient.anatomy, study.label, view, finding)
+        if degrade is not None:
+            img = _degrade(img, degrade)
         stored = _to_stored(img, site, rng)
         ds = _base_dataset(patient, study, uid, "DX", DigitalXRayImageStorageForPresentation)
         ds.SeriesInstanceUID = uid("series", study.number, series_number)
@@ -744,12 +767,19 @@ def _ct_study_files(
     uid: Any,
     image_size: int,
     findings: dict[str, Any],
+    degrade: np.random.Generator | None = None,
 ) -> int:
     site = patient.site
     n = image_size
     spacing = site.ct_field_of_view_mm / n
     thickness = float(_ds_str(spacing))
     volume, located = _draw_ct(rng, n, patient.anatomy, study.label, site)
+    if degrade is not None:
+        # Stored values are HU + 1024: squeeze towards the mean and add noise, as for DX.
+        mean = float(volume.mean())
+        noisy = mean + DEGRADE_CONTRAST * (volume.astype(np.float32) - mean)
+        noisy += degrade.standard_normal(volume.shape).astype(np.float32) * DEGRADE_CT_NOISE_HU
+        volume = np.clip(np.rint(noisy), 0, 2**site.bits_stored - 1).astype(volume.dtype)
     series_uid = uid("series", study.number, 1)
     frame_uid = uid("frame", study.number)
     origin = -site.ct_field_of_view_mm / 2 + spacing / 2
@@ -806,17 +836,24 @@ def synthesize_cohort(
     image_size: int = 256,
     progress: bool = False,
     multilabel: bool = False,
+    degrade_site: str | None = None,
 ) -> SynthSummary:
     """Write a fake cohort under ``out`` (see the module docstring) and summarise it.
 
     ``multilabel`` (DX): some studies show a nodule and an effusion, labelled
-    ``effusion;nodule``; without it the cohort is exactly as before."""
+    ``effusion;nodule``; without it the cohort is exactly as before.
+    ``degrade_site``: a site name or institution whose images are made worse on purpose."""
     if modality not in ("DX", "CT"):
         raise ValueError(f"modality must be 'DX' or 'CT', not {modality!r}")
     if n_studies < 1:
         raise ValueError("n_studies must be at least 1")
     if image_size < 32:
         raise ValueError("image_size must be at least 32")
+    if degrade_site is not None and not any(
+        degrade_site in (site.name, site.institution) for site in SITES
+    ):
+        names = ", ".join(site.name for site in SITES)
+        raise ValueError(f"degrade_site must be one of {names} (or its institution name)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -839,7 +876,11 @@ def synthesize_cohort(
         iterator = tqdm(studies, desc=f"synthesising {modality}", unit="study")
     for study in iterator:
         patient = patients[study.patient - 1]
-        n_files += write_study(out, rng, patient, study, uid, image_size, findings)
+        degrade = None
+        if degrade_site in (patient.site.name, patient.site.institution):
+            # Its own generator, so the main stream (and every other study) is unchanged.
+            degrade = np.random.default_rng([seed, study.number, 1])
+        n_files += write_study(out, rng, patient, study, uid, image_size, findings, degrade)
         rows.append((str(uid("study", study.number)), study.label))
 
     labels_csv = out / "labels.csv"
