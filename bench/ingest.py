@@ -20,17 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pydicom
-from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
-
-from workbench.catalog import ingest
-from workbench.config import Settings
-from workbench.dicom.synth import synthesize_cohort
+# Only the standard library at the top: the decoding workers are spawned, and a spawned worker
+# imports this script again (as __mp_main__) before its first file; what it imports here would
+# count as ingest time. Everything else is imported where it is used.
 
 
 def make_files(out: Path, n: int, syntax: str | None, size: int = 512) -> list[Path]:
     """n distinct DX files of ``size``² (one synthetic chest, new UIDs and noise per copy)."""
+    import numpy as np
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from workbench.dicom.synth import synthesize_cohort
+
     seed_dir = out / "_seed"
     synthesize_cohort(seed_dir, n_studies=1, seed=3, modality="DX", image_size=size)
     template = pydicom.dcmread(next(p for p in sorted(seed_dir.rglob("*.dcm"))))
@@ -75,6 +77,9 @@ def baseline(paths: list[Path], size: int = 256) -> float:
 
 
 def workbench_rate(folder: Path, home: Path, workers: int | None) -> float:
+    from workbench.catalog import ingest
+    from workbench.config import Settings
+
     settings = Settings(
         home=home,
         database_url=f"sqlite:///{home / 'workbench.db'}",
@@ -114,6 +119,8 @@ def main() -> None:
             "workbench_files_per_s": round(ours, 1),
             "ratio": round(ours / base, 2),
         }
+        from pydicom.uid import JPEG2000Lossless, RLELossless
+
         for name, syntax in (("rle", RLELossless), ("jpeg2000_lossless", JPEG2000Lossless)):
             folder = root / name
             folder.mkdir()

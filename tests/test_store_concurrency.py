@@ -168,12 +168,41 @@ def test_concurrent_review_writers_lose_and_duplicate_nothing(
         )
 
 
-def test_the_migrations_build_the_models_schema_on_postgresql(postgres) -> None:
+def _migrated_schema_matches_the_models(url: str) -> None:
+    """Run every Alembic migration on an empty database (not the shortcut that new databases
+    take: the models' schema stamped at the head) and compare with the models."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine
 
-    from workbench.store import Base
+    from workbench.store import Base, _head_revision, migrate
 
-    engine = get_engine(postgres.create_database("schema"))
+    engine = create_engine(url)
+    migrate(engine, use_alembic=True)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    assert version == _head_revision()
+    engine.dispose()
+
+
+def test_the_migrations_build_the_models_schema_on_postgresql(postgres) -> None:
+    _migrated_schema_matches_the_models(postgres.create_database("schema"))
+
+
+def test_the_migrations_build_the_models_schema_on_sqlite(tmp_path) -> None:
+    _migrated_schema_matches_the_models(f"sqlite:///{tmp_path / 'schema.db'}")
+
+
+def test_a_new_database_is_stamped_at_the_head_and_opens_without_alembic(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    code = (
+        "import sys; from workbench.store import get_engine, _current_revision, _head_revision;"
+        f"e = get_engine({url!r}); assert _current_revision(e) == _head_revision();"
+        "assert 'alembic' not in sys.modules, 'alembic was imported'"
+    )
+    for _ in range(2):  # create, then open again
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
