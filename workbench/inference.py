@@ -93,6 +93,8 @@ def predict_study(
     """
     if explain not in EXPLAIN_METHODS:
         raise ValueError(f"--explain must be one of {', '.join(EXPLAIN_METHODS)}")
+    if item.spatial_dims != bundle.spec.spatial_dims:
+        return _refused(bundle, item)
     model = bundle.network
     device = next(model.parameters()).device
     prec = resolve_precision(precision, device, bundle.spec.spatial_dims, training=False)
@@ -154,6 +156,26 @@ def predict_study(
         images=tuple(images),
         embedding=embedding,
         trust=checks,
+    )
+
+
+def _refused(bundle: Bundle, item: CohortItem) -> StudyPrediction:
+    """A study the network cannot take (a volume for a 2D model, or the reverse): stored as
+    out of distribution with its reason and no scores, so that nothing shows a number for it."""
+    model_dims, study_dims = bundle.spec.spatial_dims, item.spatial_dims
+    reason = f"{study_dims}D {item.modality or 'study'} input for a {model_dims}D model: not scored"
+    ood = {"flagged": True, "score": None, "threshold": None, "reasons": [reason]}
+    return StudyPrediction(
+        study_id=item.study_id,
+        study_key=item.study_key,
+        probabilities={},
+        raw_probabilities={},
+        predicted_label="",
+        top_k=[],
+        priority=0.0,
+        images=(),
+        embedding=np.zeros(0, dtype=np.float32),
+        trust={"prediction_set": None, "ood": ood, "similar": []},
     )
 
 
@@ -281,7 +303,10 @@ def write_csv(path: Path, bundle: Bundle, preds: Sequence[Prediction]) -> None:
         for p in preds:
             w.writerow(
                 [p.study.study_key, p.predicted_label]
-                + [f"{p.probabilities[c]:.6f}" for c in bundle.classes]
+                + [
+                    f"{p.probabilities[c]:.6f}" if c in p.probabilities else ""  # not scored
+                    for c in bundle.classes
+                ]
                 + [";".join(f"{c}:{v:.4f}" for c, v in p.top_k)]
                 + [_set_text(p.prediction_set), "" if p.ood_flag is None else str(p.ood_flag)]
                 + [f"{p.priority:.6f}", bundle.name, bundle.version, bundle.bundle_hash]

@@ -189,7 +189,9 @@ def compute_report(
             f"{len(evaluable)} evaluated studies of cohort {cohort!r} ({scope}); "
             f"run `workbench predict` first"
         )
-    evaluated = [i for i in evaluable if i.study_id in preds]
+    # a study the model refused (input it cannot take: no scores) is not evaluated; the OOD
+    # section counts it
+    evaluated = [i for i in evaluable if i.study_id in preds and preds[i.study_id].probabilities]
     reviews = _latest_reviews(settings, bundle.bundle_hash, [i.study_id for i in evaluated])
     makers = manufacturers(settings, [i.study_id for i in evaluated])
     cases = [
