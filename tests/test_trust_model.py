@@ -208,6 +208,8 @@ def test_randomised_model_maps_differ_from_the_trained_models(trained: Trained) 
     _record("saliency_checks", checks)
     for method in ("gradcam", "gradient"):
         assert checks[method]["randomized_model_rank_corr"] < 0.5, method
+        # a model trained on shuffled labels explains differently (data randomisation test)
+        assert checks[method]["label_randomized_rank_corr"] < 0.8, method
     assert checks["gradcam"]["deletion_auc"] < checks["gradcam"]["random_deletion_auc"]
 
 

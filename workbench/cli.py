@@ -153,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
         help="target coverage of the conformal prediction sets (default 0.9)",
     )
     s.add_argument(
+        "--label-randomization-epochs",
+        type=int,
+        default=2,
+        help="epochs of the shuffled-label model for the saliency data-randomisation check "
+        "(0: skip it)",
+    )
+    s.add_argument(
         "--sanity-images",
         type=int,
         default=4,
@@ -502,6 +509,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         compile=a.compile,
         coverage=a.coverage,
         sanity_images=a.sanity_images,
+        label_randomization_epochs=a.label_randomization_epochs,
     )
     # Under torchrun only rank 0 reports (every rank returns the same result).
     main_rank = os.environ.get("RANK", "0") == "0"

@@ -382,6 +382,7 @@ def sanity_checks(
     seed: int = 0,
     precision: str = "fp32",
     ig_steps: int = 16,
+    label_randomized: torch.nn.Module | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per method, averaged over the images (each (1, C, ...), in eval mode):
 
@@ -389,7 +390,10 @@ def sanity_checks(
       and from :func:`randomized_copy` (near 1: the map ignores the model; lower is better);
     * ``deletion_auc`` / ``insertion_auc`` and the same for a random map of equal size
       (``random_deletion_auc`` / ``random_insertion_auc``): a faithful map deletes lower and
-      inserts higher than chance (:func:`_random_blobs`).
+      inserts higher than chance (:func:`_random_blobs`);
+    * ``label_randomized_rank_corr`` when ``label_randomized`` is given: the same correlation
+      with the maps of a model trained on shuffled labels (Adebayo et al.'s data randomisation
+      test: a map that a model without real labels reproduces explains nothing learnt).
     """
     random_model = randomized_copy(model, seed).eval()
     rng = np.random.default_rng(seed)
@@ -403,8 +407,13 @@ def sanity_checks(
             noise = _random_blobs(heat.shape, rng)
             d, i = deletion_insertion(model, image, heat, target, precision=precision)
             rd, ri = deletion_insertion(model, image, noise, target, precision=precision)
+            row: dict[str, float] = {}
+            if label_randomized is not None:
+                shuffled = saliency(label_randomized, image, target, method, **kw)  # type: ignore[arg-type]
+                row["label_randomized_rank_corr"] = map_similarity(heat, shuffled)
             rows.append(
-                {
+                row
+                | {
                     "randomized_model_rank_corr": map_similarity(heat, rand_heat),
                     "deletion_auc": d,
                     "insertion_auc": i,

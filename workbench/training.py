@@ -136,6 +136,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward pass
     coverage: float = 0.9  # target coverage of the conformal prediction sets
     sanity_images: int = 4  # test images for the saliency sanity checks (0: skip them)
+    label_randomization_epochs: int = 2  # epochs of the shuffled-label model (0: skip it)
 
 
 @dataclass(frozen=True)
@@ -714,7 +715,43 @@ def _saliency_checks(
         for j in range(len(records))
     ]
     targets = [target_of[int(r["study_id"])] for r in records]
-    return saliency_checks(_unwrap(model).eval(), images, targets, ctx.eval_precision)
+    epochs = ctx.cfg.label_randomization_epochs
+    shuffled = _label_randomized_model(ctx, epochs) if epochs > 0 else None
+    return saliency_checks(
+        _unwrap(model).eval(), images, targets, ctx.eval_precision, shuffled, epochs
+    )
+
+
+def _label_randomized_model(ctx: _RunContext, epochs: int) -> nn.Module:
+    """The same network and recipe trained for ``epochs`` on the training split with its
+    study labels shuffled (Adebayo et al. 2018's data randomisation test): what a saliency
+    method shows for a model that learnt no real relation between images and labels."""
+    cfg, spec, sd = ctx.cfg, ctx.spec, ctx.spec.spatial_dims
+    records = [dict(r) for r in ctx.records["train"]]
+    studies = sorted({int(r["study_id"]) for r in records})
+    label_of = {int(r["study_id"]): r["label"] for r in records}
+    order = np.random.default_rng([cfg.seed, 1]).permutation(len(studies))
+    shuffled = {s: label_of[studies[j]] for s, j in zip(studies, order, strict=True)}
+    for r in records:
+        r["label"] = shuffled[int(r["study_id"])]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        model = create_network(sd, len(ctx.problem.classes)).to(ctx.device)
+    if sd == 2:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    world = World()
+    loss_fn = make_objective(ctx.problem, [r["label"] for r in records], cfg.balance, world)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    precision = resolve_precision(cfg.precision, ctx.device, sd, training=True)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
+    dataset = make_dataset(records, spec, train=True)
+    for epoch in range(epochs):
+        batches = _epoch_batches(len(dataset), cfg.batch_size, cfg.seed + 1, epoch)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=0)
+        train_epoch(
+            model, loader, loss_fn.to(ctx.device), optimizer, scaler, ctx.device, precision, sd
+        )
+    return model.eval()
 
 
 def _trust_summary(trust: dict[str, Any]) -> dict[str, Any]:

@@ -220,14 +220,20 @@ def saliency_checks(
     images: Sequence[torch.Tensor],
     targets: Sequence[int],
     precision: str = "fp32",
+    label_randomized: torch.nn.Module | None = None,
+    label_randomized_epochs: int = 0,
 ) -> dict[str, Any]:
     """The Adebayo / Petsiuk checks (:func:`workbench.explain.sanity_checks`) on a few test
     images, for the bundle and the app."""
     if not images:
         return {}
+    methods = sanity_checks(
+        model, images, targets, precision=precision, ig_steps=16, label_randomized=label_randomized
+    )
     return {
         "n_images": len(images),
-        "methods": sanity_checks(model, images, targets, precision=precision, ig_steps=16),
+        "label_randomized_epochs": label_randomized_epochs if label_randomized else 0,
+        "methods": methods,
     }
 
 
