@@ -34,6 +34,9 @@ from workbench.inference import latest_predictions, predict_items
 from workbench.store import Instance, Prediction, Study, session_scope
 from workbench.training import TrainConfig, train
 
+# The fixture trains a real model (about 2 to 3 minutes on 2 idle cores): room for a busy machine.
+pytestmark = pytest.mark.timeout(1800)
+
 ARTIFACTS = Path(__file__).parent / "artifacts"
 COHORT, MODEL = "trust", "trust-model"
 FIGURES: dict[str, Any] = {}
