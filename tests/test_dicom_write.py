@@ -284,3 +284,40 @@ def test_send_stores_the_latest_prediction_of_a_study_and_audits_it(
     # the command names studies by key, never by patient identity
     source = pydicom.dcmread(next(pipeline.source.rglob("*.dcm")), stop_before_pixels=True)
     assert str(source.PatientName) not in done.stdout + done.stderr
+
+
+def test_predict_tags_the_studies_a_dicomweb_search_finds(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """Batch tagging from a PACS: push two studies, then `workbench predict --dicomweb` with a
+    patient filter pulls (into a fresh home) and predicts exactly those, once."""
+    from collections import defaultdict
+
+    from workbench.dicom.dicomweb import store_instances
+    from workbench.store import Prediction, session_scope
+
+    by_study: dict[str, list[Path]] = defaultdict(list)
+    for f in sorted(pipeline.source.rglob("*.dcm")):
+        by_study[str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)].append(f)
+    patients: dict[str, list[str]] = defaultdict(list)
+    for uid, files in by_study.items():
+        patients[str(pydicom.dcmread(files[0], stop_before_pixels=True).PatientID)].append(uid)
+    patient, uids = next(iter(sorted(patients.items())))
+    other = next(u for p, us in sorted(patients.items()) if p != patient for u in us)
+    home = tmp_path / "home"
+    with orthanc_server(tmp_path / "pacs") as server:
+        client = _client(server)
+        for uid in [*uids, other]:
+            store_instances(client, [pydicom.dcmread(f) for f in by_study[uid]])
+        args = ["predict", "--model", str(pipeline.bundle), "--dicomweb", server.dicomweb_url]
+        args += ["--patient", patient, "--explain", "none"]
+        env = {"WORKBENCH_DICOMWEB_USER": server.user}
+        done = run_cli(args, home, WORKBENCH_DICOMWEB_PASSWORD=server.password, **env)
+        assert done.returncode == 0, done.stderr
+        assert f"found {len(uids)} studies" in done.stdout
+        again = run_cli(args, home, WORKBENCH_DICOMWEB_PASSWORD=server.password, **env)
+        assert again.returncode == 0, again.stderr
+        assert "predicted 0 studies" in again.stdout
+    with session_scope(f"sqlite:///{home / 'workbench.db'}") as session:
+        rows = session.scalars(select(Prediction)).all()
+        assert sorted(r.study.study_uid for r in rows) == sorted(uids)  # once each, no other

@@ -183,6 +183,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="write a CSV of the predictions here")
     s.add_argument("--force", action="store_true", help="predict again studies already done")
     s.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="pull the studies that match --patient / --study / --modality / --from / --to "
+        "from this DICOMweb service (as `ingest --dicomweb`: credentials from the environment) "
+        "and predict them",
+    )
+    s.add_argument("--patient", help="DICOMweb: PatientID")
+    s.add_argument("--study", help="DICOMweb: StudyInstanceUID")
+    s.add_argument("--modality", help="DICOMweb: modality")
+    s.add_argument("--from", dest="date_from", metavar="YYYYMMDD", help="DICOMweb: first date")
+    s.add_argument("--to", dest="date_to", metavar="YYYYMMDD", help="DICOMweb: last date")
+    s.add_argument(
         "--max", type=int, dest="max_studies", help="predict at most this many new studies"
     )
 
@@ -552,8 +564,9 @@ def _predict_target(a: argparse.Namespace) -> tuple[str, Path | None]:
             model = t
         else:  # a lone folder: the model comes from --model or the promotion registry
             src = Path(t)
-    if bool(a.cohort) == (src is not None):
-        raise ValueError("give either --cohort NAME or a folder of DICOM files")
+    sources = [bool(a.cohort), src is not None, bool(getattr(a, "dicomweb", None))]
+    if sum(sources) != 1:
+        raise ValueError("give one of --cohort NAME, a folder of DICOM files or --dicomweb URL")
     if model is None:
         model = promoted_model(_settings(), getattr(a, "task", None))
         if model is None:
@@ -572,6 +585,22 @@ def cmd_predict(a: argparse.Namespace) -> None:
     bundle = load_bundle(settings.models_dir, model, resolve_device(settings.device))
     if a.cohort:
         items = cohort_items(settings, a.cohort, a.split)
+    elif a.dicomweb:
+        from workbench.dicom.dicomweb import load_credentials
+        from workbench.pull import pull_dicomweb
+
+        pulled = pull_dicomweb(
+            settings,
+            a.dicomweb,
+            load_credentials(),
+            patient_id=a.patient,
+            study_uid=a.study,
+            modality=a.modality,
+            date_from=a.date_from,
+            date_to=a.date_to,
+        )
+        print(pulled.line())
+        items = items_for_studies(settings, pulled.ingest.study_ids)
     else:
         assert src is not None
         summary = ingest(settings, src)
