@@ -19,6 +19,7 @@ PAGES = {  # name: (menu section, title, icon)
     "cohorts": ("Cohorts and reports", "Cohorts and models", ":material/groups:"),
     "reports": ("Cohorts and reports", "Reports", ":material/summarize:"),
     "audit": ("Cohorts and reports", "Audit log", ":material/verified_user:"),
+    "models": ("Cohorts and reports", "Models", ":material/model_training:"),
 }
 sections: dict[str, list] = {
     "": [

@@ -57,6 +57,12 @@ def app_db(pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     s = get_settings()
     for name, role in ACCOUNTS.items():
         users.add_user(s, "test", name, role, PASSWORD)
+    # The tiny model may flag any study as out of distribution; the tests that need a flagged
+    # study flag one themselves, so that the others see the same page every run.
+    with session_scope(url) as session:
+        for p in session.scalars(select(Prediction).where(Prediction.ood_flag.is_(True))):
+            p.ood_flag = False
+            p.ood = {**(p.ood or {}), "flagged": False}
     yield url
 
 
@@ -129,6 +135,8 @@ def test_the_worklist_shows_the_predicted_studies_by_priority(app_db: str) -> No
         "Predicted",
         "Top finding",
         "Probability",
+        "Prediction set",
+        "OOD",
         "Top-k",
         "Review",
     ]
@@ -325,7 +333,7 @@ LANDING = {
     "audrey": "Consistency report",
     "bailey": "Worklist",
 }
-GUARDED = ("worklist", "study", "cohorts", "reports", "audit", "adjudication")
+GUARDED = ("worklist", "study", "cohorts", "reports", "audit", "adjudication", "models")
 
 
 def page_app(name: str, user: str | None) -> AppTest:
@@ -548,3 +556,160 @@ def test_a_second_read_is_blind_and_a_disagreement_goes_to_adjudication(app_db: 
         assert (adj.reviewer, adj.label, adj.agree) == ("bailey", other, False)
         assert verify_audit(session) is None
     assert data.disputes(get_settings()) == []
+
+
+# --- trust outputs on the study page and the worklist ------------------------------------
+
+
+def top_prediction(app_db: str) -> int:
+    """The prediction at the top of the newest model's worklist."""
+    s = get_settings()
+    return data.worklist(s, data.list_models(s)[0].bundle_hash)[0].prediction_id
+
+
+def set_trust(app_db: str, pid: int, **fields) -> None:
+    with session_scope(app_db) as session:
+        pred = session.get(Prediction, pid)
+        assert pred is not None
+        for name, value in fields.items():
+            setattr(pred, name, value)
+
+
+def open_study_page(at: AppTest, pid: int) -> AppTest:
+    at.session_state[OPEN_PREDICTION] = pid
+    at.switch_page(str(page_file("study"))).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def page_text(at: AppTest) -> str:
+    return " ".join(
+        [m.value for m in at.markdown] + [c.value for c in at.caption] + [e.value for e in at.error]
+    )
+
+
+def test_the_study_page_warns_when_the_study_is_out_of_distribution(app_db: str) -> None:
+    pid = top_prediction(app_db)
+    reason = "View position 'XX' was never seen in training"
+    ood = {"flagged": True, "score": 0.9, "threshold": 0.3, "reasons": [reason]}
+    set_trust(app_db, pid, ood_flag=True, ood=ood)
+    at = open_study_page(sign_in("grey"), pid)
+    warnings = [e.value for e in at.error]
+    assert len(warnings) == 1 and "Out of distribution" in warnings[0]
+    assert reason in warnings[0] and "not valid" in warnings[0]
+    # The scores are there for the curious, but folded away and labelled as not valid.
+    folded = [x for x in at.expander if x.label == "Scores (not valid for this study)"]
+    assert len(folded) == 1 and not folded[0].proto.expanded
+    assert [m.label for m in folded[0].metric] == ["Top finding", "Calibrated probability"]
+    # The review form still works.
+    assert at.radio(key=f"review_{pid}_assessment") is not None
+
+
+def test_a_refused_study_shows_the_warning_and_no_scores(app_db: str) -> None:
+    pid = top_prediction(app_db)
+    reason = "3D CT input for a 2D model: not scored"
+    ood = {"flagged": True, "score": None, "threshold": None, "reasons": [reason]}
+    set_trust(app_db, pid, ood_flag=True, ood=ood, probabilities={}, top_k=[], per_image=[])
+    at = open_study_page(sign_in("grey"), pid)
+    assert any(reason in e.value and "did not score" in e.value for e in at.error)
+    assert not [m for m in at.metric if m.label == "Calibrated probability"]
+    assert not [x for x in at.expander if x.label.startswith("Scores")]
+    assert any("No scores" in i.value for i in at.info)
+    # The reader can still give the label: the form offers the model's classes.
+    assert len(at.selectbox(key=f"review_{pid}_label").options) >= 2
+
+
+def test_the_study_page_shows_the_prediction_set_operating_points_and_checks(
+    app_db: str,
+) -> None:
+    pid = top_prediction(app_db)
+    pset = {"coverage": 0.9, "classes": ["nodule", "effusion"]}
+    set_trust(app_db, pid, prediction_set=pset, ood_flag=False)
+    at = open_study_page(sign_in("grey"), pid)
+    assert not at.error, [e.value for e in at.error]
+    text = page_text(at)
+    assert "90% prediction set: {nodule, effusion}" in text
+    # operating points: threshold per class and whether the probability is above it
+    points = next(d.value for d in at.dataframe if "Threshold" in d.value.columns)
+    assert set(points["Above"]) <= {"above", "below"}
+    assert {"Sensitivity", "Specificity"} <= set(points.columns)
+    assert "calibration split" in text
+    # saliency sanity checks for the method shown
+    assert any("sanity checks" in x.label for x in at.expander)
+    assert "rank correlation with a randomised model" in text
+    assert "for a random map" in text
+    # similar prior cases, with thumbnails from the cache
+    assert "Similar prior cases" in [h.value for h in at.subheader]
+    captions = [c for img in at.get("image") for c in img.captions]  # type: ignore[attr-defined]
+    assert len(captions) >= 3  # original, overlay and at least one prior case
+    priors = [c for c in captions if "similarity" in c]
+    assert 1 <= len(priors) <= 5
+
+
+def test_an_empty_prediction_set_names_the_top_class(app_db: str) -> None:
+    pid = top_prediction(app_db)
+    set_trust(app_db, pid, prediction_set={"coverage": 0.9, "classes": []}, ood_flag=False)
+    with session_scope(app_db) as session:
+        predicted = session.get(Prediction, pid).predicted_label  # type: ignore[union-attr]
+    at = open_study_page(sign_in("grey"), pid)
+    assert f"90% prediction set: {{{predicted}}} (more certain than the 90% level needs)" in (
+        page_text(at)
+    )
+
+
+def test_window_presets_set_level_and_width(app_db: str) -> None:
+    at = open_study_page(sign_in("grey"), top_prediction(app_db))
+    assert at.selectbox(key="wl_preset").value == "File default"
+    at.selectbox(key="wl_preset").set_value("Bone / high contrast").run()
+    assert not at.exception, at.exception
+    assert at.slider(key="wl_center").value == pytest.approx(0.6)
+    assert at.slider(key="wl_width").value == pytest.approx(0.4)
+    at.select_slider(key="zoom").set_value(2.0).run()
+    assert not at.exception, at.exception
+    captions = [c for img in at.get("image") for c in img.captions]  # type: ignore[attr-defined]
+    assert any("zoom 2×" in c for c in captions)
+    button(at, "Reset").click().run()
+    assert at.slider(key="wl_width").value == pytest.approx(1.0)
+    assert at.selectbox(key="wl_preset").value == "File default"
+
+
+def test_the_worklist_filters_by_ood_and_shows_sets_and_badges(app_db: str) -> None:
+    pid = top_prediction(app_db)
+    with session_scope(app_db) as session:
+        for p in session.scalars(select(Prediction)):
+            p.ood_flag = p.id == pid
+        key = session.get(Prediction, pid).study.study_key  # type: ignore[union-attr]
+    set_trust(app_db, pid, prediction_set={"coverage": 0.9, "classes": ["nodule", "normal"]})
+    at = sign_in("grey")
+    table = at.dataframe[0].value
+    assert table.loc[table["Study"] == key, "OOD"].tolist() == ["⚠ OOD"]
+    assert table.loc[table["Study"] == key, "Prediction set"].tolist() == ["{nodule, normal}"]
+    assert (table["OOD"] == "").sum() == len(table) - 1
+    at.selectbox(key="worklist_ood").set_value("Flagged").run()
+    assert at.dataframe[0].value["Study"].tolist() == [key]
+    at.selectbox(key="worklist_ood").set_value("Not flagged").run()
+    assert key not in at.dataframe[0].value["Study"].tolist()
+    at.selectbox(key="worklist_ood").set_value("All").run()
+    for name in ("worklist_cohort", "worklist_modality", "worklist_site"):
+        options = at.selectbox(key=name).options
+        assert options[0] == "All" and len(options) >= 2, name
+        at.selectbox(key=name).set_value(options[1]).run()
+        assert not at.exception, at.exception
+        assert len(at.dataframe) <= 1
+
+
+def test_only_an_admin_sees_the_models_page(pipeline, app_db: str) -> None:
+    at = sign_in("bailey")
+    at.switch_page(str(page_file("models"))).run()
+    assert not at.exception, at.exception
+    assert [t.value for t in at.title] == ["Models"]
+    table = at.dataframe[0].value
+    assert any(ref.startswith(f"{pipeline.model}/") for ref in table["Model"])
+    assert "Promoted" in table.columns
+    clinician = sign_in("grey")
+    try:
+        clinician.switch_page(str(page_file("models"))).run()
+    except Exception:  # noqa: BLE001 - not a page of this session's menu: refused outright
+        return
+    assert "Models" not in [t.value for t in clinician.title]
+    assert not [d for d in clinician.dataframe if "Promoted" in d.value.columns]

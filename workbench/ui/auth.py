@@ -37,6 +37,7 @@ PAGE_ROLES: dict[PageName, frozenset[Role]] = {
     "reports": frozenset({"researcher", "auditor", "admin"}),
     "audit": frozenset({"auditor", "admin"}),
     "adjudication": frozenset({"admin"}),
+    "models": frozenset({"admin"}),
 }
 # Where each role lands after signing in.
 HOME: dict[Role, PageName] = {

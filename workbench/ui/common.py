@@ -12,7 +12,9 @@ from typing import Literal
 
 from workbench.config import Settings, get_settings
 
-PageName = Literal["signin", "worklist", "study", "cohorts", "reports", "audit", "adjudication"]
+PageName = Literal[
+    "signin", "worklist", "study", "cohorts", "reports", "audit", "adjudication", "models"
+]
 
 _HERE = Path(__file__).resolve().parent
 PAGE_FILES: dict[PageName, str] = {
@@ -23,6 +25,7 @@ PAGE_FILES: dict[PageName, str] = {
     "reports": "reports.py",
     "audit": "audit.py",
     "adjudication": "adjudication.py",
+    "models": "models.py",
 }
 
 # Session-state keys shared between pages (per user: st.session_state is per browser session).

@@ -13,12 +13,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import distinct, func, select
 
-from workbench.bundle import version_number
+from workbench.bundle import BundleError, list_bundles, read_bundle_info, version_number
 from workbench.config import Settings
-from workbench.inference import latest_predictions
+from workbench.inference import EXPLAIN_METHODS, latest_predictions, saliency_path
 
 # Reviews live in workbench.reviews; the pages reach them through this module.
 from workbench.reviews import (  # noqa: F401
@@ -39,7 +40,9 @@ from workbench.reviews import (  # noqa: F401
 from workbench.store import (
     Cohort,
     CohortMember,
+    Instance,
     Prediction,
+    Series,
     Study,
     new_session,
     record_audit,
@@ -79,6 +82,17 @@ class WorklistRow:
     priority: float  # calibrated probability of the most probable finding
     top_k: tuple[tuple[str, float], ...]
     status: ReviewStatus
+    cohorts: tuple[str, ...] = ()
+    prediction_set: dict[str, Any] | None = None
+    ood_flag: bool = False
+
+    @property
+    def set_size(self) -> int:
+        return set_size(self.prediction_set)
+
+    @property
+    def scored(self) -> bool:
+        return bool(self.top_k)
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,7 @@ class ImageRef:
     saliency_file: str | None  # relative to the cache folder
     saliency_target: str | None
     probabilities: dict[str, float]
+    pixel_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,15 @@ class PredictionDetail:
     images: tuple[ImageRef, ...]
     explain_method: str | None
     created_at: datetime
+    prediction_set: dict[str, Any] | None = None
+    ood_flag: bool = False
+    ood: dict[str, Any] | None = None
+    similar: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def scored(self) -> bool:
+        """False for a refused study (input the model cannot take): it has no scores."""
+        return bool(self.probabilities)
 
 
 @dataclass(frozen=True)
@@ -134,7 +158,58 @@ def _top_finding(probabilities: dict[str, float], priority: float, target: str |
     """The finding whose calibrated probability is the priority (the explained class if any)."""
     if target and target in probabilities:
         return target
+    if not probabilities:  # refused: out of distribution, not scored
+        return "not scored"
     return min(probabilities, key=lambda c: abs(probabilities[c] - priority))
+
+
+def set_size(pset: dict[str, Any] | None) -> int:
+    """How many answers a prediction set leaves open (multi-label: the uncertain labels)."""
+    if not pset:
+        return 0
+    if "labels" in pset:
+        return sum(v == "uncertain" for v in dict(pset["labels"]).values())
+    return len(pset.get("classes") or ())
+
+
+def set_text(pset: dict[str, Any] | None, top: str | None = None) -> str:
+    """A prediction set as a reader says it: "90% prediction set: {nodule, effusion}"; an empty
+    set names the top class; "" when the bundle ships no sets."""
+    if not pset:
+        return ""
+    level = f"{100.0 * float(pset.get('coverage', 0.9)):.0f}%"
+    if "labels" in pset:
+        parts = ", ".join(f"{k}: {v}" for k, v in dict(pset["labels"]).items())
+        return f"{level} prediction set: {{{parts}}}"
+    classes = list(pset.get("classes") or ())
+    if not classes:
+        shown = f"{{{top}}}" if top else "{}"
+        return f"{level} prediction set: {shown} (more certain than the {level} level needs)"
+    return f"{level} prediction set: {{{', '.join(classes)}}}"
+
+
+def set_short(pset: dict[str, Any] | None, top: str | None = None) -> str:
+    """The set for a table cell: "{nodule, effusion}"."""
+    if not pset:
+        return ""
+    if "labels" in pset:
+        open_ = [k for k, v in dict(pset["labels"]).items() if v in ("uncertain", "present")]
+        return "{" + ", ".join(open_) + "}"
+    classes = list(pset.get("classes") or ())
+    return "{" + ", ".join(classes or ([top] if top else [])) + "}"
+
+
+def _cohorts_of(session: Any, study_ids: list[int]) -> dict[int, tuple[str, ...]]:
+    out: dict[int, list[str]] = defaultdict(list)
+    if not study_ids:
+        return {}
+    for sid, name in session.execute(
+        select(CohortMember.study_id, CohortMember.cohort_name).where(
+            CohortMember.study_id.in_(study_ids)
+        )
+    ):
+        out[int(sid)].append(str(name))
+    return {k: tuple(sorted(v)) for k, v in out.items()}
 
 
 def list_models(settings: Settings) -> list[ModelRef]:
@@ -161,6 +236,7 @@ def worklist(settings: Settings, bundle_hash: str, viewer: str | None = None) ->
     preds = latest_predictions(settings, bundle_hash)
     with new_session(settings.database_url) as session:
         reviews = current_reads(session, [p.id for p in preds.values()])
+        cohorts = _cohorts_of(session, [int(p.study_id) for p in preds.values()])
     rows = []
     for p in preds.values():
         target = next((im.get("saliency_target") for im in p.per_image), None)
@@ -175,9 +251,15 @@ def worklist(settings: Settings, bundle_hash: str, viewer: str | None = None) ->
                 priority=float(p.priority),
                 top_k=tuple((str(c), float(v)) for c, v in p.top_k),
                 status=review_status(reviews.get(p.id), viewer),
+                cohorts=cohorts.get(int(p.study_id), ()),
+                prediction_set=p.prediction_set,
+                ood_flag=bool(p.ood_flag),
             )
         )
-    return sorted(rows, key=lambda r: (-r.priority, r.study_key))
+    # Priority first; among equals the less certain (larger set, probability nearer 0.5) first.
+    return sorted(
+        rows, key=lambda r: (-r.priority, -r.set_size, abs(r.priority - 0.5), r.study_key)
+    )
 
 
 def load_prediction(settings: Settings, prediction_id: int) -> PredictionDetail | None:
@@ -193,10 +275,12 @@ def load_prediction(settings: Settings, prediction_id: int) -> PredictionDetail 
                 saliency_file=im.get("saliency_file"),
                 saliency_target=im.get("saliency_target"),
                 probabilities={str(k): float(v) for k, v in im.get("probabilities", {}).items()},
+                pixel_hash=im.get("pixel_hash"),
             )
             for n, im in enumerate(p.per_image)
         )
         probabilities = {str(k): float(v) for k, v in p.probabilities.items()}
+        classes = tuple(probabilities) or _bundle_classes(settings, p.model_name, p.model_version)
         target = images[0].saliency_target if images else None
         return PredictionDetail(
             prediction_id=p.id,
@@ -208,7 +292,7 @@ def load_prediction(settings: Settings, prediction_id: int) -> PredictionDetail 
             model_name=p.model_name,
             model_version=p.model_version,
             bundle_hash=p.bundle_hash,
-            classes=tuple(probabilities),
+            classes=classes,
             probabilities=probabilities,
             predicted_label=p.predicted_label,
             top_finding=_top_finding(probabilities, p.priority, target),
@@ -217,7 +301,92 @@ def load_prediction(settings: Settings, prediction_id: int) -> PredictionDetail 
             images=images,
             explain_method=p.explain_method,
             created_at=p.created_at,
+            prediction_set=p.prediction_set,
+            ood_flag=bool(p.ood_flag),
+            ood=p.ood,
+            similar=tuple(dict(x) for x in (p.similar or [])),
         )
+
+
+def _bundle_classes(settings: Settings, model_name: str, model_version: str) -> tuple[str, ...]:
+    """The bundle's classes (for the review form of a study the model did not score)."""
+    try:
+        return read_bundle_info(settings.models_dir, f"{model_name}/{model_version}").classes
+    except BundleError:
+        return ()
+
+
+def bundle_trust(settings: Settings, model_name: str, model_version: str) -> dict[str, Any]:
+    """The bundle's ``workbench.trust`` metadata (operating points, saliency checks), or {}
+    for an older bundle or one that is no longer on disk."""
+    try:
+        info = read_bundle_info(settings.models_dir, f"{model_name}/{model_version}")
+    except BundleError:
+        return {}
+    return dict(info.workbench.get("trust") or {})
+
+
+def saliency_files(settings: Settings, bundle_hash: str, image: ImageRef) -> dict[str, str]:
+    """Every saliency method cached for one image: method -> file relative to the cache."""
+    found: dict[str, str] = {}
+    if not image.pixel_hash:
+        return found
+    for method in EXPLAIN_METHODS:
+        if method == "none":
+            continue
+        path = saliency_path(settings, bundle_hash, image.pixel_hash, method)
+        if path.is_file():
+            found[method] = str(path.relative_to(settings.cache_dir))
+    return found
+
+
+def thumbnail_keys(settings: Settings, study_keys: list[str]) -> dict[str, str]:
+    """For each study key, the cache key of one image to show as a thumbnail (a frontal view
+    when there is one); studies without a cached image are left out."""
+    if not study_keys:
+        return {}
+    rank = {"PA": 0, "AP": 1}
+    best: dict[str, tuple[int, int, str]] = {}
+    with new_session(settings.database_url) as session:
+        rows = session.execute(
+            select(Study.study_key, Series.view_position, Instance.id, Instance.cache_key)
+            .join(Series, Series.study_id == Study.id)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Study.study_key.in_(study_keys))
+        ).all()
+    for key, view, iid, cache_key in rows:
+        cand = (rank.get(str(view or "").upper(), 2), int(iid), str(cache_key))
+        if key not in best or cand < best[key]:
+            best[str(key)] = cand
+    return {k: v[2] for k, v in best.items()}
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    ref: str  # NAME/VERSION
+    created: str
+    promoted_for: tuple[str, ...]  # the tasks it is promoted for
+
+
+def model_statuses(settings: Settings) -> list[ModelStatus]:
+    """Every bundle on disk with the tasks it is promoted for (models/promoted.json)."""
+    from workbench.promotion import PromotionError, read_registry
+
+    try:
+        registry = read_registry(settings)
+    except PromotionError:
+        registry = {}
+    by_ref: dict[str, list[str]] = defaultdict(list)
+    for task, ref in registry.items():
+        by_ref[ref].append(task)
+    return [
+        ModelStatus(
+            ref=b.ref,
+            created=str(b.metadata.get("created") or b.workbench.get("created") or ""),
+            promoted_for=tuple(sorted(by_ref.get(b.ref, []))),
+        )
+        for b in list_bundles(settings.models_dir)
+    ]
 
 
 def cohort_summaries(settings: Settings) -> list[CohortSummary]:

@@ -15,6 +15,15 @@ from workbench.config import Settings
 from workbench.explain import overlay
 
 MIN_WIDTH = 0.02
+MAX_WIDTH = 2.0
+# Window presets on the display scale (the cache holds the file's own windowing in [0, 1]):
+# name -> (center, width). "File default" shows the image as its DICOM display pipeline did.
+PRESETS: dict[str, tuple[float, float]] = {
+    "File default": (0.5, 1.0),
+    "Soft": (0.5, 0.7),
+    "Bone / high contrast": (0.6, 0.4),
+    "Lung / low contrast": (0.45, 1.6),
+}
 
 
 @st.cache_data(max_entries=128, show_spinner=False)
@@ -75,3 +84,20 @@ def blend(image: np.ndarray, heat: np.ndarray | None, alpha: float) -> np.ndarra
     if heat is None or heat.shape != image.shape or alpha <= 0.0:
         return to_grey_rgb(image)
     return overlay(image, heat, alpha=float(np.clip(alpha, 0.0, 1.0)))
+
+
+def zoom(image: np.ndarray, factor: float) -> np.ndarray:
+    """The centre ``1/factor`` of a 2-D plane (factor 1 leaves it whole)."""
+    if factor <= 1.0 or image.ndim != 2:
+        return image
+    rows, cols = image.shape
+    h, w = max(1, round(rows / factor)), max(1, round(cols / factor))
+    top, left = (rows - h) // 2, (cols - w) // 2
+    return image[top : top + h, left : left + w]
+
+
+def thumbnail(image: np.ndarray, size: int = 128) -> np.ndarray:
+    """A small uint8 RGB preview of a display image (the middle slice of a volume)."""
+    flat = plane(image, n_slices(image) // 2)
+    step = max(1, int(np.ceil(max(flat.shape) / size)))
+    return to_grey_rgb(np.nan_to_num(flat[::step, ::step].astype(np.float32), nan=0.0))

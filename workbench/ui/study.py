@@ -1,10 +1,13 @@
-"""Study: the image with window / level and the heat-map overlay, the calibrated probabilities,
-and the review form (agree, or disagree with a corrected label and a reason)."""
+"""Study: the image with window / level presets, zoom and the heat-map overlay; the calibrated
+probabilities with the prediction set, the operating points and the out-of-distribution warning;
+the saliency sanity checks; similar prior cases; and the review form (agree, or disagree with a
+corrected label and a reason)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -22,7 +25,8 @@ METHOD_NAMES = {"gradcam": "Grad-CAM", "ig": "Integrated Gradients", "occlusion"
 ASSESSMENTS = ("Agree", "Disagree")
 CONFIDENCE = {1: "1 unsure", 2: "2", 3: "3", 4: "4", 5: "5 certain"}
 # Viewer settings follow the reviewer from study to study (and across pages).
-VIEWER_DEFAULTS = {"wl_center": 0.5, "wl_width": 1.0, "heat_alpha": 0.4}
+VIEWER_DEFAULTS = {"wl_center": 0.5, "wl_width": 1.0, "heat_alpha": 0.4, "zoom": 1.0}
+CUSTOM = "Custom"
 
 
 # DICOM ViewPosition codes as a reader says them; frontal views first.
@@ -42,6 +46,23 @@ def view_rank(view: str) -> tuple[int, str]:
 def _reset_viewer() -> None:
     for key, value in VIEWER_DEFAULTS.items():
         st.session_state[key] = value
+    st.session_state["wl_preset"] = "File default"
+
+
+def _apply_preset() -> None:
+    chosen = st.session_state.get("wl_preset")
+    if chosen in imaging.PRESETS:
+        st.session_state["wl_center"], st.session_state["wl_width"] = imaging.PRESETS[chosen]
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _bundle_trust(models_dir: str, name: str, version: str) -> dict[str, Any]:
+    # Keyed by model only (no patient data): a bundle is immutable once written.
+    return data.bundle_trust(settings(), name, version)
+
+
+def trust_meta(s: Settings, detail: data.PredictionDetail) -> dict[str, Any]:
+    return _bundle_trust(str(s.models_dir), detail.model_name, detail.model_version)
 
 
 def header(detail: data.PredictionDetail) -> None:
@@ -95,7 +116,7 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
         "Reset",
         icon=":material/restart_alt:",
         on_click=_reset_viewer,
-        help="Window level 0.50, width 1.00, heat-map opacity 0.40",
+        help="File default window (level 0.50, width 1.00), heat-map opacity 0.40, no zoom",
     )
     image = detail.images[idx]
     pixels = imaging.load_display(s, image.cache_key)
@@ -105,14 +126,54 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
             "study to restore them."
         )
         return
-    heat = imaging.load_saliency(s, image.saliency_file)
+    methods = data.saliency_files(s, detail.bundle_hash, image)
+    stored = detail.explain_method or ""
+    if image.saliency_file and stored not in methods:
+        methods[stored] = image.saliency_file
+    method = stored
+    if len(methods) > 1:
+        method = st.radio(
+            "Heat-map method",
+            options=sorted(methods, key=lambda m: (m != stored, m)),
+            format_func=lambda m: METHOD_NAMES.get(m, m),
+            horizontal=True,
+            key=f"heat_method_{detail.prediction_id}",
+        )
+    heat = imaging.load_saliency(s, methods.get(method))
 
+    # The preset box names the preset the sliders are at, or "Custom".
+    current = (float(st.session_state["wl_center"]), float(st.session_state["wl_width"]))
+
+    def at(cw: tuple[float, float]) -> bool:
+        return abs(cw[0] - current[0]) < 1e-6 and abs(cw[1] - current[1]) < 1e-6
+
+    chosen = st.session_state.get("wl_preset")
+    if chosen not in imaging.PRESETS or not at(imaging.PRESETS[chosen]):
+        st.session_state["wl_preset"] = next(
+            (n for n, cw in imaging.PRESETS.items() if at(cw)), CUSTOM
+        )
+    p1, p2 = st.columns([3, 1], vertical_alignment="bottom")
+    p1.selectbox(
+        "Window preset",
+        [*imaging.PRESETS, CUSTOM],
+        key="wl_preset",
+        on_change=_apply_preset,
+        help="Presets on the display scale: the file's own window is level 0.50, width 1.00",
+    )
+    factor = p2.select_slider(
+        "Zoom", options=[1.0, 1.5, 2.0, 3.0, 4.0], key="zoom", format_func=lambda z: f"{z:g}×"
+    )
     c1, c2, c3 = st.columns(3)
     center = c1.slider(
         "Window level (center)", 0.0, 1.0, step=0.01, key="wl_center", persist_state="session"
     )
     width = c2.slider(
-        "Window width", imaging.MIN_WIDTH, 1.0, step=0.01, key="wl_width", persist_state="session"
+        "Window width",
+        imaging.MIN_WIDTH,
+        imaging.MAX_WIDTH,
+        step=0.01,
+        key="wl_width",
+        persist_state="session",
     )
     alpha = c3.slider(
         "Heat-map opacity",
@@ -128,24 +189,31 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
     if imaging.n_slices(pixels) > 1:
         n = imaging.n_slices(pixels)
         slice_idx = st.slider("Slice", 1, n, n // 2 + 1, key=f"slice_{detail.prediction_id}") - 1
-    plane = imaging.window_level(imaging.plane(pixels, slice_idx), center, width)
+    raw = imaging.plane(pixels, slice_idx)
+    plane = imaging.window_level(imaging.zoom(raw, factor), center, width)
     heat_plane = imaging.plane(heat, slice_idx) if heat is not None else None
+    if heat_plane is not None and heat_plane.shape == raw.shape:
+        heat_plane = imaging.zoom(heat_plane, factor)
 
+    zoomed = f", zoom {factor:g}×" if factor > 1 else ""
     left, right = st.columns(2)
     left.image(
         imaging.to_grey_rgb(plane),
-        caption=f"{view_name(image.view)}: original, window level {center:.2f} / width {width:.2f}",
+        caption=(
+            f"{view_name(image.view)}: original, window level {center:.2f} / width "
+            f"{width:.2f}{zoomed}"
+        ),
         width="stretch",
         output_format="PNG",
     )
     if heat_plane is None or heat_plane.shape != plane.shape:
         right.info("No heat map is stored for this image.")
         return
-    method = METHOD_NAMES.get(detail.explain_method or "", detail.explain_method or "saliency")
+    name = METHOD_NAMES.get(method, method or "saliency")
     right.image(
         imaging.blend(plane, heat_plane, alpha),
         caption=(
-            f"{view_name(image.view)}: heat-map overlay, {method} for “{image.saliency_target}”, "
+            f"{view_name(image.view)}: heat-map overlay, {name} for “{image.saliency_target}”, "
             f"opacity {alpha:.0%}"
         ),
         width="stretch",
@@ -155,14 +223,99 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
         "The heat map shows where the model looked for its top finding; it is not a "
         "segmentation and does not prove the finding."
     )
+    saliency_checks(s, detail, method)
 
 
-def findings(detail: data.PredictionDetail) -> None:
+def saliency_checks(s: Settings, detail: data.PredictionDetail, method: str) -> None:
+    """What the bundle's sanity checks measured for the shown method (Adebayo, Petsiuk)."""
+    checks = trust_meta(s, detail).get("saliency_checks") or {}
+    m = (checks.get("methods") or {}).get(method)
+    if not m:
+        return
+    name = METHOD_NAMES.get(method, method)
+
+    def num(key: str) -> str:
+        v = m.get(key)
+        return "n/a" if v is None else f"{float(v):.2f}"
+
+    with st.expander(f"Is the {name} map trustworthy? (sanity checks)", expanded=False):
+        st.markdown(
+            f"Maps depend on the model: rank correlation with a randomised model "
+            f"**{num('randomized_model_rank_corr')}** (near 0 is good; near 1 means the map "
+            f"shows the image, not the model).  \n"
+            f"Deletion AUC **{num('deletion_auc')}** vs **{num('random_deletion_auc')}** for a "
+            f"random map (lower is better); insertion AUC **{num('insertion_auc')}** vs "
+            f"**{num('random_insertion_auc')}** (higher is better)."
+        )
+        st.caption(
+            f"Measured on {checks.get('n_images', '?')} test images when the model was built."
+        )
+
+
+def ood_warning(detail: data.PredictionDetail) -> None:
+    if not detail.ood_flag:
+        return
+    ood = detail.ood or {}
+    reasons = [str(r) for r in ood.get("reasons") or []] or ["unusual input"]
+    lines = "\n".join(f"- {r}" for r in reasons)
+    score = ood.get("score")
+    thr = ood.get("threshold")
+    detail_text = (
+        f"\n\nOut-of-distribution score {float(score):.2f} (flagged above {float(thr):.2f})."
+        if score is not None and thr is not None
+        else ""
+    )
+    tail = (
+        "The model's scores are not valid for this study; read it without them."
+        if detail.scored
+        else "The model did not score this study."
+    )
+    st.error(
+        f"**Out of distribution: this study is unlike the studies the model was built on.** "
+        f"{tail}\n\n{lines}{detail_text}",
+        icon=":material/warning:",
+    )
+
+
+def similar_cases(s: Settings, detail: data.PredictionDetail) -> None:
+    cases = [c for c in detail.similar if c.get("study_key")][:5]
+    if not cases:
+        return
+    st.subheader("Similar prior cases")
+    st.caption("The most similar training studies (by the model's image embedding).")
+    keys = data.thumbnail_keys(s, [str(c["study_key"]) for c in cases])
+    cols = st.columns(5)
+    for col, case in zip(cols, cases, strict=False):
+        key = str(case["study_key"])
+        similarity = float(case.get("similarity", 0.0))
+        text = f"{key} · {case.get('label') or 'no label'} · similarity {similarity:.2f}"
+        pixels = imaging.load_display(s, keys[key]) if key in keys else None
+        if pixels is None:
+            col.caption(text)
+        else:
+            col.image(imaging.thumbnail(pixels), caption=text, width="stretch")
+
+
+def findings(s: Settings, detail: data.PredictionDetail) -> None:
     st.subheader("Model output")
+    if not detail.scored:
+        st.info("No scores: the model refused this study (see the warning above).")
+        return
+    if detail.ood_flag:
+        with st.expander("Scores (not valid for this study)", expanded=False):
+            scores(s, detail)
+        return
+    scores(s, detail)
+
+
+def scores(s: Settings, detail: data.PredictionDetail) -> None:
     a, b = st.columns(2)
     a.metric("Top finding", detail.top_finding)
     b.metric("Calibrated probability", percent(detail.priority))
     st.markdown(f"Predicted label: **{detail.predicted_label}**")
+    pset = data.set_text(detail.prediction_set, detail.predicted_label)
+    if pset:
+        st.markdown(pset)
     ranked = sorted(detail.probabilities.items(), key=lambda kv: -kv[1])
     top = {label for label, _ in detail.top_k}
     st.dataframe(
@@ -194,6 +347,39 @@ def findings(detail: data.PredictionDetail) -> None:
                 hide_index=True,
                 width="stretch",
             )
+    operating_points(s, detail)
+
+
+def operating_points(s: Settings, detail: data.PredictionDetail) -> None:
+    points = trust_meta(s, detail).get("operating_points") or {}
+    per_class = points.get("classes") or {}
+    rows = [(c, p, per_class[c]) for c, p in detail.probabilities.items() if c in per_class]
+    if not rows:
+        return
+    target = points.get("target_sensitivity")
+
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100.0 * float(v):.0f}%"
+
+    st.markdown(
+        "**Operating points**"
+        + (f" (thresholds set for {pct(target)} sensitivity)" if target is not None else "")
+    )
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "Class": [c for c, _, _ in rows],
+                "Probability": [percent(p) for _, p, _ in rows],
+                "Threshold": [percent(float(op["threshold"])) for _, _, op in rows],
+                "Above": ["above" if p >= float(op["threshold"]) else "below" for _, p, op in rows],
+                "Sensitivity": [pct(op.get("sensitivity")) for _, _, op in rows],
+                "Specificity": [pct(op.get("specificity")) for _, _, op in rows],
+            }
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+    st.caption("Sensitivity and specificity each threshold gave on the calibration split.")
 
 
 def validate(assessment: str | None, label: str, comment: str, predicted: str) -> str | None:
@@ -346,11 +532,13 @@ def main() -> None:
         return
     header(detail)
     navigation_buttons(s, reviewer, detail)
+    ood_warning(detail)
     left, right = st.columns([3, 2], gap="large")
     with left:
         viewer(s, detail)
+        similar_cases(s, detail)
     with right:
-        findings(detail)
+        findings(s, detail)
         review_form(s, reviewer, detail)
         history(s, reviewer, detail)
 

@@ -1,5 +1,7 @@
 """Worklist: one model's newest prediction per study, the most urgent (highest calibrated
-probability of a finding) first, with each study's review status."""
+probability of a finding) first and, among equals, the least certain (larger prediction set,
+probability nearer 0.5) first; with each study's prediction set, out-of-distribution badge and
+review status, filtered by cohort, modality, site, status and OOD flag."""
 
 from __future__ import annotations
 
@@ -43,6 +45,11 @@ def open_study(prediction_id: int) -> None:
     st.switch_page(str(page_file("study")))
 
 
+OOD_FILTERS = ("All", "Flagged", "Not flagged")
+OOD_BADGE = "⚠ OOD"
+ALL = "All"
+
+
 def table(rows: list[data.WorklistRow]) -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -51,11 +58,48 @@ def table(rows: list[data.WorklistRow]) -> pd.DataFrame:
             "Modality": [r.modality or "" for r in rows],
             "Predicted": [r.predicted_label for r in rows],
             "Top finding": [r.top_finding for r in rows],
-            "Probability": [round(100.0 * r.priority, 1) for r in rows],
+            "Probability": [round(100.0 * r.priority, 1) if r.scored else None for r in rows],
+            "Prediction set": [data.set_short(r.prediction_set, r.predicted_label) for r in rows],
+            "OOD": [OOD_BADGE if r.ood_flag else "" for r in rows],
             "Top-k": [format_top_k(r.top_k) for r in rows],
             "Review": [STATUS_TEXT[r.status] for r in rows],
         }
     )
+
+
+def _choices(values: list[str | None]) -> list[str]:
+    return [ALL, *sorted({v for v in values if v})]
+
+
+def filters(rows: list[data.WorklistRow]) -> list[data.WorklistRow]:
+    """The cohort, modality, site and OOD filters (the status filter is the "Show" radio)."""
+    c1, c2, c3, c4 = st.columns(4)
+    cohort = c1.selectbox(
+        "Cohort",
+        _choices([c for r in rows for c in r.cohorts]),
+        key="worklist_cohort",
+        persist_state="session",
+    )
+    modality = c2.selectbox(
+        "Modality",
+        _choices([r.modality for r in rows]),
+        key="worklist_modality",
+        persist_state="session",
+    )
+    site = c3.selectbox(
+        "Site", _choices([r.site for r in rows]), key="worklist_site", persist_state="session"
+    )
+    ood = c4.selectbox(
+        "Out of distribution", OOD_FILTERS, key="worklist_ood", persist_state="session"
+    )
+    return [
+        r
+        for r in rows
+        if (cohort == ALL or cohort in r.cohorts)
+        and (modality == ALL or r.modality == modality)
+        and (site == ALL or r.site == site)
+        and (ood == "All" or r.ood_flag == (ood == "Flagged"))
+    ]
 
 
 def main() -> None:
@@ -83,11 +127,15 @@ def main() -> None:
     )
 
     rows = data.worklist(s, bundle_hash, viewer=blind_viewer(reviewer))
+    rows = filters(rows)
     counts = {k: sum(r.status == k for r in rows) for k in STATUS_TEXT}
+    n_ood = sum(r.ood_flag for r in rows)
     st.caption(
         f"{len(rows)} studies · "
         + " · ".join(f"{n} {STATUS_TEXT[k].lower()}" for k, n in counts.items() if n)
-        + ". Sorted by the calibrated probability of the most probable finding, highest first."
+        + (f" · {n_ood} out of distribution" if n_ood else "")
+        + ". Sorted by the calibrated probability of the most probable finding, highest first;"
+        " among equals the least certain (larger prediction set) first."
     )
     if shown in SHOWN:
         rows = [r for r in rows if r.status in SHOWN[shown]]
@@ -107,6 +155,12 @@ def main() -> None:
                 min_value=0,
                 max_value=100,
             ),
+            "Prediction set": st.column_config.TextColumn(
+                "Prediction set", help="Classes the conformal prediction set keeps open"
+            ),
+            "OOD": st.column_config.TextColumn(
+                "OOD", help="Out of distribution: the model's scores are not valid here"
+            ),
             "Review": st.column_config.TextColumn("Review", help="Latest review of the study"),
         },
     )
@@ -118,7 +172,8 @@ def main() -> None:
         options=list(by_id),
         format_func=lambda p: (
             f"{by_id[p].study_key} · {by_id[p].top_finding} {percent(by_id[p].priority)}"
-            f" · {STATUS_TEXT[by_id[p].status].lower()}"
+            + (" · out of distribution" if by_id[p].ood_flag else "")
+            + f" · {STATUS_TEXT[by_id[p].status].lower()}"
         ),
         key="worklist_pick",
     )
