@@ -713,3 +713,44 @@ def test_only_an_admin_sees_the_models_page(pipeline, app_db: str) -> None:
         return
     assert "Models" not in [t.value for t in clinician.title]
     assert not [d for d in clinician.dataframe if "Promoted" in d.value.columns]
+
+
+def test_the_app_opens_on_the_promoted_model(tmp_path: Path) -> None:
+    """Two models with predictions: the promoted one is listed first (the worklist's default),
+    even when the other was used more recently."""
+    import json as _json
+    from datetime import datetime, timedelta
+
+    from tests.conftest import make_settings
+    from workbench.store import Patient, Prediction, Study, session_scope
+
+    settings = make_settings(tmp_path / "home")
+    with session_scope(settings.database_url) as session:
+        session.add(Patient(pseudonym="P1"))
+        study = Study(study_uid="1.2.3", study_key="S0000000000A", patient_pseudonym="P1")
+        session.add(study)
+        session.flush()
+        now = datetime(2026, 11, 30, 12, 0)
+        for name, at in (("old-model", now), ("new-model", now + timedelta(hours=1))):
+            session.add(
+                Prediction(
+                    study_id=study.id,
+                    model_name=name,
+                    model_version="v1",
+                    bundle_hash=name,
+                    code_version="c",
+                    transform_hash="t",
+                    pixel_hashes=[],
+                    probabilities={},
+                    raw_probabilities={},
+                    predicted_label="",
+                    top_k=[],
+                    priority=0.0,
+                    per_image=[],
+                    created_at=at,
+                )
+            )
+    assert [m.name for m in data.list_models(settings)] == ["new-model", "old-model"]
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    (settings.models_dir / "promoted.json").write_text(_json.dumps({"chest": "old-model/v1"}))
+    assert [m.name for m in data.list_models(settings)] == ["old-model", "new-model"]

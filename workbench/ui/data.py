@@ -213,7 +213,14 @@ def _cohorts_of(session: Any, study_ids: list[int]) -> dict[int, tuple[str, ...]
 
 
 def list_models(settings: Settings) -> list[ModelRef]:
-    """Models with stored predictions, the most recently used first."""
+    """Models with stored predictions: the promoted ones first (``workbench promote``: the
+    model the app opens on), then the most recently used."""
+    from workbench.promotion import PromotionError, read_registry
+
+    try:
+        promoted = set(read_registry(settings).values())
+    except PromotionError:
+        promoted = set()
     with new_session(settings.database_url) as session:
         rows = session.execute(
             select(
@@ -225,7 +232,11 @@ def list_models(settings: Settings) -> list[ModelRef]:
             ).group_by(Prediction.model_name, Prediction.model_version, Prediction.bundle_hash)
         ).all()
     models = [ModelRef(n, v, h, int(c), t) for n, v, h, c, t in rows]
-    return sorted(models, key=lambda m: (m.newest, version_number(m.version)), reverse=True)
+    return sorted(
+        models,
+        key=lambda m: (f"{m.name}/{m.version}" in promoted, m.newest, version_number(m.version)),
+        reverse=True,
+    )
 
 
 def worklist(settings: Settings, bundle_hash: str, viewer: str | None = None) -> list[WorklistRow]:
