@@ -206,3 +206,30 @@ def test_calibrated_probabilities_sum_to_one_and_held_out_ece_does_not_get_worse
     after = expected_calibration_error(probs, y_test)
     assert after <= before
     assert after < 0.6 * before  # a real improvement, not a tie
+
+
+def test_calibration_report_gives_each_metric_with_a_bootstrap_interval() -> None:
+    from workbench.calibration import (
+        adaptive_calibration_error,
+        calibration_report,
+        expected_calibration_error,
+        maximum_calibration_error,
+    )
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (2000, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(3, p=p) for p in probs])  # calibrated by construction
+    report = calibration_report(probs, labels, n_resamples=200)
+    assert set(report) == {"ece", "ece_adaptive", "mce", "brier", "log_loss"}
+    for name, r in report.items():
+        assert r["ci_low"] <= r["value"] <= r["ci_high"], name
+    assert report["ece"]["value"] < 0.03 and report["ece_adaptive"]["value"] < 0.03
+    # an overconfident copy of the same model is worse on every binning
+    sharp = probs**3 / (probs**3).sum(axis=1, keepdims=True)
+    assert adaptive_calibration_error(sharp, labels) > 0.05
+    assert expected_calibration_error(sharp, labels) > 0.05
+    assert maximum_calibration_error(sharp, labels) >= expected_calibration_error(sharp, labels)
+    assert calibration_report(probs, labels, n_resamples=50, seed=1) == calibration_report(
+        probs, labels, n_resamples=50, seed=1
+    )

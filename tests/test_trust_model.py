@@ -137,6 +137,7 @@ def test_calibration_lowers_the_test_ece(trained: Trained) -> None:
             "accuracy": m["accuracy"],
             "auroc_macro": m["auroc_macro"],
             "n_test": len(trained.test_ids),
+            "with_intervals": trained.bundle.workbench["metrics"]["test_detail"]["calibration"],
         },
     )
     # The target is an ECE of at most 0.03 after calibration. With 80 calibration and

@@ -369,6 +369,54 @@ def reliability_curve(
     }
 
 
+def adaptive_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE over equal-mass bins (each holds about n / n_bins studies; Nixon et al.
+    2019): less sensitive than equal-width bins to where confidences happen to cluster."""
+    p, y = _check_probs_labels(probs, labels)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    order = np.argsort(conf, kind="stable")
+    total = 0.0
+    for idx in np.array_split(order, min(n_bins, len(order))):
+        if len(idx):
+            total += len(idx) * abs(correct[idx].mean() - conf[idx].mean())
+    return float(total / len(order))
+
+
+def maximum_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """The largest |accuracy - confidence| over the non-empty equal-width bins (MCE)."""
+    _, conf, acc, _ = _top_label_bins(probs, labels, n_bins)
+    return float(np.max(np.abs(acc - conf))) if len(acc) else 0.0
+
+
+def calibration_report(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    n_bins: int = 15,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """ECE (equal-width and equal-mass bins), MCE, Brier and log loss, each with a 95%
+    percentile bootstrap interval over studies (resampled with replacement, seeded)."""
+    p, y = _check_probs_labels(probs, labels)
+    k = p.shape[1]
+    fns: dict[str, Any] = {
+        "ece": lambda a, b: expected_calibration_error(a, b, n_bins),
+        "ece_adaptive": lambda a, b: adaptive_calibration_error(a, b, n_bins),
+        "mce": lambda a, b: maximum_calibration_error(a, b, n_bins),
+        "brier": brier_score,
+        "log_loss": lambda a, b: float(log_loss(b, a, labels=np.arange(k))),
+    }
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(y), len(y)) for _ in range(n_resamples)]
+    out: dict[str, dict[str, float]] = {}
+    for name, fn in fns.items():
+        values = [fn(p[d], y[d]) for d in draws]
+        lo, hi = np.percentile(values, [2.5, 97.5]) if values else (np.nan, np.nan)
+        out[name] = {"value": float(fn(p, y)), "ci_low": float(lo), "ci_high": float(hi)}
+    return out
+
+
 def _metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     k = probs.shape[1]
     return {

@@ -43,6 +43,7 @@ from workbench.calibration import (
     Calibration,
     LabelCalibration,
     brier_score,
+    calibration_report,
     expected_calibration_error,
     fit_calibration,
     fit_label_calibration,
@@ -581,6 +582,10 @@ def _calibrate_test_and_bundle(
         test_metrics["ece_after"] = expected_calibration_error(calibrated, test_labels)
         test_metrics["brier_before"] = brier_score(raw, test_labels)
         test_metrics["brier_after"] = brier_score(calibrated, test_labels)
+        test_metrics["calibration"] = {
+            "before": calibration_report(raw, test_labels, n_resamples=200, seed=cfg.seed),
+            "after": calibration_report(calibrated, test_labels, n_resamples=200, seed=cfg.seed),
+        }
         calibration_fit = {
             "held_out_log_loss": result.held_out_log_loss,
             "before": result.before,
