@@ -17,7 +17,7 @@ from typing import Any, Literal
 from sqlalchemy import func, select
 
 from workbench.config import Settings
-from workbench.store import AuditEvent, first_bad_audit, record_audit, session_scope
+from workbench.store import AuditEvent, audit_fields, first_bad_audit, record_audit, session_scope
 
 Format = Literal["csv", "json"]
 COLUMNS = (
@@ -57,19 +57,7 @@ def verify(settings: Settings) -> Verification:
 def _rows(settings: Settings) -> list[dict[str, Any]]:
     with session_scope(settings.database_url) as session:
         return [
-            {
-                "id": ev.id,
-                "at": ev.at.isoformat(),
-                "actor": ev.actor,
-                "action": ev.action,
-                "object_type": ev.object_type,
-                "object_id": ev.object_id,
-                "old_value": ev.old_value,
-                "new_value": ev.new_value,
-                "reason": ev.reason,
-                "prev_hash": ev.prev_hash,
-                "hash": ev.hash,
-            }
+            {"id": ev.id, **audit_fields(ev), "prev_hash": ev.prev_hash, "hash": ev.hash}
             for ev in session.scalars(select(AuditEvent).order_by(AuditEvent.id))
         ]
 

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 DEMO_COHORT = "demo"
 DEMO_MODEL = "chest-xray"
@@ -318,6 +319,28 @@ def cmd_synth(a: argparse.Namespace) -> None:
     )
 
 
+def _pull(
+    settings: Any, a: argparse.Namespace, labels: Path | None = None, cohort: str | None = None
+) -> Any:
+    """``--dicomweb URL`` with its QIDO filters (ingest and predict): credentials from the
+    environment or a file, never from the command line."""
+    from workbench.dicom.dicomweb import load_credentials
+    from workbench.pull import pull_dicomweb
+
+    return pull_dicomweb(
+        settings,
+        a.dicomweb,
+        load_credentials(),
+        patient_id=a.patient,
+        study_uid=a.study,
+        modality=a.modality,
+        date_from=a.date_from,
+        date_to=a.date_to,
+        labels=labels,
+        cohort=cohort,
+    )
+
+
 def cmd_ingest(a: argparse.Namespace) -> None:
     from workbench.catalog import ingest
 
@@ -329,22 +352,7 @@ def cmd_ingest(a: argparse.Namespace) -> None:
 
         settings = dataclasses.replace(settings, frames=check_frames(a.frames))
     if a.dicomweb:
-        from workbench.dicom.dicomweb import load_credentials
-        from workbench.pull import pull_dicomweb
-
-        pulled = pull_dicomweb(
-            settings,
-            a.dicomweb,
-            load_credentials(),
-            patient_id=a.patient,
-            study_uid=a.study,
-            modality=a.modality,
-            date_from=a.date_from,
-            date_to=a.date_to,
-            labels=a.labels,
-            cohort=a.cohort,
-        )
-        print(pulled.line())
+        print(_pull(settings, a, a.labels, a.cohort).line())
         return
     src, labels = a.src, a.labels
     if a.deid_to:
@@ -586,19 +594,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
     if a.cohort:
         items = cohort_items(settings, a.cohort, a.split)
     elif a.dicomweb:
-        from workbench.dicom.dicomweb import load_credentials
-        from workbench.pull import pull_dicomweb
-
-        pulled = pull_dicomweb(
-            settings,
-            a.dicomweb,
-            load_credentials(),
-            patient_id=a.patient,
-            study_uid=a.study,
-            modality=a.modality,
-            date_from=a.date_from,
-            date_to=a.date_to,
-        )
+        pulled = _pull(settings, a)
         print(pulled.line())
         items = items_for_studies(settings, pulled.ingest.study_ids)
     else:

@@ -339,7 +339,8 @@ def _event_hash(prev_hash: str, fields: dict[str, Any]) -> str:
     return hashlib.sha256((prev_hash + payload).encode()).hexdigest()
 
 
-def _audit_fields(ev: AuditEvent) -> dict[str, Any]:
+def audit_fields(ev: AuditEvent) -> dict[str, Any]:
+    """The fields of an audit event that its hash covers (in a fixed order)."""
     return {
         "at": ev.at.isoformat(),
         "actor": ev.actor,
@@ -393,7 +394,7 @@ def record_audit(
         prev_hash=prev,
         hash="",
     )
-    ev.hash = _event_hash(prev, _audit_fields(ev))
+    ev.hash = _event_hash(prev, audit_fields(ev))
     session.add(ev)
     session.flush()
     return ev
@@ -403,7 +404,7 @@ def first_bad_audit(session: Session) -> AuditEvent | None:
     """The first audit row whose chain does not hold (edited, inserted or deleted before it)."""
     prev = GENESIS
     for ev in session.scalars(select(AuditEvent).order_by(AuditEvent.id)):
-        if ev.prev_hash != prev or ev.hash != _event_hash(prev, _audit_fields(ev)):
+        if ev.prev_hash != prev or ev.hash != _event_hash(prev, audit_fields(ev)):
             return ev
         prev = ev.hash
     return None
