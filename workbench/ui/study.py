@@ -55,14 +55,10 @@ def _apply_preset() -> None:
         st.session_state["wl_center"], st.session_state["wl_width"] = imaging.PRESETS[chosen]
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
-def _bundle_trust(models_dir: str, name: str, version: str) -> dict[str, Any]:
-    # Keyed by model only (no patient data): a bundle is immutable once written.
-    return data.bundle_trust(settings(), name, version)
-
-
 def trust_meta(s: Settings, detail: data.PredictionDetail) -> dict[str, Any]:
-    return _bundle_trust(str(s.models_dir), detail.model_name, detail.model_version)
+    # Read per render (a small JSON), not through st.cache_data: the shared caches hold
+    # content-addressed pixels only (tests/test_security.py keeps it so).
+    return data.bundle_trust(s, detail.model_name, detail.model_version)
 
 
 def header(detail: data.PredictionDetail) -> None:
