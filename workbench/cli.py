@@ -593,7 +593,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
     bundle = load_bundle(settings.models_dir, model, resolve_device(settings.device))
     if a.cohort:
         items = cohort_items(settings, a.cohort, a.split)
-    elif a.dicomweb:
+    elif getattr(a, "dicomweb", None):
         pulled = _pull(settings, a)
         print(pulled.line())
         items = items_for_studies(settings, pulled.ingest.study_ids)
@@ -839,6 +839,9 @@ def cmd_demo(a: argparse.Namespace) -> None:
         balance="weights",
         folds=0,
         compile=False,
+        coverage=0.9,
+        sanity_images=4,
+        label_randomization_epochs=2,
     )
     cmd_train(ns)
     cmd_predict(

@@ -143,7 +143,10 @@ def build_report(
     html = render_html(data, make_plots(data, cases))
     html_path.write_text(html, encoding="utf-8")
     write_pdf(html, pdf_path, base_url=out)
-    json_path.write_text(dump_json(data), encoding="utf-8")
+    # The JSON leaves out the build time, so the same inputs give the same bytes; the HTML and
+    # the PDF show it (they differ between builds only there).
+    stable = {k: v for k, v in data.items() if k != "generated_at"}
+    json_path.write_text(dump_json(stable), encoding="utf-8")
     write_cases_csv(csv_path, bundle.classes, cases)
     return [html_path, pdf_path, json_path, csv_path]
 
