@@ -23,6 +23,15 @@ DEMO_USER = "demo"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
+def _add_qido_filters(s: argparse.ArgumentParser) -> None:
+    """The QIDO-RS filters of ``--dicomweb`` (ingest and predict; read by :func:`_pull`)."""
+    s.add_argument("--patient", help="DICOMweb: PatientID to pull")
+    s.add_argument("--study", help="DICOMweb: StudyInstanceUID to pull")
+    s.add_argument("--modality", help="DICOMweb: modality, e.g. DX or CT")
+    s.add_argument("--from", dest="date_from", metavar="YYYYMMDD", help="DICOMweb: first date")
+    s.add_argument("--to", dest="date_to", metavar="YYYYMMDD", help="DICOMweb: last date")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="workbench",
@@ -53,11 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("src", type=Path, nargs="?", help="a folder (or file) of DICOM")
     g.add_argument("--dicomweb", metavar="URL", help="a DICOMweb service root (QIDO / WADO)")
-    s.add_argument("--patient", help="DICOMweb: PatientID to pull")
-    s.add_argument("--study", help="DICOMweb: StudyInstanceUID to pull")
-    s.add_argument("--modality", help="DICOMweb: modality, e.g. DX or CT")
-    s.add_argument("--from", dest="date_from", metavar="YYYYMMDD", help="DICOMweb: first date")
-    s.add_argument("--to", dest="date_to", metavar="YYYYMMDD", help="DICOMweb: last date")
+    _add_qido_filters(s)
     s.add_argument("--labels", type=Path, help="CSV with StudyInstanceUID,label")
     s.add_argument("--cohort", help="add the studies to this named cohort")
     s.add_argument("--workers", type=int, help="decoding processes (default: every core)")
@@ -190,11 +195,7 @@ def _parser() -> argparse.ArgumentParser:
         "from this DICOMweb service (as `ingest --dicomweb`: credentials from the environment) "
         "and predict them",
     )
-    s.add_argument("--patient", help="DICOMweb: PatientID")
-    s.add_argument("--study", help="DICOMweb: StudyInstanceUID")
-    s.add_argument("--modality", help="DICOMweb: modality")
-    s.add_argument("--from", dest="date_from", metavar="YYYYMMDD", help="DICOMweb: first date")
-    s.add_argument("--to", dest="date_to", metavar="YYYYMMDD", help="DICOMweb: last date")
+    _add_qido_filters(s)
     s.add_argument(
         "--max", type=int, dest="max_studies", help="predict at most this many new studies"
     )
