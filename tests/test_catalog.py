@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import inspect, select, text
@@ -237,9 +238,10 @@ def test_the_cohort_summary_counts_sites_views_sizes_and_transfer_syntaxes(
     assert summary.lines()[0].startswith("cohort c: 12 studies")
 
 
-def test_an_unguarded_script_gets_a_clear_error_not_a_runaway_pool(tmp_path: Path) -> None:
-    # Spawned workers import the caller's main module; without a __main__ guard they re-run
-    # the script. The pool must fail once, clearly, instead of respawning workers forever.
+def _run_unguarded_ingest(tmp_path: Path, with_thread: bool) -> tuple[Any, int]:
+    """An ingest script without a ``__main__`` guard, run in a fresh interpreter: its result
+    and how many times the script's body ran. ``with_thread``: a thread is running, so the
+    workers cannot be forked and are spawned."""
     import subprocess
     import sys
 
@@ -248,13 +250,20 @@ def test_an_unguarded_script_gets_a_clear_error_not_a_runaway_pool(tmp_path: Pat
     marker = tmp_path / "runs.txt"
     script = tmp_path / "unguarded.py"
     script.write_text(
+        "import threading, time\n"
         "from pathlib import Path\n"
         "from tests.conftest import make_settings\n"
         "from workbench.catalog import ingest\n"
         f"with open({str(marker)!r}, 'a') as fh:\n"
         "    fh.write('run\\n')\n"
-        f"ingest(make_settings(Path({str(tmp_path / 'home')!r})), Path({str(src)!r}),"
+        + (
+            "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+            if with_thread
+            else ""
+        )
+        + f"s = ingest(make_settings(Path({str(tmp_path / 'home')!r})), Path({str(src)!r}),"
         " progress=False, workers=2)\n"
+        "print('ingested', s.ingested)\n"
     )
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run(
@@ -265,9 +274,29 @@ def test_an_unguarded_script_gets_a_clear_error_not_a_runaway_pool(tmp_path: Pat
         cwd=root,
         env={**__import__("os").environ, "PYTHONPATH": str(root)},
     )
+    return r, len(marker.read_text().splitlines())
+
+
+def test_an_unguarded_script_with_spawned_workers_gets_a_clear_error_not_a_runaway_pool(
+    tmp_path: Path,
+) -> None:
+    # Spawned workers import the caller's main module; without a __main__ guard they re-run
+    # the script. The pool must fail once, clearly, instead of respawning workers forever.
+    r, runs = _run_unguarded_ingest(tmp_path, with_thread=True)
     assert r.returncode != 0
     assert "guard the script's entry point" in r.stderr
-    assert len(marker.read_text().splitlines()) <= 3  # the script, and each worker once
+    assert runs <= 3  # the script, and each worker once
+
+
+def test_an_unguarded_script_without_threads_forks_its_workers_and_ingests(
+    tmp_path: Path,
+) -> None:
+    # With no other thread running, the workers are forked: they inherit the loaded modules
+    # instead of importing the script again, so the script runs once and ingests everything.
+    r, runs = _run_unguarded_ingest(tmp_path, with_thread=False)
+    assert r.returncode == 0, r.stderr
+    assert "ingested 40" in r.stdout
+    assert runs == 1
 
 
 def test_a_file_above_the_pixel_ceiling_is_quarantined_as_too_large(

@@ -24,6 +24,7 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     HTJ2KLossless,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -956,3 +957,33 @@ def test_the_lookup_table_path_gives_exactly_the_per_pixel_values(
     np.testing.assert_allclose(
         table.astype(np.float32), general, atol=1e-3 if dtype_out is np.float16 else 2e-6
     )
+
+
+def _raw_dataset(ds: Dataset, implicit: bool = False) -> Dataset:
+    """``ds`` written and read back: its elements raw (unconverted), as after dcmread."""
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    fp = DicomBytesIO()
+    ds.save_as(fp, implicit_vr=implicit, little_endian=True)
+    return pydicom.dcmread(DicomBytesIO(fp.getvalue()), force=True)
+
+
+def test_the_header_value_cache_keeps_character_sets_and_ambiguous_vrs_apart() -> None:
+    # Header values are converted once per distinct raw value and shared between files: the
+    # same bytes must still read differently under another character set, and an element
+    # whose VR depends on PixelRepresentation (US or SS) must follow each file's own.
+    names = []
+    for charset in ("ISO_IR 100", "ISO_IR 144"):  # Latin-1, Cyrillic: same byte, two letters
+        ds = Dataset()
+        ds.SpecificCharacterSet = charset
+        ds.add_new(0x00100010, "PN", b"\xe4")
+        names.append(str(read_module._get(_raw_dataset(ds), "PatientName")))
+    assert names == ["ä", "ф"]
+
+    paddings = []
+    for representation in (0, 1):
+        ds = Dataset()
+        ds.PixelRepresentation = representation
+        ds.add_new(0x00280120, "US", 0xFFFF)  # the same two bytes in both files
+        paddings.append(read_module._get(_raw_dataset(ds, implicit=True), "PixelPaddingValue"))
+    assert paddings == [0xFFFF, -1]

@@ -59,7 +59,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
@@ -450,9 +450,62 @@ def _get(ds: Dataset, keyword: str) -> Any:
     """
     try:
         tag = _tag(keyword)
-        return ds[tag].value if tag in ds else None
+        elem = ds.get_item(tag)
+        if elem is None:
+            return None
+        if isinstance(elem, RawDataElement) and elem.VR != "SQ":
+            return _converted(ds, elem)
+        return ds[tag].value
     except Exception:
         return None
+
+
+#: Converted values of raw elements by (tag, VR, bytes, encoding, character set): most header
+#: values repeat from file to file (sizes, bit depths, windows, the scanner's names), and
+#: pydicom's conversion of a raw element was half of the header's cost in an ingest. Capped.
+_CONVERTED: dict[tuple[Any, ...], Any] = {}
+_CONVERTED_MAX = 8192
+_SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
+
+
+@functools.cache
+def _ambiguous_vr(tag: int) -> bool:
+    """Whether the element's VR depends on other elements (US or SS, OB or OW...): its value
+    then depends on more than its own bytes, and it is never taken from the cache."""
+    try:
+        return " or " in dictionary_VR(tag)
+    except KeyError:  # a private or unknown tag: converted from its own bytes
+        return False
+
+
+def _converted(ds: Dataset, raw: RawDataElement) -> Any:
+    """``ds[raw.tag].value``, from :data:`_CONVERTED` when the same raw value was seen before.
+
+    The cached values are shared between datasets and must be treated as read-only (every
+    caller here only reads them). Long values (over 64 bytes) are not cached.
+    """
+    value = raw.value
+    if value is None or len(value) > 64 or _ambiguous_vr(int(raw.tag)):
+        return ds[raw.tag].value
+    charset = ds.get_item(_SPECIFIC_CHARACTER_SET)
+    key = (
+        int(raw.tag),
+        raw.VR,
+        value,
+        raw.is_little_endian,
+        raw.is_implicit_VR,
+        charset.value if isinstance(charset, RawDataElement) else getattr(charset, "value", None),
+    )
+    try:
+        return _CONVERTED[key]
+    except KeyError:
+        hashable = True
+    except TypeError:  # a character set already converted to a (multi-valued) list
+        hashable = False
+    converted = ds[raw.tag].value
+    if hashable and len(_CONVERTED) < _CONVERTED_MAX and not isinstance(converted, Dataset):
+        _CONVERTED[key] = converted
+    return converted
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -1055,14 +1108,15 @@ def _pipeline_dataset(ds: Dataset, private: bool = True) -> Dataset:
     for read-only use."""
     view = Dataset()
     for kw in _PIPELINE_KEYWORDS:
-        source: Dataset | None = ds if kw in ds else None
+        tag = _tag(kw)  # by tag: a keyword lookup maps the keyword to a tag on every call
+        source: Dataset | None = ds if ds.get_item(tag) is not None else None
         if source is None and kw in _FG_SOURCES:
             item = _fg_item(ds, _FG_SOURCES[kw])
-            source = item if item is not None and kw in item else None
+            source = item if item is not None and item.get_item(tag) is not None else None
         if source is None:
             continue
         try:
-            elem = source[kw]
+            elem = source[tag]
         except Exception:  # an unparseable value is left out
             continue
         view[elem.tag] = copy.deepcopy(elem) if private else elem
