@@ -7,6 +7,10 @@ open are registered. Each page checks the role again itself (``require_page``).
 
 import streamlit as st
 
+# The pages' modules are imported with the app, once per server process, so that the first
+# open of a page after sign-in does not pay for them (pandas, matplotlib's colour maps...).
+import workbench.ui.study
+import workbench.ui.worklist  # noqa: F401
 from workbench.ui.auth import allowed_pages, current_reviewer
 from workbench.ui.common import page_file
 

@@ -21,7 +21,7 @@ from workbench import users
 from workbench.config import get_settings
 from workbench.store import AuditEvent, Prediction, Review, session_scope, verify_audit
 from workbench.ui import auth, data
-from workbench.ui.common import OPEN_PREDICTION, page_file
+from workbench.ui.common import OPEN_PREDICTION, PAGE_FILES, page_file
 from workbench.ui.imaging import blend, window_level
 
 APP = Path(__file__).resolve().parents[1] / "streamlit_app.py"
@@ -300,6 +300,40 @@ def test_window_level_and_overlay_arithmetic() -> None:
     assert plain.shape == (1, 11, 3) and (plain[..., 0] == plain[..., 2]).all()
     hot = blend(img, np.ones_like(img), alpha=0.5)
     assert not (hot[..., 0] == hot[..., 2]).all()
+
+
+def test_large_images_are_reduced_for_the_browser_and_sent_as_lossless_png() -> None:
+    import io
+
+    from PIL import Image
+
+    from workbench.ui.imaging import DISPLAY_MAX_SIDE, png, reduce, to_grey
+
+    big = np.random.default_rng(0).random((3000, 2200), dtype=np.float32)
+    small = reduce(big)
+    assert small.shape == (1000, 733) and max(small.shape) <= DISPLAY_MAX_SIDE
+    assert small[0, 0] == pytest.approx(big[:3, :3].mean(), rel=1e-5)  # each pixel a block mean
+    fits = big[:800, :600]
+    assert reduce(fits) is fits  # an image that fits is sent as it is
+    grey = to_grey(small)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png(grey)))), grey)  # lossless
+
+
+def test_the_app_pages_load_without_torch() -> None:
+    # The review app never runs a model: its pages must not import torch or MONAI (seconds of
+    # start-up on the first page a reviewer opens).
+    import subprocess
+    import sys
+
+    modules = ", ".join(f"workbench.ui.{Path(f).stem}" for f in PAGE_FILES.values())
+    code = (
+        f"import sys, {modules}\n"
+        "heavy = sorted(m for m in ('torch', 'monai', 'captum', 'sklearn') if m in sys.modules)\n"
+        "print(','.join(heavy))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""
 
 
 def test_the_cohort_page_lists_the_quarantine_without_folder_names(app_db: str) -> None:

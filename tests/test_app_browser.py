@@ -1,8 +1,9 @@
-"""The review app in a real Chromium (Playwright), served by ``streamlit run`` on the session's
-tiny pipeline: sign in, open the top study, see the heat-map overlay, move the opacity slider
-with the keyboard, submit a review and see the worklist status change. Leaves screenshots in
-``tests/artifacts/`` and prints the study page's render time (click to overlay decoded; measured,
-not asserted: the target is under a second)."""
+"""The review app in a real Chromium (Playwright), served by ``streamlit run`` on the demo
+cohort (the studies `workbench demo` synthesises: 300 chest studies at 256 px) with a model
+trained briefly on it: sign in, open the top study, see the heat-map overlay, move the opacity
+slider with the keyboard, submit a review and see the worklist status change. Leaves
+screenshots in ``tests/artifacts/`` and prints the study page's render time (click to overlay
+decoded; measured, not asserted: the target is under a second)."""
 
 from __future__ import annotations
 
@@ -63,22 +64,57 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise RuntimeError(f"streamlit not healthy after {START_TIMEOUT_S}s:\n{log.read_text()}")
 
 
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo cohort, ingested, a model trained on it for one short epoch (render time does
+    not depend on the model's quality), and its test split predicted with Grad-CAM."""
+    from workbench.bundle import load_bundle
+    from workbench.catalog import cohort_items, ingest
+    from workbench.dicom.synth import (
+        DEMO_IMAGE_SIZE,
+        DEMO_SEED,
+        DEMO_STUDIES,
+        synthesize_cohort,
+    )
+    from workbench.inference import predict_items
+    from workbench.training import TrainConfig, train
+
+    home = tmp_path_factory.mktemp("demo") / "home"
+    settings = make_settings(home)
+    src = home / "studies" / "demo"
+    synthesize_cohort(src, DEMO_STUDIES, DEMO_SEED, "DX", DEMO_IMAGE_SIZE)
+    ingest(settings, src, src / "labels.csv", "demo", progress=False)
+    config = TrainConfig(
+        cohort="demo",
+        name="chest-xray",
+        epochs=1,
+        image_size=64,
+        device="cpu",
+        sanity_images=2,
+        label_randomization_epochs=1,
+    )
+    train(settings, config, progress=False)
+    bundle = load_bundle(settings.models_dir, "chest-xray")
+    test = cohort_items(settings, "demo", "test")
+    predict_items(settings, bundle, test, explain="gradcam", progress=False)
+    users.add_user(settings, "test", USER, "clinician", PASSWORD)
+    return home
+
+
 @pytest.fixture
-def app_url(pipeline, tmp_path: Path) -> Iterator[str]:
+def app_url(demo_home: Path, tmp_path: Path) -> Iterator[str]:
     """``streamlit run streamlit_app.py`` on a free port, on a private copy of the catalog."""
     home = tmp_path / "home"
     home.mkdir()
     db = home / "workbench.db"
-    src = pipeline.settings.database_url.removeprefix("sqlite:///")
-    with sqlite3.connect(src) as a, sqlite3.connect(db) as b:
+    with sqlite3.connect(demo_home / "workbench.db") as a, sqlite3.connect(db) as b:
         a.backup(b)
-    users.add_user(make_settings(home), "test", USER, "clinician", PASSWORD)
     env = {
         **os.environ,
         "WORKBENCH_HOME": str(home),
         "WORKBENCH_DATABASE_URL": f"sqlite:///{db}",
-        "WORKBENCH_CACHE": str(pipeline.settings.cache_dir),
-        "WORKBENCH_MODELS": str(pipeline.settings.models_dir),
+        "WORKBENCH_CACHE": str(demo_home / "cache"),
+        "WORKBENCH_MODELS": str(demo_home / "models"),
         "PYTHONUNBUFFERED": "1",
     }
     port = free_port()

@@ -11,11 +11,11 @@ from workbench.explain import (
     deletion_insertion,
     gradcam_layer,
     map_similarity,
-    overlay,
     randomized_copy,
     saliency,
     sanity_checks,
 )
+from workbench.heatmap import overlay
 
 METHODS = ("gradcam", "ig", "occlusion", "gradient")
 

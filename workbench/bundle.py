@@ -24,7 +24,6 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +33,18 @@ import torch
 from torch import nn
 
 import workbench
+from workbench.bundle_info import (  # noqa: F401  (re-exported: the public names)
+    BundleError,
+    BundleInfo,
+    hash_bundle,
+    list_bundles,
+    read_bundle_info,
+    resolve_bundle_path,
+    version_number,
+)
 from workbench.calibration import Calibration, LabelCalibration, calibration_from_dict
 from workbench.data import InputSpec
 from workbench.nets import create_network
-
-
-class BundleError(Exception):
-    """A bundle that is missing, incomplete or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -97,84 +101,9 @@ def code_version() -> str:
         return workbench.__version__
 
 
-def hash_bundle(path: Path) -> str:
-    """sha256 over the weights and the metadata: what a prediction is traced back to."""
-    h = hashlib.sha256()
-    for rel in ("models/model.pt", "configs/metadata.json"):
-        f = path / rel
-        if not f.exists():
-            raise BundleError(f"bundle {path} lacks {rel}")
-        h.update(rel.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def version_number(version: str) -> int:
-    """``v7`` -> 7; -1 for anything that is not a version folder name."""
-    m = re.fullmatch(r"v(\d+)", version)
-    return int(m.group(1)) if m else -1
-
-
 def _next_version(model_dir: Path) -> str:
     numbers = [version_number(p.name) for p in model_dir.glob("v*") if p.is_dir()]
     return f"v{max(numbers, default=0) + 1}"
-
-
-@dataclass(frozen=True)
-class BundleInfo:
-    """A model bundle's identity and its metadata (read as JSON; no weights are loaded)."""
-
-    name: str
-    version: str
-    path: Path
-    metadata: dict[str, Any]
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}/{self.version}"
-
-    @property
-    def workbench(self) -> dict[str, Any]:
-        return dict(self.metadata.get("workbench", {}))
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        return tuple(self.workbench.get("classes", ()))
-
-    @cached_property
-    def bundle_hash(self) -> str:
-        return hash_bundle(self.path)
-
-
-def _info(path: Path) -> BundleInfo:
-    """A bundle's metadata, read as JSON (no weights); BundleError when unreadable."""
-    try:
-        metadata = json.loads((path / "configs" / "metadata.json").read_text())
-    except (OSError, ValueError) as err:
-        raise BundleError(f"bundle {path} is unreadable: {err}") from err
-    return BundleInfo(str(metadata.get("name") or path.parent.name), path.name, path, metadata)
-
-
-def read_bundle_info(models_dir: Path, model: str) -> BundleInfo:
-    """What a bundle says about itself, for reports and listings: no network is built."""
-    return _info(resolve_bundle_path(models_dir, model))
-
-
-def list_bundles(models_dir: Path) -> list[BundleInfo]:
-    """Every readable bundle under ``models_dir``, by name, newest version first.
-
-    Reads ``configs/metadata.json`` only; a bundle whose metadata is unreadable is left out.
-    """
-    found: list[BundleInfo] = []
-    for meta in models_dir.glob("*/v*/configs/metadata.json") if models_dir.is_dir() else []:
-        version_dir = meta.parent.parent
-        if version_number(version_dir.name) < 0:
-            continue
-        try:
-            found.append(_info(version_dir))
-        except BundleError:
-            continue
-    return sorted(found, key=lambda b: (b.name, -version_number(b.version)))
 
 
 def save_bundle(
@@ -318,25 +247,6 @@ def _model_card(name: str, version: str, metadata: dict[str, Any]) -> str:
     ]
     lines += [f"- test {k}: {v:.3f}" for k, v in metrics.items() if isinstance(v, float)]
     return "\n".join(lines) + "\n"
-
-
-def resolve_bundle_path(models_dir: Path, model: str) -> Path:
-    """A bundle folder from a path, ``NAME/VERSION`` or ``NAME`` (its latest version)."""
-    p = Path(model)
-    if (p / "configs" / "metadata.json").exists():
-        return p
-    candidate = models_dir / model
-    if (candidate / "configs" / "metadata.json").exists():
-        return candidate
-    if candidate.is_dir():
-        versions = sorted(
-            (version_number(d.name), d)
-            for d in candidate.iterdir()
-            if d.is_dir() and version_number(d.name) >= 0
-        )
-        if versions:
-            return versions[-1][1]
-    raise BundleError(f"no model bundle {model!r} (looked in {models_dir})")
 
 
 def load_bundle(models_dir: Path, model: str, device: str | torch.device = "cpu") -> Bundle:

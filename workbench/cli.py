@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a synthetic DICOM cohort")
     s.add_argument("out", type=Path)
-    s.add_argument("--studies", type=int, default=300)
+    s.add_argument("--studies", type=int, default=300)  # synth.DEMO_STUDIES
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--modality", choices=["DX", "CT"], default="DX")
     s.add_argument("--image-size", type=int, help="in-plane size (default 256 DX, 128 CT)")
@@ -294,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--studies", type=int, default=300)
     s.add_argument("--epochs", type=int, default=12)
     s.add_argument("--image-size", type=int, default=96)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)  # synth.DEMO_SEED
     s.add_argument("--no-app", action="store_true", help="stop after the report")
     s.add_argument("--port", type=int, default=8501)
     return p
@@ -811,14 +811,14 @@ def _demo_account(settings) -> None:  # noqa: ANN001 - Settings, imported lazily
 
 def cmd_demo(a: argparse.Namespace) -> None:
     from workbench.catalog import ingest
-    from workbench.dicom.synth import synthesize_cohort
+    from workbench.dicom.synth import DEMO_IMAGE_SIZE, synthesize_cohort
     from workbench.report import build_report
 
     settings = _settings()
     t0 = time.time()
     out = settings.home / "studies" / "demo"
     if not (out / "labels.csv").exists():
-        s = synthesize_cohort(out, a.studies, a.seed, "DX", 256, progress=True)
+        s = synthesize_cohort(out, a.studies, a.seed, "DX", DEMO_IMAGE_SIZE, progress=True)
         print(f"[demo] synthesised {s.n_studies} studies ({s.n_files} files) in {out}")
     print("[demo] " + ingest(settings, out, out / "labels.csv", DEMO_COHORT).line())
     ns = argparse.Namespace(

@@ -1,4 +1,5 @@
-"""Saliency maps for image classifiers (Captum) and heat-map overlays (matplotlib).
+"""Saliency maps for image classifiers (Captum), their sanity checks and faithfulness scores
+(overlays are drawn by :mod:`workbench.heatmap`).
 
 All attribution is done by Captum: Grad-CAM (``LayerGradCam`` on the last convolutional
 feature block, upsampled with ``LayerAttribution.interpolate``), Integrated Gradients,
@@ -25,7 +26,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal, cast
 
-import matplotlib
 import numpy as np
 import torch
 from captum.attr import (
@@ -257,28 +257,6 @@ def _finer_layer(
         if int(np.prod(shape)) > 1:
             return mod
     return None
-
-
-def overlay(
-    display: np.ndarray, heat: np.ndarray, alpha: float = 0.4, cmap: str = "jet"
-) -> np.ndarray:
-    """Blend a grey image with a colour-mapped heat map.
-
-    ``display``: 2-D grey image in [0, 1]; ``heat``: 2-D map in [0, 1] of the same shape.
-    Returns (H, W, 3) uint8 RGB ``(1 - alpha) * grey + alpha * cmap(heat)``; ``alpha=0``
-    gives the grey image.  Out-of-range and non-finite values are clipped / zeroed.
-    """
-    g = np.asarray(display, dtype=np.float64)
-    h = np.asarray(heat, dtype=np.float64)
-    if g.ndim != 2 or h.shape != g.shape:
-        raise ValueError(f"display and heat must be 2-D of equal shape, got {g.shape}, {h.shape}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    g = np.clip(np.nan_to_num(g, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-    h = np.clip(np.nan_to_num(h, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-    colour = matplotlib.colormaps[cmap](h)[..., :3]
-    rgb = (1.0 - alpha) * g[..., None] + alpha * colour
-    return cast(np.ndarray, np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8))
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ grid to the image's own rows and columns by inverting the eval transforms, and c
 from __future__ import annotations
 
 import csv
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from sqlalchemy import select
-from sqlalchemy.orm import selectinload
 from tqdm import tqdm
 
 from workbench.bundle import Bundle, code_version
@@ -32,11 +30,14 @@ from workbench.explain import saliency
 from workbench.nets import embed
 from workbench.ood import StudyHeader
 from workbench.problems import Problem
+from workbench.results import (  # noqa: F401  (re-exported)
+    EXPLAIN_METHODS,
+    latest_predictions,
+    saliency_path,
+)
 from workbench.runtime import autocast, resolve_precision, to_device
 from workbench.store import Prediction, new_session
 from workbench.trust import load_trust
-
-EXPLAIN_METHODS: tuple[str, ...] = ("gradcam", "ig", "occlusion", "none")
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,6 @@ class StudyPrediction:
     # what the bundle ships for trust (None when it ships none): "prediction_set", "ood" and
     # "similar", see workbench.trust.LoadedTrust.assess
     trust: dict[str, Any] | None = None
-
-
-def saliency_path(settings: Settings, bundle_hash: str, pixel_hash: str, method: str) -> Path:
-    key = hashlib.sha256(f"{bundle_hash}|{pixel_hash}|{method}".encode()).hexdigest()
-    return settings.cache_dir / "saliency" / key[:2] / f"{key}.npy"
 
 
 def _finding_index(bundle: Bundle, probs: np.ndarray) -> int:
@@ -270,24 +266,6 @@ def to_row(pred: StudyPrediction, bundle: Bundle, code: str, explain: str) -> Pr
         ood_flag=None if pred.trust is None else bool(pred.trust["ood"]["flagged"]),
         similar=(pred.trust or {}).get("similar"),
     )
-
-
-def latest_predictions(
-    settings: Settings, bundle_hash: str, study_ids: Sequence[int] | None = None
-) -> dict[int, Prediction]:
-    """The newest stored prediction per study for one bundle."""
-    with new_session(settings.database_url) as session:
-        q = (
-            select(Prediction)
-            .where(Prediction.bundle_hash == bundle_hash)
-            .options(selectinload(Prediction.study))
-        )
-        if study_ids is not None:
-            q = q.where(Prediction.study_id.in_(list(study_ids)))
-        rows: dict[int, Prediction] = {}
-        for row in session.scalars(q.order_by(Prediction.id)):
-            rows[row.study_id] = row
-        return rows
 
 
 def write_csv(path: Path, bundle: Bundle, preds: Sequence[Prediction]) -> None:

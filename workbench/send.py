@@ -167,7 +167,7 @@ def _load(path: Path) -> np.ndarray:
 
 def _overlays(settings: Settings, job: _Job, headers: dict[str, Dataset]) -> list[Dataset]:
     """One Secondary Capture per explained image of the prediction."""
-    from workbench.explain import overlay  # imports torch: only when there is a map to draw
+    from workbench.heatmap import overlay
 
     root = settings.cache_dir.resolve()
     out: list[Dataset] = []

@@ -70,6 +70,8 @@ __all__ = [
 DX_CLASSES = ("normal", "nodule", "effusion")
 MULTI_LABEL = "effusion;nodule"  # a study with both findings (``multilabel=True``)
 CT_CLASSES = ("no_lesion", "lesion")
+# The demo cohort (`workbench demo`, and the app's browser test): studies, seed, image size.
+DEMO_STUDIES, DEMO_SEED, DEMO_IMAGE_SIZE = 300, 0, 256
 
 CT_SLICES = 32
 

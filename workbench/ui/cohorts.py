@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from workbench.bundle import BundleInfo, list_bundles
+from workbench.bundle_info import BundleInfo, list_bundles
 from workbench.catalog import cohort_summary, quarantine_report
 from workbench.config import Settings
 from workbench.ui import data

@@ -17,9 +17,9 @@ from typing import Any
 
 from sqlalchemy import distinct, func, select
 
-from workbench.bundle import BundleError, list_bundles, read_bundle_info, version_number
+from workbench.bundle_info import BundleError, list_bundles, read_bundle_info, version_number
 from workbench.config import Settings
-from workbench.inference import EXPLAIN_METHODS, latest_predictions, saliency_path
+from workbench.results import EXPLAIN_METHODS, latest_predictions, saliency_path
 
 # Reviews live in workbench.reviews; the pages reach them through this module.
 from workbench.reviews import (  # noqa: F401

@@ -12,7 +12,7 @@ from typing import Any
 import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
-from workbench.bundle import list_bundles
+from workbench.bundle_info import list_bundles
 from workbench.ui import data
 from workbench.ui.auth import require_page
 from workbench.ui.common import settings

@@ -78,16 +78,17 @@ def navigation_buttons(s: Settings, reviewer: Reviewer, detail: data.PredictionD
     back, nxt, _ = st.columns([1, 1, 3])
     if back.button("Worklist", icon=":material/arrow_back:", width="stretch"):
         st.switch_page(str(page_file("worklist")))
-    queue = [
-        r.prediction_id
-        for r in data.worklist(s, detail.bundle_hash, viewer=blind_viewer(reviewer))
-        if r.status == "unreviewed" and r.prediction_id != detail.prediction_id
-    ]
-    if nxt.button(
-        "Next unreviewed", icon=":material/skip_next:", disabled=not queue, width="stretch"
-    ):
-        st.session_state[OPEN_PREDICTION] = queue[0]
-        st.rerun()
+    if nxt.button("Next unreviewed", icon=":material/skip_next:", width="stretch"):
+        # The worklist is read when asked for, not on every render of the study page.
+        queue = [
+            r.prediction_id
+            for r in data.worklist(s, detail.bundle_hash, viewer=blind_viewer(reviewer))
+            if r.status == "unreviewed" and r.prediction_id != detail.prediction_id
+        ]
+        if queue:
+            st.session_state[OPEN_PREDICTION] = queue[0]
+            st.rerun()
+        st.toast("No other study is waiting for your review.", icon=":material/done_all:")
 
 
 def viewer(s: Settings, detail: data.PredictionDetail) -> None:
@@ -186,34 +187,34 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
         n = imaging.n_slices(pixels)
         slice_idx = st.slider("Slice", 1, n, n // 2 + 1, key=f"slice_{detail.prediction_id}") - 1
     raw = imaging.plane(pixels, slice_idx)
-    plane = imaging.window_level(imaging.zoom(raw, factor), center, width)
+    # zoom (a crop), then reduce to the browser's size, then window and blend: the per-pixel
+    # work is done on the pixels that are shown
+    plane = imaging.window_level(imaging.reduce(imaging.zoom(raw, factor)), center, width)
     heat_plane = imaging.plane(heat, slice_idx) if heat is not None else None
     if heat_plane is not None and heat_plane.shape == raw.shape:
-        heat_plane = imaging.zoom(heat_plane, factor)
+        heat_plane = imaging.reduce(imaging.zoom(heat_plane, factor))
 
     zoomed = f", zoom {factor:g}×" if factor > 1 else ""
     left, right = st.columns(2)
     left.image(
-        imaging.to_grey_rgb(plane),
+        imaging.png(imaging.to_grey(plane)),
         caption=(
             f"{view_name(image.view)}: original, window level {center:.2f} / width "
             f"{width:.2f}{zoomed}"
         ),
         width="stretch",
-        output_format="PNG",
     )
     if heat_plane is None or heat_plane.shape != plane.shape:
         right.info("No heat map is stored for this image.")
         return
     name = METHOD_NAMES.get(method, method or "saliency")
     right.image(
-        imaging.blend(plane, heat_plane, alpha),
+        imaging.png(imaging.blend(plane, heat_plane, alpha)),
         caption=(
             f"{view_name(image.view)}: heat-map overlay, {name} for “{image.saliency_target}”, "
             f"opacity {alpha:.0%}"
         ),
         width="stretch",
-        output_format="PNG",
     )
     st.caption(
         "The heat map shows where the model looked for its top finding; it is not a "
@@ -289,7 +290,7 @@ def similar_cases(s: Settings, detail: data.PredictionDetail) -> None:
         if pixels is None:
             col.caption(text)
         else:
-            col.image(imaging.thumbnail(pixels), caption=text, width="stretch")
+            col.image(imaging.png(imaging.thumbnail(pixels)), caption=text, width="stretch")
 
 
 def findings(s: Settings, detail: data.PredictionDetail) -> None:
