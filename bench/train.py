@@ -7,12 +7,13 @@ RLE or JPEG-LS compressed), at 224 px and at 128 px:
     flip / rotate, torch DataLoader (num_workers=0), fp32, contiguous, the MetaTensor batch
     straight into the model;
   * workbench: ``workbench.data.make_dataset`` over the decoded-pixel cache that ingest wrote
-    (CacheDataset: the deterministic head runs once, the random augmentation per sample),
-    bf16 autocast, channels_last, through ``workbench.training.train_epoch``;
+    (CacheDataset: the deterministic preset runs once; random augmentation drawn per sample
+    and applied per batch), bf16 autocast, channels_last, fused AdamW, through
+    ``workbench.training.train_epoch``;
   * workbench fp32: the same data path in fp32 (still channels_last), to separate what the
     data path gives from what the precision gives.
 
-Same model, seed, AdamW and batch size everywhere. Images/s are steady state: two warm-up
+Same model, seed, AdamW settings and batch size everywhere. Images/s are steady state: two warm-up
 steps, then ``--steps`` timed steps (data loading included, cache building not: it is
 reported on its own, like ingest, which is measured by ``bench/ingest.py``).
 Usage: ``python bench/train.py [--studies 48] [--batch-size 16] [--steps 12] [--steps-128 30]``
@@ -55,7 +56,7 @@ from workbench.catalog import cohort_items, ingest
 from workbench.data import InputSpec, make_dataset, to_records
 from workbench.dicom.synth import DX_CLASSES, synthesize_cohort
 from workbench.nets import create_network
-from workbench.training import train_epoch
+from workbench.training import make_optimizer, train_epoch
 
 COHORT = "bench-train"
 WARMUP = 2
@@ -185,7 +186,7 @@ def workbench_rate(
     set_determinism(seed=0)
     device = torch.device("cpu")
     model = create_network(2, len(DX_CLASSES)).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    optimizer = make_optimizer(model.parameters(), LR, WEIGHT_DECAY)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     clocked = Clocked(loader)
     train_epoch(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from monai.transforms import Compose, Resized
 
 import workbench.data as data
@@ -57,3 +58,60 @@ def test_persisted_inputs_are_not_reused_after_the_preset_changes(tmp_path: Path
     again = make_dataset(records, InputSpec(32), train=False, persist_dir=cache)
     assert np.array_equal(np.asarray(again[0]["image"]), np.asarray(small[0]["image"]))
     assert len(list(folder.glob("*.pt"))) == 1  # read back, not written again
+
+
+def _params(spatial_dims: int, seed: int, **flags: bool) -> torch.Tensor:
+    """Drawn parameters with the chosen on/off flags forced (affine, contrast, brightness,
+    noise: positions 0 and the last six, see draw_augmentation)."""
+    p = data.draw_augmentation(np.random.default_rng(seed), spatial_dims)
+    names = {"affine": 0, "contrast": len(p) - 6, "brightness": len(p) - 4, "noise": len(p) - 2}
+    for name, on in flags.items():
+        p[names[name]] = float(on)
+    return torch.from_numpy(p)
+
+
+def test_batch_augmentation_with_every_change_off_leaves_the_images_unchanged() -> None:
+    x = torch.rand(3, 1, 24, 24)
+    off = torch.stack(
+        [
+            _params(2, s, affine=False, contrast=False, brightness=False, noise=False)
+            for s in range(3)
+        ]
+    )
+    assert torch.allclose(data.augment_batch(x, off), x, atol=1e-6)
+    vol = torch.rand(2, 1, 8, 8, 8)
+    off3 = torch.stack(
+        [
+            _params(3, s, affine=False, contrast=False, brightness=False, noise=False)
+            for s in range(2)
+        ]
+    )
+    assert torch.allclose(data.augment_batch(vol, off3), vol, atol=1e-6)
+
+
+def test_a_samples_augmentation_depends_on_its_parameters_not_on_its_batch() -> None:
+    # Resumed runs and runs split over ranks put an image in other batches: its augmented
+    # pixels must not change (noise included).
+    x = torch.rand(4, 1, 32, 32)
+    params = torch.stack(
+        [_params(2, s, affine=True, contrast=True, brightness=True, noise=True) for s in range(4)]
+    )
+    whole = data.augment_batch(x, params)
+    assert not torch.allclose(whole, x, atol=1e-3)  # it does change the images
+    alone = data.augment_batch(x[2:3], params[2:3])
+    assert torch.equal(whole[2:3], alone)
+    pair = data.augment_batch(x[[3, 0]], params[[3, 0]])
+    assert torch.equal(pair, whole[[3, 0]])
+
+
+def test_training_samples_carry_parameters_drawn_from_seed_epoch_and_index(
+    tmp_path: Path,
+) -> None:
+    records = _records(tmp_path)
+    ds = make_dataset(records, InputSpec(32), train=True, seed=5)
+    first = ds[1]["aug"]
+    assert torch.equal(make_dataset(records, InputSpec(32), train=True, seed=5)[1]["aug"], first)
+    assert not torch.equal(ds[0]["aug"], first)  # another index
+    ds.epoch = 1
+    assert not torch.equal(ds[1]["aug"], first)  # another epoch
+    assert not isinstance(ds[1]["image"], data.MetaTensor)  # plain tensors collate cheaply
