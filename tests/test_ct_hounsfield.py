@@ -1,5 +1,5 @@
-"""CT modality values: the Hounsfield-unit cache written at ingest and the file's own windows
-in the catalog."""
+"""CT modality values: the Hounsfield-unit cache written at ingest, the file's own windows in
+the catalog, and the review app's CT presets and HU sliders applied to those values."""
 
 from __future__ import annotations
 
@@ -13,11 +13,16 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
+from tests.conftest import make_settings
+from tests.test_app import PASSWORD, open_study_page, sign_in
+from workbench import users
 from workbench.cache import HU_CACHE_FORMAT, file_cache_key, hu_cache_key
 from workbench.catalog import cache_path, ingest, items_for_studies
-from workbench.config import Settings
+from workbench.config import Settings, get_settings
 from workbench.dicom.read import FileWindow, hounsfield_values, read_image
-from workbench.store import Instance, Series, Study, session_scope
+from workbench.store import Instance, Prediction, Series, Study, session_scope
+from workbench.ui import data
+from workbench.ui.imaging import CT_PRESETS, hu_presets, window_hu
 
 SLOPE, INTERCEPT = 0.5, -1024.0
 WINDOWS = ((40.0, 400.0, "MEDIASTINUM"), (-600.0, 1500.0, "LUNG"))
@@ -128,6 +133,8 @@ def test_a_ct_slice_ingests_with_its_hu_cache_exact_and_its_windows_recorded(
     # The display cache is what it always was: the first window, through the display pipeline.
     display = np.load(cache_path(settings, key))
     assert np.array_equal(display, read_image(path, dtype=np.float16).pixels)
+    # ...and the file's first window applied to the HU reproduces it.
+    assert np.allclose(window_hu(cached, 40.0, 400.0), display, atol=2e-3)
 
 
 def test_a_dx_image_gets_no_hu_cache(settings: Settings, tmp_path: Path) -> None:
@@ -157,6 +164,8 @@ def test_a_ct_series_gets_an_hu_volume_stacked_like_the_display_volume(
     hu = np.load(cache_path(settings, hu_volume_key))
     assert hu.dtype == np.float16 and hu.shape == (4, 32, 32)
     assert np.array_equal(hu, np.stack(slices).astype(np.float16))  # slice (position) order
+    display = np.load(cache_path(settings, volume_key))
+    assert np.allclose(window_hu(hu, 40.0, 400.0), display, atol=2e-3)
     # What training and prediction read is the display volume, as before.
     with session_scope(settings.database_url) as session:
         study_id = session.scalars(select(Study.id)).one()
@@ -250,3 +259,115 @@ def test_every_window_of_the_header_is_read_with_its_explanation(tmp_path: Path)
     facts = read_image(save(ds, tmp_path / "w.dcm")).facts
     assert facts.windows == (FileWindow(40.0, 400.0, "MEDIASTINUM"), FileWindow(-600.0, 1500.0))
     assert (facts.window_center, facts.window_width) == (40.0, 400.0)
+
+
+# --------------------------------------------------------------------------------- the app
+
+
+def test_the_preset_box_names_file_windows_then_the_ct_presets() -> None:
+    presets = hu_presets([FileWindow(40, 400, "MEDIASTINUM"), FileWindow(-600, 1500)])
+    assert list(presets)[:2] == ["MEDIASTINUM", "File window 2"]
+    assert list(presets)[2:] == list(CT_PRESETS)
+    clash = hu_presets([FileWindow(400, 2000, "Bone"), FileWindow(30, 300, "Bone")])
+    assert list(clash)[:2] == ["Bone", "Bone (file window 2)"]
+    assert clash["Bone (default)"] == CT_PRESETS["Bone"]
+
+
+def test_window_hu_is_a_dicom_linear_window_and_padding_is_black() -> None:
+    hu = np.array([[-1000.0, 39.5, 40.0, 1000.0, np.nan]], dtype=np.float32)
+    out = window_hu(hu, 40.0, 401.0)
+    assert out[0, 0] == 0.0 and out[0, 3] == 1.0 and out[0, 4] == 0.0
+    assert out[0, 1] == pytest.approx(0.5) and out[0, 2] == pytest.approx(0.5 + 0.5 / 400)
+
+
+@pytest.fixture
+def ct_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """A catalog with one CT series (two file windows) and a stored prediction on its volume;
+    the app sees it through the environment. Returns the prediction's id."""
+    settings = make_settings(tmp_path / "home")
+    ct_series(tmp_path / "src")
+    ingest(settings, tmp_path / "src", progress=False, workers=1)
+    with session_scope(settings.database_url) as session:
+        series = session.scalars(select(Series)).one()
+        pred = Prediction(
+            study_id=series.study_id,
+            model_name="ct-model",
+            model_version="v1",
+            bundle_hash="ct-model",
+            code_version="c",
+            transform_hash="t",
+            pixel_hashes=[],
+            probabilities={"normal": 0.3, "nodule": 0.7},
+            raw_probabilities={"normal": 0.3, "nodule": 0.7},
+            predicted_label="nodule",
+            top_k=[["nodule", 0.7]],
+            priority=0.7,
+            per_image=[
+                {
+                    "view": "CT",
+                    "cache_key": series.volume_cache_key,
+                    "probabilities": {"normal": 0.3, "nodule": 0.7},
+                }
+            ],
+        )
+        session.add(pred)
+        session.flush()
+        pid = pred.id
+    monkeypatch.setenv("WORKBENCH_HOME", str(settings.home))
+    monkeypatch.setenv("WORKBENCH_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("WORKBENCH_CACHE", str(settings.cache_dir))
+    monkeypatch.setenv("WORKBENCH_MODELS", str(settings.models_dir))
+    users.add_user(get_settings(), "test", "grey", "clinician", PASSWORD)
+    return pid
+
+
+def test_the_study_page_offers_ct_presets_in_hu_and_bone_differs_from_lung(ct_app: int) -> None:
+    detail = data.load_prediction(get_settings(), ct_app)
+    assert detail is not None and detail.images[0].hu_cache_key is not None
+    at = open_study_page(sign_in("grey"), ct_app)
+    box = at.selectbox(key="hu_preset")
+    assert box.options[:2] == ["MEDIASTINUM", "LUNG"]
+    assert {"Lung", "Mediastinum", "Bone", "Brain", "Abdomen"} <= set(box.options)
+    # The image opens on the file's first window, in HU.
+    assert box.value == "MEDIASTINUM"
+    assert (at.slider(key="hu_center").value, at.slider(key="hu_width").value) == (40.0, 400.0)
+    assert {s.label for s in at.slider} >= {"Window level (center, HU)", "Window width (HU)"}
+
+    def shown() -> tuple[str, str]:
+        [original, *_] = at.get("image")
+        return original.value[0], original.captions[0]  # type: ignore[attr-defined]
+
+    at.selectbox(key="hu_preset").set_value("Bone").run()
+    assert not at.exception, at.exception
+    assert (at.slider(key="hu_center").value, at.slider(key="hu_width").value) == (400.0, 1800.0)
+    bone_url, bone_caption = shown()
+    assert "window level 400 HU / width 1800 HU" in bone_caption
+    at.selectbox(key="hu_preset").set_value("Lung").run()
+    assert not at.exception, at.exception
+    lung_url, lung_caption = shown()
+    assert "window level -600 HU / width 1500 HU" in lung_caption
+    assert lung_url != bone_url  # a different picture, not only a different caption
+
+    # Free adjustment in HU: the box then says "Custom"; slices and zoom still work.
+    at.slider(key="hu_width").set_value(600.0).run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="hu_preset").value == "Custom"
+    at.slider(key=f"slice_{ct_app}").set_value(1).run()
+    at.select_slider(key="zoom").set_value(2.0).run()
+    assert not at.exception, at.exception
+    assert "zoom 2×" in shown()[1]
+    # Reset returns to the file's own window.
+    next(b for b in at.button if b.label == "Reset").click().run()
+    assert at.selectbox(key="hu_preset").value == "MEDIASTINUM"
+    assert (at.slider(key="hu_center").value, at.slider(key="hu_width").value) == (40.0, 400.0)
+
+
+def test_a_study_without_hu_keeps_the_display_scale_presets(ct_app: int) -> None:
+    with session_scope(get_settings().database_url) as session:
+        for series in session.scalars(select(Series)):
+            series.hu_volume_cache_key = None  # as if ingested before HU was cached
+    at = open_study_page(sign_in("grey"), ct_app)
+    assert not at.exception, at.exception
+    assert at.selectbox(key="wl_preset").value == "File default"
+    assert not [b for b in at.selectbox if b.key == "hu_preset"]
+    assert {s.label for s in at.slider} >= {"Window level (center)", "Window width"}

@@ -213,7 +213,8 @@ def test_a_database_at_0003_upgrades_keeping_its_rows_with_null_hu_columns(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Revision 0004 (HU cache keys, file windows) on a catalog made at 0003: its rows are
-    still read and the new columns are NULL."""
+    still read, by the models and by the app, and the new columns are NULL."""
+    import dataclasses
     from datetime import datetime
 
     from alembic import command
@@ -222,7 +223,9 @@ def test_a_database_at_0003_upgrades_keeping_its_rows_with_null_hu_columns(
     from sqlalchemy.orm import Session
 
     import workbench.store as store
+    from tests.conftest import make_settings
     from workbench.store import Instance, Series, _current_revision, _head_revision, migrate
+    from workbench.ui import data
 
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'at0003.db'}"
@@ -313,3 +316,8 @@ def test_a_database_at_0003_upgrades_keeping_its_rows_with_null_hu_columns(
         assert all(i.hu_cache_key is None and i.windows is None for i in series.instances)
         assert session.scalars(select(func.count()).select_from(Instance)).one() == 2
     engine.dispose()
+    # The app reads the old prediction: its volume, on the display scale (no HU cached).
+    settings = dataclasses.replace(make_settings(tmp_path / "home"), database_url=url)
+    detail = data.load_prediction(settings, 1)
+    assert detail is not None and detail.images[0].cache_key == volume
+    assert (detail.images[0].hu_cache_key, detail.images[0].windows) == (None, ())
