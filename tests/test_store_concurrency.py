@@ -206,3 +206,118 @@ def test_a_new_database_is_stamped_at_the_head_and_opens_without_alembic(tmp_pat
     )
     for _ in range(2):  # create, then open again
         subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_database_at_0003_upgrades_keeping_its_rows_with_null_hu_columns(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Revision 0004 (HU cache keys, file windows) on a catalog made at 0003: its rows are
+    still read, by the models and by the app, and the new columns are NULL."""
+    import dataclasses
+    from datetime import datetime
+
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import MetaData, create_engine, insert
+    from sqlalchemy.orm import Session
+
+    import workbench.store as store
+    from tests.conftest import make_settings
+    from workbench.store import Instance, Series, _current_revision, _head_revision, migrate
+    from workbench.ui import data
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'at0003.db'}"
+    else:
+        url = request.getfixturevalue("postgres").create_database("at0003")
+    engine = create_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(store.__file__).parent / "migrations"))
+    now = datetime(2026, 11, 30, 12, 0)
+    volume = "v" * 64
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        meta = MetaData()
+        meta.reflect(conn, only=["patient", "study", "series", "instance", "prediction"])
+        t = meta.tables
+        conn.execute(insert(t["patient"]), {"pseudonym": "P1", "sex": "F"})
+        conn.execute(
+            insert(t["study"]),
+            {"id": 1, "study_uid": "1.2.3", "study_key": "S0000000001", "patient_pseudonym": "P1"},
+        )
+        conn.execute(
+            insert(t["series"]),
+            {
+                "id": 1,
+                "series_uid": "1.2.3.4",
+                "study_id": 1,
+                "modality": "CT",
+                "volume_cache_key": volume,
+            },
+        )
+        conn.execute(
+            insert(t["instance"]),
+            [
+                {
+                    "sop_uid": f"1.2.3.4.{n}",
+                    "series_id": 1,
+                    "path": f"/x/{n}.dcm",
+                    "file_sha256": "f" * 64,
+                    "pixel_hash": "p" * 64,
+                    "cache_key": f"{n}" * 64,
+                    "rows": 8,
+                    "columns": 8,
+                    "frames": 1,
+                    "photometric": "MONOCHROME2",
+                    "transfer_syntax": "1.2.840.10008.1.2.1",
+                    "voi_source": "window",
+                    "slice_position": float(n),
+                    "ingested_at": now,
+                }
+                for n in (1, 2)
+            ],
+        )
+        conn.execute(
+            insert(t["prediction"]),
+            {
+                "id": 1,
+                "study_id": 1,
+                "model_name": "m",
+                "model_version": "v1",
+                "bundle_hash": "b",
+                "code_version": "c",
+                "transform_hash": "t",
+                "pixel_hashes": [],
+                "probabilities": {"normal": 0.4, "nodule": 0.6},
+                "raw_probabilities": {},
+                "predicted_label": "nodule",
+                "top_k": [["nodule", 0.6]],
+                "priority": 0.6,
+                "per_image": [{"view": "CT", "cache_key": volume}],
+                "created_at": now,
+            },
+        )
+    assert _current_revision(engine) == "0003"
+
+    migrate(engine)
+    assert _current_revision(engine) == _head_revision()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT hu_cache_key, windows FROM instance").all() == [
+            (None, None),
+            (None, None),
+        ]
+        assert conn.exec_driver_sql("SELECT hu_volume_cache_key FROM series").all() == [(None,)]
+    with Session(engine) as session:
+        series = session.scalars(select(Series)).one()
+        assert (series.volume_cache_key, series.hu_volume_cache_key) == (volume, None)
+        assert [i.cache_key[0] for i in series.instances] == ["1", "2"]
+        assert all(i.hu_cache_key is None and i.windows is None for i in series.instances)
+        assert session.scalars(select(func.count()).select_from(Instance)).one() == 2
+    engine.dispose()
+    # The app reads the old prediction: its volume, on the display scale (no HU cached).
+    settings = dataclasses.replace(make_settings(tmp_path / "home"), database_url=url)
+    detail = data.load_prediction(settings, 1)
+    assert detail is not None and detail.images[0].cache_key == volume
+    assert (detail.images[0].hu_cache_key, detail.images[0].windows) == (None, ())

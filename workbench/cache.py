@@ -43,9 +43,28 @@ def file_cache_key(file_sha: str, frames: str = "volume") -> str:
     return hashlib.sha256(f"{CACHE_FORMAT}|{frames}|{file_sha}".encode()).hexdigest()
 
 
+#: Names the modality-values cache of a CT file (Hounsfield units, float16, see
+#: :func:`workbench.dicom.read.hounsfield_values`): distinct from :data:`CACHE_FORMAT`, so that
+#: a file's two keys never collide. Bump it when those values change.
+HU_CACHE_FORMAT = "modality-values-1/hounsfield/float16/all-frames"
+
+
+def hu_cache_key(file_sha: str, frames: str = "volume") -> str:
+    """The cache key of a CT file's modality values (HU), derived like :func:`file_cache_key`."""
+    return hashlib.sha256(f"{HU_CACHE_FORMAT}|{frames}|{file_sha}".encode()).hexdigest()
+
+
+def hu_volume_key(slice_keys: list[str]) -> str:
+    """The cache key of a series' HU volume: its slices' HU keys in stacking order (each the
+    hash of a file's bytes), so a volume already stacked is known without reading it again."""
+    joined = ",".join(slice_keys)
+    return hashlib.sha256(f"{HU_CACHE_FORMAT}|volume|{joined}".encode()).hexdigest()
+
+
 def write_cache(cache_dir: Path, pixels: np.ndarray, key: str | None = None) -> str:
-    """Store display-pipeline pixels (float16 in [0, 1]) under ``key`` (default: a hash of the
-    pixels themselves, for volumes stacked from slices); return the key."""
+    """Store pixels as float16 under ``key`` (default: a hash of the pixels themselves, for
+    volumes stacked from slices); return the key. Display-pipeline pixels are in [0, 1]; a CT
+    file's modality values (:data:`HU_CACHE_FORMAT`) are in HU."""
     arr = np.ascontiguousarray(pixels, dtype=np.float16)
     if key is None:
         key = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()
@@ -88,6 +107,8 @@ class Decoded:
     facts: HeaderFacts | None = None
     pixel_hash: str | None = None
     cache_key: str | None = None
+    # the modality values (HU) of a CT image whose modality LUT is a linear rescale
+    hu_cache_key: str | None = None
     voi_source: str | None = None
     reason: str | None = None
     detail: str = ""
@@ -100,7 +121,8 @@ def decode_file(
     max_pixel_bytes: int = 512 * 2**20,
     frames: str = "volume",
 ) -> Decoded:
-    """Read one file once: header facts, display pixels into the cache. Runs in a worker.
+    """Read one file once: header facts, display pixels into the cache (and for CT, its
+    modality values in HU under :func:`hu_cache_key`). Runs in a worker.
 
     ``frames``: "volume", "first" or a frame index as text (``Settings.frames``).
     """
@@ -111,13 +133,16 @@ def decode_file(
     except OSError as err:
         return Decoded(path, None, None, None, reason="not_readable", detail=str(err))
     try:
-        image = read_image(p, max_pixel_bytes, frames=selection, dtype=np.float16)
+        image = read_image(p, max_pixel_bytes, frames=selection, dtype=np.float16, hounsfield=True)
         why = None if allow_burned_in else burned_in_reason(image.facts)
         if why:
             raise UnreadableDicomError("burned_in_annotation", why)
         # read_image hashed the bytes it read, unless the file was too big to read at once
         sha = image.file_sha256 or file_sha256(p)
         key = write_cache(Path(cache_dir), image.pixels, file_cache_key(sha, frames))
+        hu_key = None
+        if image.hounsfield is not None:
+            hu_key = write_cache(Path(cache_dir), image.hounsfield, hu_cache_key(sha, frames))
     except UnreadableDicomError as err:
         reason, detail = err.reason, err.detail
     except IndexError as err:  # the frame asked for is not in this file
@@ -133,6 +158,7 @@ def decode_file(
             facts=image.facts,
             pixel_hash=image.pixel_hash,
             cache_key=key,
+            hu_cache_key=hu_key,
             voi_source=image.voi_source,
         )
     try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from multiprocessing.context import BaseContext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from sqlalchemy import delete, insert, select
@@ -35,6 +35,7 @@ from tqdm import tqdm
 from workbench.cache import (
     Decoded,
     decode_file,
+    hu_volume_key,
     init_worker,
     write_cache,
 )
@@ -173,10 +174,20 @@ def _quarantine(session: Session, path: Path, sha: str | None, reason: str, deta
         row.reason, row.detail, row.file_sha256 = reason, detail[:1000], sha
 
 
+def _windows_json(facts: HeaderFacts) -> list[dict[str, Any]] | None:
+    """The file's own windows as the catalog records them, or None when it has none."""
+    return [
+        {"center": w.center, "width": w.width, "explanation": w.explanation} for w in facts.windows
+    ] or None
+
+
 def _cache_volumes(
     settings: Settings, session: Session, new_facts: dict[str, list[HeaderFacts]]
 ) -> None:
     """Stack each volumetric series that gained slices into one cached array.
+
+    A CT series whose every slice has its modality values cached is also stacked in HU
+    (``Series.hu_volume_cache_key``), in the same order, for the viewer.
 
     Slices are ordered by their position along the slice normal (then instance number). A
     series whose geometry is inconsistent (:func:`check_series_geometry`) is not resampled: it
@@ -200,11 +211,26 @@ def _cache_volumes(
         problems = check_series_geometry(facts) if facts else list(series.problems or [])
         series.problems = problems or None
         if problems:
-            series.volume_cache_key = None
+            series.volume_cache_key = series.hu_volume_cache_key = None
             continue
         insts.sort(key=lambda i: (i.slice_position or 0.0, i.instance_number or 0))
         volume = np.stack([np.load(cache_path(settings, i.cache_key)) for i in insts])
         series.volume_cache_key = _write_cache(settings, volume)
+        series.hu_volume_cache_key = _cache_hu_volume(settings, insts)
+
+
+def _cache_hu_volume(settings: Settings, insts: Sequence[Instance]) -> str | None:
+    """Stack the slices' HU arrays (already in volume order) unless one has none (not CT, or
+    ingested before HU was cached); the key names the slices, so a volume already stacked is
+    not stacked again."""
+    keys = [i.hu_cache_key for i in insts]
+    if not all(keys):
+        return None
+    key = hu_volume_key(cast(list[str], keys))
+    if not cache_path(settings, key).is_file():
+        volume = np.stack([np.load(cache_path(settings, k)) for k in cast(list[str], keys)])
+        write_cache(settings.cache_dir, volume, key)
+    return key
 
 
 def _pool_context() -> BaseContext:
@@ -469,6 +495,8 @@ def ingest_files(
                         file_sha256=d.file_sha256,
                         pixel_hash=d.pixel_hash,
                         cache_key=d.cache_key,
+                        hu_cache_key=d.hu_cache_key,
+                        windows=_windows_json(facts),
                         rows=facts.rows,
                         columns=facts.columns,
                         frames=facts.number_of_frames,

@@ -91,6 +91,9 @@ class Series(Base):
     # A volumetric series (CT, MR, PT) is also cached as one (slices, rows, columns) array,
     # unless its geometry is inconsistent: then `problems` says why, in plain words.
     volume_cache_key: Mapped[str | None] = mapped_column(String(64))
+    # The same volume of a CT series in Hounsfield units (every slice has HU cached), stacked
+    # in the same order; for the viewer only (models read the display volume).
+    hu_volume_cache_key: Mapped[str | None] = mapped_column(String(64))
     problems: Mapped[list[Any] | None] = mapped_column(JSON)
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -108,6 +111,10 @@ class Instance(Base):
     file_sha256: Mapped[str] = mapped_column(String(64), index=True)
     pixel_hash: Mapped[str] = mapped_column(String(64), index=True)
     cache_key: Mapped[str] = mapped_column(String(64))
+    # A CT image's modality values (HU, float16) when its modality LUT is a linear rescale.
+    hu_cache_key: Mapped[str | None] = mapped_column(String(64))
+    # The file's own windows: [{"center", "width", "explanation"}] in its order, None if none.
+    windows: Mapped[list[Any] | None] = mapped_column(JSON)
     rows: Mapped[int] = mapped_column(Integer)
     columns: Mapped[int] = mapped_column(Integer)
     frames: Mapped[int] = mapped_column(Integer, default=1)

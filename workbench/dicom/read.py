@@ -88,12 +88,14 @@ __all__ = [
     "QUARANTINE_REASONS",
     "REQUIRED_ATTRIBUTES",
     "DecodedImage",
+    "FileWindow",
     "FrameSelection",
     "HeaderFacts",
     "UnreadableDicomError",
     "check_series_geometry",
     "color_display",
     "display_pipeline",
+    "hounsfield_values",
     "pixel_hash",
     "read_header",
     "read_image",
@@ -167,11 +169,23 @@ class _FrameIndexError(IndexError):
 
 
 @dataclass(frozen=True)
+class FileWindow:
+    """One of a file's own VOI windows (Window Center / Width, PS3.3 C.11.2.1.2), in the units
+    of the modality LUT's output (Hounsfield units for CT), with its Window Center & Width
+    Explanation (e.g. "LUNG") when the file gives one."""
+
+    center: float
+    width: float
+    explanation: str | None = None
+
+
+@dataclass(frozen=True)
 class HeaderFacts:
     """What the catalogue needs from a header. ``patient_id`` is raw identity: pseudonymise it.
 
     ``burned_in_annotation`` is the raw Burned In Annotation value ("YES", "NO") or None when
-    the header does not say.
+    the header does not say. ``window_center`` / ``window_width`` are the first window (the one
+    the display pipeline applies); ``windows`` are all of them, in the file's order.
     """
 
     sop_instance_uid: str
@@ -206,6 +220,7 @@ class HeaderFacts:
     slice_thickness: float | None = None
     series_number: int | None = None
     frame_of_reference_uid: str | None = None
+    windows: tuple[FileWindow, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -217,6 +232,8 @@ class DecodedImage:
     BT.601 luma of a colour image. ``rgb`` is None for grayscale; for colour it is the image as
     a person sees it, uint8 with a trailing axis of 3. ``voi_source`` is ``"voi_lut"``,
     ``"window"`` or ``"minmax"`` for grayscale and ``"none"`` for colour (no VOI stage).
+    ``hounsfield`` (only when asked for, see :func:`read_image`): a CT image's modality values
+    in Hounsfield units, float16, the same shape as ``pixels`` (see :func:`hounsfield_values`).
     """
 
     facts: HeaderFacts
@@ -226,6 +243,7 @@ class DecodedImage:
     rgb: np.ndarray | None = None
     # sha256 of the whole file, when it was small enough to be read into memory in one piece
     file_sha256: str | None = None
+    hounsfield: np.ndarray | None = None
 
     @property
     def color(self) -> bool:
@@ -706,7 +724,43 @@ def _facts(ds: Dataset, truncated: bool = False) -> HeaderFacts:
         slice_thickness=_opt_float(_lookup(ds, "SliceThickness", "PixelMeasuresSequence")),
         series_number=_opt_int(_lookup(ds, "SeriesNumber")),
         frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
+        windows=_file_windows(ds),
     )
+
+
+#: At most this many of a file's windows are kept (a header may list dozens).
+MAX_FILE_WINDOWS = 16
+
+
+def _values(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+
+
+def _file_windows(ds: Dataset) -> tuple[FileWindow, ...]:
+    """Every Window Center / Width pair of the header (multi-valued: the n-th center goes with
+    the n-th width and the n-th Window Center & Width Explanation), from the top level, else
+    the Frame VOI LUT of the Shared (else first Per-frame) Functional Groups. A pair that is not
+    a finite number with a positive width is left out."""
+    source: Dataset | None = ds
+    if not _present(ds, "WindowCenter"):
+        source = _fg_item(ds, "FrameVOILUTSequence")
+    if source is None:
+        return ()
+    centers = _values(_get(source, "WindowCenter"))
+    widths = _values(_get(source, "WindowWidth"))
+    explanations = _values(_get(source, "WindowCenterWidthExplanation"))
+    out: list[FileWindow] = []
+    for n, (c, w) in enumerate(zip(centers, widths, strict=False)):
+        center, width = _opt_float(c), _opt_float(w)
+        if center is None or width is None or width <= 0:
+            continue
+        text = str(explanations[n]).strip()[:64] if n < len(explanations) else ""
+        out.append(FileWindow(center, width, text or None))
+        if len(out) == MAX_FILE_WINDOWS:
+            break
+    return tuple(out)
 
 
 def _safe_facts(ds: Dataset, truncated: bool) -> HeaderFacts:
@@ -928,6 +982,7 @@ def read_image(
     *,
     frames: FrameSelection = "volume",
     dtype: npt.DTypeLike = np.float32,
+    hounsfield: bool = False,
 ) -> DecodedImage:
     """Read, decode and run the display pipeline on one file.
 
@@ -940,6 +995,9 @@ def read_image(
             for a single-frame file), ``"first"`` or a 0-based frame index (one frame,
             ``(rows, columns)``). Only the frames asked for are decoded and hashed.
         dtype: of ``pixels`` (computed in float32; float16 is what the ingest cache stores).
+        hounsfield: also give a CT image's modality values in HU (``DecodedImage.hounsfield``,
+            see :func:`hounsfield_values`; None for any other image). A failure there never
+            makes the file unreadable: the image then simply has none.
 
     Raises:
         UnreadableDicomError: for anything wrong with the file, with a reason from
@@ -953,7 +1011,7 @@ def read_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a broken file's warnings become its reason
-            return _read_image(path, max_pixel_bytes, index, np.dtype(dtype))
+            return _read_image(path, max_pixel_bytes, index, np.dtype(dtype), hounsfield)
     except (UnreadableDicomError, _FrameIndexError):
         raise
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
@@ -966,7 +1024,7 @@ def read_image(
 
 
 def _read_image(
-    path: Path, max_pixel_bytes: int, index: int | None, dtype: np.dtype[Any]
+    path: Path, max_pixel_bytes: int, index: int | None, dtype: np.dtype[Any], hounsfield: bool
 ) -> DecodedImage:
     # A file far larger than its pixel ceiling is refused before it is read at all (encapsulated
     # pixel data of undefined length is read in full, whatever its declared size).
@@ -1063,6 +1121,12 @@ def _read_image(
         raise UnreadableDicomError(
             "decode_error", f"display pipeline: {type(exc).__name__}: {exc}"
         ) from exc
+    hu: np.ndarray | None = None
+    if hounsfield and facts.modality == "CT":
+        try:
+            hu = hounsfield_values(ds, stored)
+        except Exception:  # an extra for the viewer: the display pixels above still stand
+            hu = None
     return DecodedImage(
         facts=facts,
         pixels=pixels,
@@ -1070,6 +1134,7 @@ def _read_image(
         voi_source=source,
         rgb=rgb,
         file_sha256=file_sha256,
+        hounsfield=hu,
     )
 
 
@@ -1389,6 +1454,110 @@ def _finish(ds: Dataset, photometric: str, out: np.ndarray, mask: np.ndarray | N
     if mask is not None:
         out = np.where(mask, 0.0, out)
     return out.astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Modality values (Hounsfield units)
+# --------------------------------------------------------------------------------------------
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _rescale_of(item: Dataset) -> tuple[float | None, float | None, str | None]:
+    return (
+        _opt_float(_get(item, "RescaleSlope")),
+        _opt_float(_get(item, "RescaleIntercept")),
+        _text(item, "RescaleType"),
+    )
+
+
+def _linear_rescale(ds: Dataset) -> tuple[float, float] | None:
+    """(slope, intercept) when the modality LUT is a linear rescale to Hounsfield units.
+
+    Rescale Slope / Intercept are read from the top level, else the Pixel Value Transformation
+    of the Shared Functional Groups, else of the Per-frame Functional Groups when every frame
+    has the same values (frames rescaled differently get None: one rescale would be wrong for
+    some of them). None as well for a Modality LUT Sequence (a table, not a rescale), a missing
+    slope or intercept, a zero slope, or a Rescale Type other than HU (CT Image: absent means
+    HU, PS3.3 C.8.2.1).
+    """
+    if _present(ds, "ModalityLUTSequence"):
+        return None
+    slope, intercept, kind = _rescale_of(ds)
+    if slope is None or intercept is None:
+        slope = intercept = kind = None
+        shared = _get(ds, "SharedFunctionalGroupsSequence")
+        item = _get(shared[0], "PixelValueTransformationSequence") if shared else None
+        if item:
+            slope, intercept, kind = _rescale_of(item[0])
+        else:
+            found = set()
+            for frame in _get(ds, "PerFrameFunctionalGroupsSequence") or ():
+                inner = _get(frame, "PixelValueTransformationSequence")
+                found.add(_rescale_of(inner[0]) if inner else (None, None, None))
+            if len(found) == 1:
+                slope, intercept, kind = found.pop()
+    if slope is None or intercept is None or slope == 0:
+        return None
+    if kind is not None and kind.upper() != "HU":
+        return None
+    return slope, intercept
+
+
+def hounsfield_values(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """A CT image's modality values in Hounsfield units (Rescale Slope x stored + Intercept),
+    float16, the shape of ``stored``; None when the image is not a grayscale CT whose modality
+    LUT is a linear rescale to HU (see :func:`_linear_rescale`), or when its display is
+    inverted (MONOCHROME1, Presentation LUT Shape INVERSE: a viewer windowing these values
+    would show it the other way round).
+
+    float16 keeps 11 significant bits: values are exact to 0.5 HU up to 1,024 HU, 1 HU up to
+    2,048 and 2 HU up to 4,096 (so within 1 HU over the usual -1,024..3,071 range), coarser
+    above (metal); that is below what a display window shows. Values beyond float16's range
+    (+-65,504) are clipped to it. Padding pixels (Pixel Padding Value / Range Limit) are NaN:
+    they have no modality value.
+    """
+    if str(_get(ds, "Modality") or "").strip() != "CT" or _is_color(ds):
+        return None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric != "MONOCHROME2" or (_text(ds, "PresentationLUTShape") or "") == "INVERSE":
+        return None
+    rescale = _linear_rescale(ds)
+    if rescale is None:
+        return None
+    slope, intercept = rescale
+    arr = np.asarray(stored)
+    domain = _lut_domain(arr)
+    if domain is not None:
+        # As in the display pipeline: once per possible stored value, then a table look-up
+        # (casting every pixel to float16 was most of the cost).
+        values, index = domain
+        table = _rescaled_float16(values, slope, intercept)
+        mask = _padding_mask(ds, values, any_=False)
+        if mask is not None:
+            table[mask] = np.nan
+        return np.take(table, index)
+    hu = _rescaled_float16(arr, slope, intercept)
+    mask = _padding_mask(ds, arr)
+    if mask is not None:
+        hu[mask] = np.nan
+    return hu
+
+
+def _rescaled_float16(values: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    x = values.astype(np.float32)
+    if slope != 1:
+        x *= np.float32(slope)
+    if intercept != 0:
+        x += np.float32(intercept)
+    if values.dtype.kind in "ui":
+        info = np.iinfo(values.dtype)
+        bound = max(abs(info.min * slope + intercept), abs(info.max * slope + intercept))
+    else:
+        bound = math.inf
+    if bound > _FLOAT16_MAX:
+        np.clip(x, -_FLOAT16_MAX, _FLOAT16_MAX, out=x)
+    return x.astype(np.float16)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from sqlalchemy import distinct, func, select
 
 from workbench.bundle_info import BundleError, list_bundles, read_bundle_info, version_number
 from workbench.config import Settings
+from workbench.dicom.read import FileWindow
 from workbench.results import EXPLAIN_METHODS, latest_predictions, saliency_path
 
 # Reviews live in workbench.reviews; the pages reach them through this module.
@@ -105,6 +106,10 @@ class ImageRef:
     saliency_target: str | None
     probabilities: dict[str, float]
     pixel_hash: str | None = None
+    # A CT image or volume: its modality values (HU) in the cache, when ingest cached them,
+    # and its file's own windows (in HU; for a volume, those of its slices in slice order).
+    hu_cache_key: str | None = None
+    windows: tuple[FileWindow, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -273,12 +278,69 @@ def worklist(settings: Settings, bundle_hash: str, viewer: str | None = None) ->
     )
 
 
+#: At most this many of a volume's file windows are offered (distinct ones, in slice order).
+MAX_VOLUME_WINDOWS = 8
+
+
+def _file_windows(value: Any) -> list[FileWindow]:
+    """Windows as the catalog records them (see ``Instance.windows``); malformed entries are
+    left out."""
+    out = []
+    for w in value or ():
+        try:
+            center, width = float(w["center"]), float(w["width"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        explanation = w.get("explanation")
+        out.append(FileWindow(center, width, str(explanation) if explanation else None))
+    return out
+
+
+def _hounsfield_refs(
+    session: Any, study_id: int, keys: set[str]
+) -> dict[str, tuple[str | None, tuple[FileWindow, ...]]]:
+    """For the shown images' cache keys (an instance's, or a series' volume), the HU cache key
+    and the file windows, looked up within the prediction's own study."""
+    rows = session.execute(
+        select(
+            Instance.cache_key,
+            Instance.hu_cache_key,
+            Instance.windows,
+            Instance.slice_position,
+            Instance.instance_number,
+            Series.id,
+            Series.volume_cache_key,
+            Series.hu_volume_cache_key,
+        )
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.study_id == study_id)
+    ).all()
+    out: dict[str, tuple[str | None, tuple[FileWindow, ...]]] = {}
+    volumes: dict[int, list[Any]] = defaultdict(list)
+    for row in rows:
+        if row.cache_key in keys:
+            out[row.cache_key] = (row.hu_cache_key, tuple(_file_windows(row.windows)))
+        if row.volume_cache_key in keys:
+            volumes[row.id].append(row)
+    for slices in volumes.values():
+        slices.sort(key=lambda r: (r.slice_position or 0.0, r.instance_number or 0))
+        windows: list[FileWindow] = []
+        for r in slices:
+            for w in _file_windows(r.windows):
+                if w not in windows and len(windows) < MAX_VOLUME_WINDOWS:
+                    windows.append(w)
+        first = slices[0]
+        out[first.volume_cache_key] = (first.hu_volume_cache_key, tuple(windows))
+    return out
+
+
 def load_prediction(settings: Settings, prediction_id: int) -> PredictionDetail | None:
     with new_session(settings.database_url) as session:
         p = session.get(Prediction, prediction_id)
         if p is None:
             return None
         study = p.study
+        hu = _hounsfield_refs(session, study.id, {str(im["cache_key"]) for im in p.per_image})
         images = tuple(
             ImageRef(
                 view=str(im.get("view") or f"image {n + 1}"),
@@ -287,6 +349,8 @@ def load_prediction(settings: Settings, prediction_id: int) -> PredictionDetail 
                 saliency_target=im.get("saliency_target"),
                 probabilities={str(k): float(v) for k, v in im.get("probabilities", {}).items()},
                 pixel_hash=im.get("pixel_hash"),
+                hu_cache_key=hu.get(str(im["cache_key"]), (None, ()))[0],
+                windows=hu.get(str(im["cache_key"]), (None, ()))[1],
             )
             for n, im in enumerate(p.per_image)
         )

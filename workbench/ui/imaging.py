@@ -2,12 +2,15 @@
 
 The app never decodes DICOM. It reads the display-pipeline pixels the catalog cached at
 ingest (float16 in [0, 1], native rows x cols, or slices x rows x cols for a volume) and the
-saliency maps inference cached beside them (same shape, in [0, 1]).
+saliency maps inference cached beside them (same shape, in [0, 1]). For CT it also reads the
+modality values cached at ingest (Hounsfield units, float16, the same shape as the display
+pixels), which the CT presets and the file's own windows are applied to.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 import streamlit as st
@@ -15,6 +18,7 @@ from PIL import Image
 
 from workbench.catalog import cache_path
 from workbench.config import Settings
+from workbench.dicom.read import FileWindow
 from workbench.heatmap import overlay
 
 #: Largest side, in pixels, of an image sent to the browser: a viewer column is narrower than
@@ -33,6 +37,67 @@ PRESETS: dict[str, tuple[float, float]] = {
 }
 
 
+#: CT window presets in Hounsfield units, name -> (center, width): the "typical window width
+#: and level values" of Radiopaedia's article "Windowing (CT)" (D. J. Bell, A. Murphy et al.,
+#: https://radiopaedia.org/articles/windowing-ct): chest lungs W:1500 L:-600, mediastinum
+#: W:350 L:50; abdomen soft tissues W:400 L:50, liver W:150 L:30; spine bone W:1800 L:400;
+#: head brain W:80 L:40.
+CT_PRESETS: dict[str, tuple[float, float]] = {
+    "Lung": (-600.0, 1500.0),
+    "Mediastinum": (50.0, 350.0),
+    "Abdomen": (50.0, 400.0),
+    "Liver": (30.0, 150.0),
+    "Bone": (400.0, 1800.0),
+    "Brain": (40.0, 80.0),
+}
+#: The CT preset shown first when the file has no window of its own.
+CT_DEFAULT_PRESET = "Abdomen"
+#: Slider ranges in HU (widened to take in every preset of the shown image): the CT number
+#: scale of a 12-bit scanner (-1,024..3,071) with some room.
+HU_CENTER_RANGE = (-1200.0, 3200.0)
+HU_WIDTH_RANGE = (1.0, 4500.0)
+
+
+def file_window_name(number: int, window: FileWindow) -> str:
+    """What the preset box calls a file's window: its explanation, else "File window N"."""
+    return window.explanation or f"File window {number}"
+
+
+def hu_presets(windows: Sequence[FileWindow]) -> dict[str, tuple[float, float]]:
+    """The window presets of a CT image in HU: the file's own windows first (in its order, by
+    name), then :data:`CT_PRESETS`. A name met twice gets the window's number, or "(default)"
+    for a CT preset, so that every entry can be chosen."""
+    out: dict[str, tuple[float, float]] = {}
+    for n, w in enumerate(windows, 1):
+        name = file_window_name(n, w)
+        if name in out:
+            name = f"{name} (file window {n})"
+        out[name] = (float(w.center), float(w.width))
+    for name, cw in CT_PRESETS.items():
+        out[f"{name} (default)" if name in out else name] = cw
+    return out
+
+
+def hu_default(windows: Sequence[FileWindow]) -> tuple[str, float, float]:
+    """The preset a CT image opens with: its file's first window (what the display pipeline
+    applied at ingest), else :data:`CT_DEFAULT_PRESET`."""
+    presets = hu_presets(windows)
+    name = next(iter(presets)) if windows else CT_DEFAULT_PRESET
+    return (name, *presets[name])
+
+
+def hu_ranges(
+    presets: dict[str, tuple[float, float]],
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(center range, width range) of the HU sliders: the defaults, widened to every preset."""
+    centers = [c for c, _ in presets.values()]
+    widths = [w for _, w in presets.values()]
+    return (
+        (min(HU_CENTER_RANGE[0], *centers), max(HU_CENTER_RANGE[1], *centers)),
+        (min(HU_WIDTH_RANGE[0], *widths), max(HU_WIDTH_RANGE[1], *widths)),
+    )
+
+
 @st.cache_data(max_entries=128, show_spinner=False)
 def _load(path: str) -> np.ndarray:
     # Global cache: the key is a content-addressed file, the value a pure pixel array.
@@ -43,6 +108,11 @@ def load_display(settings: Settings, cache_key: str) -> np.ndarray | None:
     """The cached display pixels of one image, or None when the cache lacks them."""
     path = cache_path(settings, cache_key)
     return _load(str(path)) if path.is_file() else None
+
+
+def load_hounsfield(settings: Settings, hu_cache_key: str | None) -> np.ndarray | None:
+    """The cached modality values (HU) of a CT image or volume, or None when there are none."""
+    return load_display(settings, hu_cache_key) if hu_cache_key else None
 
 
 def load_saliency(settings: Settings, saliency_file: str | None) -> np.ndarray | None:
@@ -78,6 +148,22 @@ def window_level(image: np.ndarray, center: float, width: float) -> np.ndarray:
     low = float(center) - width / 2.0
     out = (np.nan_to_num(image.astype(np.float32), nan=0.0) - low) / width
     return np.clip(out, 0.0, 1.0)
+
+
+def window_hu(image: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Window modality values (HU) for display in [0, 1], as a DICOM LINEAR window does
+    (PS3.3 C.11.2.1.2.1): ``center - 0.5 - (width - 1) / 2`` and below black, ``center - 0.5 +
+    (width - 1) / 2`` and above white, so that the file's own window looks as the display
+    pipeline showed it. Pixels without a value (padding, NaN) are black."""
+    x = image.astype(np.float32)
+    if width > 1:
+        x -= np.float32(center - 0.5)
+        x *= np.float32(1.0 / (float(width) - 1.0))
+        x += np.float32(0.5)
+    else:  # a width of 1: a threshold at the center
+        x = (x > np.float32(center - 0.5)).astype(np.float32)
+    np.clip(x, 0.0, 1.0, out=x)
+    return np.nan_to_num(x, copy=False, nan=0.0)
 
 
 def to_grey_rgb(image: np.ndarray) -> np.ndarray:

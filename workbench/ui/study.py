@@ -43,16 +43,38 @@ def view_rank(view: str) -> tuple[int, str]:
     return (VIEW_ORDER.index(code) if code in VIEW_ORDER else len(VIEW_ORDER), code)
 
 
-def _reset_viewer() -> None:
+def _reset_viewer(hu_default: tuple[str, float, float]) -> None:
     for key, value in VIEWER_DEFAULTS.items():
         st.session_state[key] = value
     st.session_state["wl_preset"] = "File default"
+    name, center, width = hu_default
+    st.session_state["hu_preset"] = name
+    st.session_state["hu_center"], st.session_state["hu_width"] = center, width
 
 
-def _apply_preset() -> None:
-    chosen = st.session_state.get("wl_preset")
-    if chosen in imaging.PRESETS:
-        st.session_state["wl_center"], st.session_state["wl_width"] = imaging.PRESETS[chosen]
+def _apply_preset(
+    preset_key: str = "wl_preset",
+    presets: dict[str, tuple[float, float]] = imaging.PRESETS,
+    center_key: str = "wl_center",
+    width_key: str = "wl_width",
+) -> None:
+    chosen = st.session_state.get(preset_key)
+    if chosen in presets:
+        st.session_state[center_key], st.session_state[width_key] = presets[chosen]
+
+
+def _sync_preset(
+    preset_key: str, presets: dict[str, tuple[float, float]], center_key: str, width_key: str
+) -> None:
+    """Make the preset box name the preset the sliders are at, or "Custom"."""
+    current = (float(st.session_state[center_key]), float(st.session_state[width_key]))
+
+    def at(cw: tuple[float, float]) -> bool:
+        return abs(cw[0] - current[0]) < 1e-6 and abs(cw[1] - current[1]) < 1e-6
+
+    chosen = st.session_state.get(preset_key)
+    if chosen not in presets or not at(presets[chosen]):
+        st.session_state[preset_key] = next((n for n, cw in presets.items() if at(cw)), CUSTOM)
 
 
 def trust_meta(s: Settings, detail: data.PredictionDetail) -> dict[str, Any]:
@@ -109,13 +131,16 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
             horizontal=True,
             key=f"view_{detail.prediction_id}",
         )
+    image = detail.images[idx]
+    hu_default = imaging.hu_default(image.windows)
     reset.button(
         "Reset",
         icon=":material/restart_alt:",
         on_click=_reset_viewer,
-        help="File default window (level 0.50, width 1.00), heat-map opacity 0.40, no zoom",
+        args=(hu_default,),
+        help="File default window (level 0.50, width 1.00; for CT the file's own window), "
+        "heat-map opacity 0.40, no zoom",
     )
-    image = detail.images[idx]
     pixels = imaging.load_display(s, image.cache_key)
     if pixels is None:
         st.error(
@@ -123,6 +148,11 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
             "study to restore them."
         )
         return
+    # CT with its modality values cached: presets and sliders in Hounsfield units, applied to
+    # those values; otherwise on the display scale of the cached pixels.
+    hu = imaging.load_hounsfield(s, image.hu_cache_key)
+    if hu is not None and hu.shape != pixels.shape:
+        hu = None
     methods = data.saliency_files(s, detail.bundle_hash, image)
     stored = detail.explain_method or ""
     if image.saliency_file and stored not in methods:
@@ -138,40 +168,47 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
         )
     heat = imaging.load_saliency(s, methods.get(method))
 
-    # The preset box names the preset the sliders are at, or "Custom".
-    current = (float(st.session_state["wl_center"]), float(st.session_state["wl_width"]))
-
-    def at(cw: tuple[float, float]) -> bool:
-        return abs(cw[0] - current[0]) < 1e-6 and abs(cw[1] - current[1]) < 1e-6
-
-    chosen = st.session_state.get("wl_preset")
-    if chosen not in imaging.PRESETS or not at(imaging.PRESETS[chosen]):
-        st.session_state["wl_preset"] = next(
-            (n for n, cw in imaging.PRESETS.items() if at(cw)), CUSTOM
-        )
     p1, p2 = st.columns([3, 1], vertical_alignment="bottom")
-    p1.selectbox(
-        "Window preset",
-        [*imaging.PRESETS, CUSTOM],
-        key="wl_preset",
-        on_change=_apply_preset,
-        help="Presets on the display scale: the file's own window is level 0.50, width 1.00",
-    )
+    c1, c2, c3 = st.columns(3)
+    if hu is not None:
+        presets = imaging.hu_presets(image.windows)
+        (lo_c, hi_c), (lo_w, hi_w) = _hu_preset_box(hu_default, presets, p1)
+    else:
+        _sync_preset("wl_preset", imaging.PRESETS, "wl_center", "wl_width")
+        p1.selectbox(
+            "Window preset",
+            [*imaging.PRESETS, CUSTOM],
+            key="wl_preset",
+            on_change=_apply_preset,
+            help="Presets on the display scale: the file's own window is level 0.50, width 1.00",
+        )
     factor = p2.select_slider(
         "Zoom", options=[1.0, 1.5, 2.0, 3.0, 4.0], key="zoom", format_func=lambda z: f"{z:g}×"
     )
-    c1, c2, c3 = st.columns(3)
-    center = c1.slider(
-        "Window level (center)", 0.0, 1.0, step=0.01, key="wl_center", persist_state="session"
-    )
-    width = c2.slider(
-        "Window width",
-        imaging.MIN_WIDTH,
-        imaging.MAX_WIDTH,
-        step=0.01,
-        key="wl_width",
-        persist_state="session",
-    )
+    if hu is not None:
+        center = c1.slider(
+            "Window level (center, HU)",
+            lo_c,
+            hi_c,
+            step=1.0,
+            key="hu_center",
+            persist_state="session",
+        )
+        width = c2.slider(
+            "Window width (HU)", lo_w, hi_w, step=1.0, key="hu_width", persist_state="session"
+        )
+    else:
+        center = c1.slider(
+            "Window level (center)", 0.0, 1.0, step=0.01, key="wl_center", persist_state="session"
+        )
+        width = c2.slider(
+            "Window width",
+            imaging.MIN_WIDTH,
+            imaging.MAX_WIDTH,
+            step=0.01,
+            key="wl_width",
+            persist_state="session",
+        )
     alpha = c3.slider(
         "Heat-map opacity",
         0.0,
@@ -186,10 +223,16 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
     if imaging.n_slices(pixels) > 1:
         n = imaging.n_slices(pixels)
         slice_idx = st.slider("Slice", 1, n, n // 2 + 1, key=f"slice_{detail.prediction_id}") - 1
-    raw = imaging.plane(pixels, slice_idx)
+    raw = imaging.plane(hu if hu is not None else pixels, slice_idx)
     # zoom (a crop), then reduce to the browser's size, then window and blend: the per-pixel
     # work is done on the pixels that are shown
-    plane = imaging.window_level(imaging.reduce(imaging.zoom(raw, factor)), center, width)
+    shown = imaging.reduce(imaging.zoom(raw, factor))
+    if hu is not None:
+        plane = imaging.window_hu(shown, center, width)
+        window_text = f"window level {center:.0f} HU / width {width:.0f} HU"
+    else:
+        plane = imaging.window_level(shown, center, width)
+        window_text = f"window level {center:.2f} / width {width:.2f}"
     heat_plane = imaging.plane(heat, slice_idx) if heat is not None else None
     if heat_plane is not None and heat_plane.shape == raw.shape:
         heat_plane = imaging.reduce(imaging.zoom(heat_plane, factor))
@@ -198,10 +241,7 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
     left, right = st.columns(2)
     left.image(
         imaging.png(imaging.to_grey(plane)),
-        caption=(
-            f"{view_name(image.view)}: original, window level {center:.2f} / width "
-            f"{width:.2f}{zoomed}"
-        ),
+        caption=f"{view_name(image.view)}: original, {window_text}{zoomed}",
         width="stretch",
     )
     if heat_plane is None or heat_plane.shape != plane.shape:
@@ -221,6 +261,39 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
         "segmentation and does not prove the finding."
     )
     saliency_checks(s, detail, method)
+
+
+def _hu_preset_box(
+    default: tuple[str, float, float],
+    presets: dict[str, tuple[float, float]],
+    box: Any,
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The preset box of a CT image in HU (its file's windows, then the CT presets), with the
+    HU window (default: ``default``) kept inside the sliders' ranges, which it returns:
+    ((center min, max), (width min, max)).
+
+    The HU window has session keys of its own ("hu_preset", "hu_center", "hu_width"): its
+    values mean nothing on the display scale, and the other way round. Like the display
+    window, it follows the reviewer from CT study to CT study.
+    """
+    name, center, width = default
+    st.session_state.setdefault("hu_center", center)
+    st.session_state.setdefault("hu_width", width)
+    (lo_c, hi_c), (lo_w, hi_w) = imaging.hu_ranges(presets)
+    # a window carried over from another study may lie outside this one's slider range
+    st.session_state["hu_center"] = min(max(float(st.session_state["hu_center"]), lo_c), hi_c)
+    st.session_state["hu_width"] = min(max(float(st.session_state["hu_width"]), lo_w), hi_w)
+    _sync_preset("hu_preset", presets, "hu_center", "hu_width")
+    box.selectbox(
+        "Window preset",
+        [*presets, CUSTOM],
+        key="hu_preset",
+        on_change=_apply_preset,
+        args=("hu_preset", presets, "hu_center", "hu_width"),
+        help="In Hounsfield units: the file's own windows, then common CT windows "
+        f"(Radiopaedia, “Windowing (CT)”). This image opens on “{name}”.",
+    )
+    return (lo_c, hi_c), (lo_w, hi_w)
 
 
 def saliency_checks(s: Settings, detail: data.PredictionDetail, method: str) -> None:
