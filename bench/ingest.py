@@ -3,7 +3,8 @@
 Compares, in the same run on the same files:
   * baseline: MONAI ``LoadImage(reader="PydicomReader")`` + EnsureChannelFirst + ScaleIntensity
     + Resize, one file after another (what a naive MONAI pipeline does on every epoch);
-  * workbench: ``workbench.catalog.ingest`` (header, display pipeline, pseudonym, cache, catalog).
+  * workbench: ``workbench.catalog.ingest`` (header, display pipeline, pseudonym, cache, catalog),
+    timed inside a fresh process as the ``workbench ingest`` command runs it.
 
 Files: uncompressed 512 x 512 12-bit DX (the headline), plus RLE Lossless and JPEG 2000 Lossless.
 Usage: ``python bench/ingest.py [--files 1000] [--baseline-files 200] [--workers N]``
@@ -77,6 +78,19 @@ def baseline(paths: list[Path], size: int = 256) -> float:
 
 
 def workbench_rate(folder: Path, home: Path, workers: int | None) -> float:
+    """Our ingest, in a fresh process as `workbench ingest` runs it (the baseline imported torch
+    into this one, which makes ingest spawn its workers instead of forking them)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--measure", str(folder), str(home)]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _measure(folder: Path, home: Path, workers: int | None) -> float:
     from workbench.catalog import ingest
     from workbench.config import Settings
 
@@ -101,7 +115,11 @@ def main() -> None:
     ap.add_argument("--baseline-files", type=int, default=200)
     ap.add_argument("--compressed-files", type=int, default=300)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--measure", nargs=2, type=Path, metavar=("FOLDER", "HOME"), help="internal")
     args = ap.parse_args()
+    if args.measure:  # one workbench measurement, in this fresh process
+        print(_measure(args.measure[0], args.measure[1], args.workers))
+        return
     results: dict[str, object] = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus",
         "date": time.strftime("%Y-%m-%d"),
