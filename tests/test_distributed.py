@@ -8,10 +8,12 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -79,8 +81,21 @@ def _rank(rank: int, size: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_take_the_steps_of_one_on_the_whole_batch(tmp_path: Path) -> None:
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread in this process, as in each rank; the session's count is restored
+    (the tests after this one would otherwise run, and train, on one thread)."""
+    old = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_two_processes_take_the_steps_of_one_on_the_whole_batch(
+    tmp_path: Path, one_thread: None
+) -> None:
     torch.manual_seed(0)
     model = create_network(2, 3)
     one = _steps(model, model, World())
