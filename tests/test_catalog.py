@@ -240,6 +240,9 @@ def test_the_cohort_summary_counts_sites_views_sizes_and_transfer_syntaxes(
 def test_an_unguarded_script_gets_a_clear_error_not_a_runaway_pool(tmp_path: Path) -> None:
     # Spawned workers import the caller's main module; without a __main__ guard they re-run
     # the script. The pool must fail once, clearly, instead of respawning workers forever.
+    # Each process of the script takes a home of its own (by pid), so a worker dies at once,
+    # when its own ingest tries to start a pool during start-up. On the parent's database it
+    # would first wait out the SQLite busy timeout (about a minute) and die of that instead.
     import subprocess
     import sys
 
@@ -251,10 +254,11 @@ def test_an_unguarded_script_gets_a_clear_error_not_a_runaway_pool(tmp_path: Pat
         "from pathlib import Path\n"
         "from tests.conftest import make_settings\n"
         "from workbench.catalog import ingest\n"
+        "import os\n"
         f"with open({str(marker)!r}, 'a') as fh:\n"
         "    fh.write('run\\n')\n"
-        f"ingest(make_settings(Path({str(tmp_path / 'home')!r})), Path({str(src)!r}),"
-        " progress=False, workers=2)\n"
+        f"home = Path({str(tmp_path / 'homes')!r}) / str(os.getpid())\n"
+        f"ingest(make_settings(home), Path({str(src)!r}), progress=False, workers=2)\n"
     )
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run(
