@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,21 @@ def make_settings(home: Path) -> Settings:
         device="cpu",
         precision="auto",
     )
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Torch on ``n`` threads inside the block, the previous count restored after it. The
+    count changes the order of float sums, which a few epochs of training amplify into another
+    model: tests that document a trained model's figures train on a fixed count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_cli(args: list[str], home: Path, **env: str) -> subprocess.CompletedProcess[str]:

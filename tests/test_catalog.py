@@ -250,7 +250,7 @@ def _run_unguarded_ingest(tmp_path: Path, with_thread: bool) -> tuple[Any, int]:
     marker = tmp_path / "runs.txt"
     script = tmp_path / "unguarded.py"
     script.write_text(
-        "import threading, time\n"
+        "import os, threading, time\n"
         "from pathlib import Path\n"
         "from tests.conftest import make_settings\n"
         "from workbench.catalog import ingest\n"
@@ -261,8 +261,11 @@ def _run_unguarded_ingest(tmp_path: Path, with_thread: bool) -> tuple[Any, int]:
             if with_thread
             else ""
         )
-        + f"s = ingest(make_settings(Path({str(tmp_path / 'home')!r})), Path({str(src)!r}),"
-        " progress=False, workers=2)\n"
+        # Each process of the script takes a home of its own (by pid): a spawned worker that
+        # re-runs the script dies at once when its own ingest tries to start a pool, instead of
+        # first waiting out the SQLite busy timeout (about a minute) on the parent's database.
+        + f"home = Path({str(tmp_path / 'homes')!r}) / str(os.getpid())\n"
+        + f"s = ingest(make_settings(home), Path({str(src)!r}), progress=False, workers=2)\n"
         "print('ingested', s.ingested)\n"
     )
     root = Path(__file__).resolve().parent.parent

@@ -111,7 +111,7 @@ def test_one_vs_rest_trains_k_sigmoids_reported_per_class(tmp_path: Path) -> Non
     ingest(s, src, src / "labels.csv", "c", progress=False, workers=1)
     cfg = TrainConfig(
         cohort="c", name="ovr", epochs=1, image_size=32, batch_size=8, device="cpu",
-        problem="ovr",
+        problem="ovr", sanity_images=0,  # the saliency checks of a sigmoid model: multi-label
     )  # fmt: skip
     result = train(s, cfg, progress=False)
     wb = json.loads((result.bundle / "configs" / "metadata.json").read_text())["workbench"]
@@ -154,8 +154,9 @@ def test_two_fold_cross_validation_reports_each_fold_and_mean_and_sd(
         by_patient.setdefault(it.patient, set()).add(folds[it.patient])
     assert all(len(v) == 1 for v in by_patient.values())  # no patient in two folds
     cfg = TrainConfig(
-        cohort="ml", name="cv", epochs=1, image_size=32, batch_size=8, device="cpu", folds=2
-    )
+        cohort="ml", name="cv", epochs=1, image_size=32, batch_size=8, device="cpu", folds=2,
+        sanity_images=0,  # each fold's saliency checks: tested on a single run
+    )  # fmt: skip
     result = train(s, cfg, progress=False)
     assert result.folds is not None
     record = json.loads((s.home / "crossval" / "cv.json").read_text())

@@ -113,10 +113,20 @@ def test_training_an_unknown_cohort_is_a_clear_error(pipeline: Pipeline) -> None
 def test_a_ct_cohort_trains_a_3d_densenet_and_explains_whole_volumes(
     settings: Settings, tmp_path: Path
 ) -> None:
+    from workbench.data import eval_transforms
+    from workbench.explain import sanity_checks
+
     src = tmp_path / "ct"
     synthesize_cohort(src, n_studies=10, seed=4, modality="CT", image_size=48)
     ingest(settings, src, src / "labels.csv", "ct", progress=False)
-    cfg = TrainConfig(cohort="ct", name="ct", epochs=1, image_size=32, batch_size=4, device="cpu")
+    # No saliency sanity checks in the bundle: on volumes they run occlusion and integrated
+    # gradients for three models (trained, weight-randomised, label-randomised), about six
+    # minutes on 2 cores for this cohort's two test volumes. The cheap methods are checked on
+    # a volume below; the bundle's checks are tested on the 2D trust model.
+    cfg = TrainConfig(
+        cohort="ct", name="ct", epochs=1, image_size=32, batch_size=4, device="cpu",
+        sanity_images=0,
+    )  # fmt: skip
     result = train(settings, cfg, progress=False)
     wb = json.loads((result.bundle / "configs" / "metadata.json").read_text())["workbench"]
     assert wb["spatial_dims"] == 3 and wb["classes"] == ["lesion", "no_lesion"]
@@ -130,6 +140,12 @@ def test_a_ct_cohort_trains_a_3d_densenet_and_explains_whole_volumes(
     assert image.saliency_file is not None
     heat = np.load(settings.cache_dir / image.saliency_file)
     assert heat.shape == volume.shape and np.isfinite(heat).all()
+    x = torch.as_tensor(eval_transforms(bundle.spec)({"image": str(item.images[0])})["image"])
+    assert x.shape == (1, 32, 32, 32)
+    checks = sanity_checks(bundle.network, [x[None]], [0], ("gradcam", "gradient"))
+    for method in ("gradcam", "gradient"):
+        assert checks[method]["n_images"] == 1
+        assert all(np.isfinite(v) for v in checks[method].values()), checks[method]
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
@@ -146,6 +162,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
     synthesize_cohort(src, n_studies=30, seed=13, modality="DX", image_size=48)
     args = ["--cohort", "c", "--epochs", "2", "--image-size", "32", "--batch-size", "4"]
     args += ["--checkpoint-every", "3", "--name", "m"]
+    args += ["--sanity-images", "0"]  # the bundle's saliency checks come after the weights
     homes = {}
     for run in ("whole", "killed"):
         s = make_settings(tmp_path / run)  # same key: the same pseudonyms and split
@@ -209,6 +226,7 @@ def test_fine_tuning_onto_one_more_class_keeps_the_backbone_and_trains_a_new_hea
         batch_size=8,
         init_from=pipeline.model,
         freeze_blocks=4,  # stem and every dense block: only the new head learns
+        sanity_images=0,  # no saliency checks (a shuffled-label model from scratch) after it
     )
     _, report = prepare_network(s, cfg, 2, 4)
     assert report["loaded"] > 300 and "bundle tiny-model/v1" in report["from"]

@@ -71,7 +71,8 @@ def test_each_bundle_records_its_experiment_and_models_lists_it(
     small: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _use(monkeypatch, small)
-    assert cli.main([*TRAIN, "--name", "rec", "--epochs", "2", "--balance", "sampler"]) == 0
+    args = ["--name", "rec", "--epochs", "2", "--balance", "sampler", "--sanity-images", "0"]
+    assert cli.main([*TRAIN, *args]) == 0
     meta = json.loads((small.models_dir / "rec" / "v1" / "configs" / "metadata.json").read_text())
     tr = meta["workbench"]["training"]
     assert tr["epochs"] == 2 and tr["balance"] == "sampler" and tr["problem"] == "multiclass"
