@@ -96,6 +96,7 @@ __all__ = [
     "color_display",
     "display_pipeline",
     "hounsfield_values",
+    "linear_window",
     "pixel_hash",
     "read_header",
     "read_image",
@@ -1331,16 +1332,23 @@ def _linear_window_fast(view: Dataset, arr: np.ndarray) -> np.ndarray | None:
     if slope is not None and intercept is not None and (slope != 1 or intercept != 0):
         x *= np.float32(slope)
         x += np.float32(intercept)
-    # PS3.3 C.11.2.1.2: LINEAR maps c - 0.5 - (w-1)/2 .. c - 0.5 + (w-1)/2 onto the output
-    # range; LINEAR_EXACT maps c - w/2 .. c + w/2. Here the output range is [0, 1].
-    if function == "LINEAR":
+    return linear_window(x, center, width, exact=function == "LINEAR_EXACT")
+
+
+def linear_window(x: np.ndarray, center: float, width: float, exact: bool = False) -> np.ndarray:
+    """A VOI window to [0, 1], in place on the float32 array ``x`` (returned): PS3.3
+    C.11.2.1.2: LINEAR maps c - 0.5 - (w-1)/2 .. c - 0.5 + (w-1)/2 onto the output range (a
+    width of 1 is a threshold at c - 0.5); LINEAR_EXACT (``exact``) maps c - w/2 .. c + w/2.
+    NaN (no value) becomes 0."""
+    if not exact:
         x -= np.float32(center - 0.5)
         x *= np.float32(1.0 / (width - 1)) if width > 1 else np.float32(np.inf)
     else:
         x -= np.float32(center)
         x *= np.float32(1.0 / width)
     x += np.float32(0.5)
-    np.clip(x, 0.0, 1.0, out=x)
+    with np.errstate(invalid="ignore"):  # 0 x inf at the threshold: NaN, then 0
+        np.clip(x, 0.0, 1.0, out=x)
     return cast(np.ndarray, np.nan_to_num(x, copy=False, nan=0.0))
 
 

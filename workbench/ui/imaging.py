@@ -18,7 +18,7 @@ from PIL import Image
 
 from workbench.catalog import cache_path
 from workbench.config import Settings
-from workbench.dicom.read import FileWindow
+from workbench.dicom.read import FileWindow, linear_window
 from workbench.heatmap import overlay
 
 #: Largest side, in pixels, of an image sent to the browser: a viewer column is narrower than
@@ -151,19 +151,10 @@ def window_level(image: np.ndarray, center: float, width: float) -> np.ndarray:
 
 
 def window_hu(image: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Window modality values (HU) for display in [0, 1], as a DICOM LINEAR window does
-    (PS3.3 C.11.2.1.2.1): ``center - 0.5 - (width - 1) / 2`` and below black, ``center - 0.5 +
-    (width - 1) / 2`` and above white, so that the file's own window looks as the display
-    pipeline showed it. Pixels without a value (padding, NaN) are black."""
-    x = image.astype(np.float32)
-    if width > 1:
-        x -= np.float32(center - 0.5)
-        x *= np.float32(1.0 / (float(width) - 1.0))
-        x += np.float32(0.5)
-    else:  # a width of 1: a threshold at the center
-        x = (x > np.float32(center - 0.5)).astype(np.float32)
-    np.clip(x, 0.0, 1.0, out=x)
-    return np.nan_to_num(x, copy=False, nan=0.0)
+    """Window modality values (HU) for display in [0, 1] with the display pipeline's own DICOM
+    LINEAR window (:func:`workbench.dicom.read.linear_window`), so that the file's own window
+    looks as ingest showed it. Pixels without a value (padding, NaN) are black."""
+    return linear_window(image.astype(np.float32), float(center), float(width))
 
 
 def to_grey_rgb(image: np.ndarray) -> np.ndarray:
