@@ -10,6 +10,7 @@ import pytest
 from workbench.conformal import (
     ConformalSets,
     MultiLabelConformal,
+    conformal_quantile,
     coverage_summary,
     fit_conformal,
     fit_multilabel_conformal,
@@ -83,6 +84,15 @@ def test_the_fitted_threshold_is_plain_json_and_round_trips() -> None:
     again = ConformalSets.from_dict(json.loads(json.dumps(cp.to_dict())))
     assert again == cp
     assert again.predict(probs[:20], np.full(20, 0.3)) == cp.predict(probs[:20], np.full(20, 0.3))
+
+
+def test_the_threshold_is_the_ceil_n_plus_1_coverage_th_smallest_score() -> None:
+    # n = 100 scores 1..100 at 90%: k = ceil(101 x 0.9) = 91, so the threshold is 91, not 92
+    scores = np.arange(1.0, 101.0)
+    np.random.default_rng(1).shuffle(scores)
+    assert conformal_quantile(scores, 0.9) == 91.0
+    assert conformal_quantile(np.arange(1.0, 10.0), 0.9) == 9.0  # n = 9: k = 9, the largest
+    assert conformal_quantile(np.arange(1.0, 9.0), 0.9) == np.inf  # n = 8: k = 9 > n
 
 
 def test_too_few_calibration_studies_is_a_clear_error() -> None:

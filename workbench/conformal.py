@@ -125,12 +125,18 @@ class ConformalSets:
 
 
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
-    """The ``ceil((n+1) coverage) / n`` empirical quantile (``inf`` when n is too small)."""
+    """The ``k``-th smallest score, ``k = ceil((n+1) coverage)`` (``inf`` when ``k > n``).
+
+    That order statistic is what split conformal's guarantee is stated for (Vovk et al.;
+    Angelopoulos & Bates 2021). ``np.quantile(scores, k / n, method="higher")``, as often
+    written, interpolates at ``(n-1) k / n`` and rounds up: the ``(k+1)``-th smallest, one
+    order statistic too conservative. ``inverted_cdf`` gives the ``k``-th exactly.
+    """
     n = len(scores)
-    level = math.ceil((n + 1) * coverage) / n if n else math.inf
-    if level > 1:
+    k = math.ceil((n + 1) * coverage) if n else 0
+    if not n or k > n:
         return math.inf
-    return float(np.quantile(scores, level, method="higher"))
+    return float(np.quantile(scores, k / n, method="inverted_cdf"))
 
 
 def fit_conformal(
