@@ -1,8 +1,8 @@
 """What ships with a trained model, checked on a synthetic cohort with known answers.
 
-One module fixture trains a DenseNet121 on a synthetic chest cohort (390 studies, 96 px,
-patient-level split 50 / 20 / 30 so that the test split is large enough to measure
-calibration), predicts the test split (Grad-CAM for the nodule studies), and predicts two
+One module fixture trains a DenseNet121 on a synthetic chest cohort (1,200 studies, 96 px,
+patient-level split 17 / 17 / 66 so that the test split, about 800 studies, is large enough to
+measure a 15-bin ECE), predicts the test split (Grad-CAM for 40 nodule studies), and predicts two
 studies the model must refuse: a CT study and a DX study whose pixels are pure noise. It trains
 on two torch threads whatever the machine: the thread count changes the order of float sums,
 and twelve epochs amplify that into another model (one thread gave accuracy 0.72 where two
@@ -92,11 +92,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
 def _train_and_predict(root: Path) -> Trained:
     settings = make_settings(root / "home")
     src = root / "studies"
-    # 390 studies: 118 in the test split, 59 per half in the repeated conformal splits. The
-    # mean coverage over random halves is that of the calibration order statistic the
-    # quantile picks, (k + 1) / (n + 1): 0.917 for 59 per half, 0.924 for the 65 of a
-    # 400-study cohort, too close to the test's 0.93 bound.
-    synthesize_cohort(src, n_studies=390, seed=11, modality="DX", image_size=128)
+    # 1,200 studies split 17 / 17 / 66 by patient: about 200 to train on, 200 to calibrate
+    # and 800 to test. A 15-bin ECE measured on n studies is biased upwards by sampling noise
+    # of roughly 0.4 / sqrt(n) for a model this accurate (about 0.04 on the 118 test studies
+    # of a 390-study cohort), so a test of the issue's ECE <= 0.03 needs hundreds of them.
+    synthesize_cohort(src, n_studies=1200, seed=11, modality="DX", image_size=128)
     ingest(settings, src, src / "labels.csv", COHORT, progress=False)
     train(
         settings,
@@ -107,17 +107,17 @@ def _train_and_predict(root: Path) -> Trained:
             image_size=96,
             batch_size=16,
             device="cpu",
-            split_fractions=(0.5, 0.2, 0.3),
+            split_fractions=(0.17, 0.17, 0.66),
             sanity_images=4,
         ),
         progress=False,
     )
     bundle = load_bundle(settings.models_dir, MODEL)
     test = cohort_items(settings, COHORT, "test")
-    # Grad-CAM maps only where a test reads them: the studies labelled nodule.
-    nodules = [i for i in test if i.label == "nodule"]
-    predict_items(settings, bundle, nodules, explain="gradcam", progress=False)
-    others = [i for i in test if i.label != "nodule"]
+    # Grad-CAM maps only where a test reads them: 40 of the studies labelled nodule.
+    mapped = [i for i in test if i.label == "nodule"][:40]
+    predict_items(settings, bundle, mapped, explain="gradcam", progress=False)
+    others = [i for i in test if i not in mapped]
     predict_items(settings, bundle, others, explain="none", progress=False)
 
     # two studies unlike the training data: another modality, and noise with a DX header
@@ -160,17 +160,12 @@ def test_calibration_lowers_the_test_ece(trained: Trained) -> None:
         for name in ("ece", "ece_adaptive", "mce", "brier", "log_loss"):
             r = detail[stage][name]
             assert r["ci_low"] <= r["value"] <= r["ci_high"], (stage, name)
-    assert m["ece_after"] <= 0.1  # calibration never leaves the model wildly miscalibrated
-    # The issue's targets: ECE after <= before, and <= 0.03. With 78 calibration and 118 test
-    # studies the sampling noise of a 15-bin ECE is itself about 0.03; this fixture measured
-    # 0.087 -> 0.057 (0.130 -> 0.058 trained on one thread; the 400-study cohort gave
-    # 0.086 -> 0.049 and 0.022 -> 0.043). Not met reliably: reported as an expected failure
-    # with the figures, so that the gap stays visible.
-    if not (m["ece_after"] <= m["ece_before"] and m["ece_after"] <= 0.03):
-        pytest.xfail(
-            f"ECE target not met: {m['ece_before']:.3f} before, {m['ece_after']:.3f} after "
-            f"calibration on {len(trained.test_ids)} test studies"
-        )
+    # The issue's targets: ECE after <= before, and <= 0.03 on the test split. Measured on
+    # 798 test studies: 0.080 -> 0.017 (Platt scaling chosen by log loss). The 118 test studies
+    # of the earlier 390-study fixture gave 0.087 -> 0.057: there the sampling noise of the
+    # estimate was itself larger than the target.
+    assert m["ece_after"] <= m["ece_before"]
+    assert m["ece_after"] <= 0.03
 
 
 def test_conformal_coverage_over_repeated_splits_is_within_three_points(
@@ -279,9 +274,10 @@ def test_gradcam_mass_falls_on_the_nodule(trained: Trained) -> None:
     )
     assert len(inside) >= 5
     # The issue's target: most of the Grad-CAM mass inside the nodule. At 96 px Grad-CAM's grid
-    # is 6 x 6 cells of 16 px, wider than most nodules; this fixture measured 4.2% of the mass
-    # within twice the radius (1.8% of the image; 4.1% on one thread, 5.5% and 1.8% on the
-    # 400-study cohort). Reported as an expected failure.
+    # is 6 x 6 cells of 16 px, wider than most nodules (radius 2 to 5 px at this size); this
+    # fixture measured 0.4% of the mass inside the radius and 1.5% within twice the radius
+    # (1.8% of the image: no localisation; the model's accuracy is 0.75). The 390-study
+    # fixture gave 4.2% within twice the radius. Reported as an expected failure.
     if np.mean(inside) < 0.5:
         pytest.xfail(
             f"Grad-CAM does not localise the nodules: {np.mean(inside):.1%} of the mass inside "
