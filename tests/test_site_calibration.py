@@ -1,0 +1,128 @@
+"""Per-site calibration (``train --calibrate-per-site``): a map per site with enough calibration
+studies, the global map for the others, stored as JSON, applied and recorded by ``predict``.
+
+The numpy-level tests use sites whose logits are miscalibrated differently: the same true
+probabilities, with logits scaled up at one site (overconfident) and down at another
+(underconfident), so that no single map fits both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from workbench.calibration import (
+    GLOBAL_MAP,
+    LabelCalibration,
+    fit_calibration,
+    fit_label_calibration,
+    fit_site_calibration,
+    site_calibration_metrics,
+    softmax,
+)
+
+SCALES = {"north": 3.0, "south": 0.4}  # north overconfident, south underconfident
+
+
+def _sites(
+    n: int, seed: int, scales: Mapping[str, float] = SCALES, k: int = 3
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(logits, labels, sites): labels drawn from softmax(t), logits ``t * scale`` per site."""
+    rng = np.random.default_rng(seed)
+    zs, ys, sites = [], [], []
+    for site, scale in scales.items():
+        t = rng.normal(size=(n, k)) * 1.5
+        y = (rng.random(n)[:, None] > np.cumsum(softmax(t), axis=1)).sum(axis=1)
+        zs.append(t * scale)
+        ys.append(np.minimum(y, k - 1))
+        sites += [site] * n
+    return np.vstack(zs), np.concatenate(ys), sites
+
+
+def _classes(k: int) -> tuple[str, ...]:
+    return tuple(f"c{i}" for i in range(k))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_per_site_maps_lower_each_sites_ece_and_log_loss_below_the_global_maps(k: int) -> None:
+    z, y, sites = _sites(150, seed=0, k=k)
+    global_map = fit_calibration(z, y, _classes(k), seed=0).calibration
+    per_site, fit = fit_site_calibration(z, y, sites, global_map, seed=0)
+    assert set(per_site.sites) == {"north", "south"} and not per_site.fallback
+    for site in SCALES:
+        assert fit[site]["map"] == f"site:{site}"
+        assert fit[site]["held_out_log_loss"] < fit[site]["global_log_loss"]
+
+    # measured on fresh studies of the same sites
+    zt, yt, st = _sites(1000, seed=1, k=k)
+    m = site_calibration_metrics(zt, yt, st, per_site)
+    for site in SCALES:
+        row = m["per_site"][site]
+        assert row["map"] == f"site:{site}" and row["n"] == 1000
+        assert row["per_site"]["ece"] < row["global"]["ece"], (site, row)
+        assert row["per_site"]["log_loss"] < row["global"]["log_loss"], (site, row)
+        assert row["per_site"]["ece"] < 0.05
+    overall = m["overall"]
+    assert overall["per_site"]["log_loss"] < overall["global"]["log_loss"]
+    assert overall["per_site"]["brier"] < overall["global"]["brier"]
+
+
+def test_a_multilabel_models_sites_get_per_label_maps_that_beat_the_global_ones() -> None:
+    # two labels, each a binary problem miscalibrated per site as above
+    z2, y2, sites = _sites(200, seed=2, k=2)
+    z2b, y2b, _ = _sites(200, seed=3, k=2)
+    logits = np.stack([z2[:, 1] - z2[:, 0], z2b[:, 1] - z2b[:, 0]], axis=1)
+    targets = np.stack([y2, y2b], axis=1)
+    global_map, _ = fit_label_calibration(logits, targets, ("effusion", "nodule"))
+    per_site, fit = fit_site_calibration(logits, targets, sites, global_map)
+    assert all(isinstance(m, LabelCalibration) for m in per_site.sites.values())
+    assert set(per_site.sites) == {"north", "south"}
+    assert set(fit["north"]["method"]) == {"effusion", "nodule"}
+    probs = per_site.apply(logits, sites)
+    assert probs.shape == (400, 2) and np.all((probs >= 0) & (probs <= 1))
+    m = site_calibration_metrics(logits, targets, sites, per_site)
+    for site in SCALES:
+        row = m["per_site"][site]
+        assert row["per_site"]["log_loss"] < row["global"]["log_loss"], (site, row)
+
+
+def test_a_site_with_too_few_studies_or_a_missing_class_falls_back_to_the_global_map() -> None:
+    z, y, sites = _sites(150, seed=4, scales={"north": 3.0, "small": 0.4, "one-class": 0.4})
+    small = [i for i, s in enumerate(sites) if s == "small"][12:]
+    one_class = [i for i, s in enumerate(sites) if s == "one-class" and y[i] != 0]
+    drop = set(small) | set(one_class)
+    keep = np.array([i for i in range(len(sites)) if i not in drop])
+    z, y, sites = z[keep], y[keep], [sites[i] for i in keep]
+    sites[0] = None  # type: ignore[call-overload]  # a study without a site: no site's
+    global_map = fit_calibration(z, y, _classes(3)).calibration
+    per_site, fit = fit_site_calibration(z, y, sites, global_map, min_studies=30)
+
+    assert set(per_site.sites) == {"north"}
+    assert per_site.fallback["small"] == "12 calibration studies, needs 30"
+    assert per_site.fallback["one-class"].startswith("class 'c1' has 0 calibration studies")
+    assert fit["small"]["map"] == fit["one-class"]["map"] == GLOBAL_MAP
+    assert "method" not in fit["small"]  # nothing was fitted for it
+    assert None not in fit
+
+    for site in ("small", "one-class", "never-seen", None):
+        chosen, name = per_site.map_for(site)
+        assert chosen is global_map and name == GLOBAL_MAP
+    rows = [i for i, s in enumerate(sites) if s != "north"]
+    np.testing.assert_array_equal(per_site.apply(z, sites)[rows], global_map.apply(z[rows]))
+    m = site_calibration_metrics(z, y, sites, per_site)
+    assert m["per_site"]["small"]["map"] == GLOBAL_MAP
+    assert m["per_site"]["unknown"] == {**m["per_site"]["unknown"], "n": 1, "map": GLOBAL_MAP}
+
+
+def test_sites_miscalibrated_alike_keep_the_global_map() -> None:
+    """Three sites with the same miscalibration: on this seed no site's own map beats the
+    global map's log loss on its studies, so every site keeps it, with the reason."""
+    z, y, sites = _sites(100, seed=3, scales={"a": 2.0, "b": 2.0, "c": 2.0})
+    global_map = fit_calibration(z, y, _classes(3)).calibration
+    per_site, fit = fit_site_calibration(z, y, sites, global_map)
+    assert per_site.sites == {}
+    for site in ("a", "b", "c"):
+        assert per_site.fallback[site].startswith("the global map fits its studies as well")
+        assert fit[site]["global_log_loss"] <= fit[site]["held_out_log_loss"]
