@@ -8,7 +8,9 @@ probabilities, with logits scaled up at one site (overconfident) and down at ano
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from workbench.calibration import (
     GLOBAL_MAP,
     LabelCalibration,
+    SiteCalibration,
     fit_calibration,
     fit_label_calibration,
     fit_site_calibration,
@@ -172,6 +175,66 @@ def test_conformal_sets_and_operating_points_are_fitted_on_the_per_site_probabil
     # one draw of 300 calibration studies: coverage varies by about 2 points around 90%
     assert 0.84 <= report["coverage"] <= 0.96
     assert set(report["subgroups"]["site"]) == {"north", "south"}
+
+
+def _no_pickle(obj: object) -> None:
+    """Only JSON's own types all the way down."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            assert isinstance(key, str)
+            _no_pickle(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            _no_pickle(value)
+    else:
+        assert obj is None or type(obj) in (str, int, float, bool), type(obj)
+
+
+def test_site_calibration_round_trips_through_a_bundle_as_plain_json(tmp_path: Path) -> None:
+    from workbench.bundle import load_bundle, save_bundle
+    from workbench.data import InputSpec
+    from workbench.nets import create_network
+
+    z, y, sites = _sites(150, seed=5, scales={"north": 3.0, "south": 0.4, "small": 1.0})
+    keep = np.array([i for i, s in enumerate(sites) if s != "small" or i % 150 < 10])
+    z, y, sites = z[keep], y[keep], [sites[i] for i in keep]
+    classes = _classes(3)
+    global_map = fit_calibration(z, y, classes).calibration
+    per_site, _ = fit_site_calibration(z, y, sites, global_map)
+    assert per_site.sites and per_site.fallback["small"] == "10 calibration studies, needs 30"
+    own = sorted(per_site.sites)[0]
+
+    stored = per_site.to_dict()
+    _no_pickle(stored)
+    again = SiteCalibration.from_dict(json.loads(json.dumps(stored)), global_map)
+    assert again == per_site
+    np.testing.assert_array_equal(again.apply(z, sites), per_site.apply(z, sites))
+
+    spec = InputSpec(image_size=32, spatial_dims=2)
+    net = create_network(2, 3)
+    models = tmp_path / "models"
+    extra = {"problem": "multiclass", "site_calibration": stored}
+    save_bundle(models, "sited", net, classes, spec, global_map, extra)
+    save_bundle(models, "plain", net, classes, spec, global_map, {"problem": "multiclass"})
+
+    files = sorted(p.name for p in (models / "sited" / "v1").rglob("*") if p.is_file())
+    assert files == ["README.md", "inference.json", "metadata.json", "model.pt"]
+    meta = json.loads((models / "sited" / "v1" / "configs" / "metadata.json").read_text())
+    _no_pickle(meta["workbench"]["site_calibration"])
+    assert meta["workbench"]["calibration"] == global_map.to_dict()  # as without per-site maps
+    card = (models / "sited" / "v1" / "docs" / "README.md").read_text()
+    assert f"per site: {own} (" in card and "global map for " in card.split("small")[0]
+
+    sited = load_bundle(models, "sited")
+    assert sited.site_calibration == per_site
+    assert sited.calibration_for(own) == (per_site.sites[own], f"site:{own}")
+    assert sited.calibration_for("small") == (global_map, GLOBAL_MAP)
+    assert sited.calibration_for(None) == (global_map, GLOBAL_MAP)
+    # a bundle without per-site maps loads as before: the global map for every site
+    plain = load_bundle(models, "plain")
+    assert plain.site_calibration is None
+    assert plain.calibration == global_map
+    assert plain.calibration_for(own) == (global_map, GLOBAL_MAP)
 
 
 def test_the_cli_flag_turns_per_site_calibration_on_and_is_off_by_default() -> None:
