@@ -8,15 +8,19 @@ probabilities, with logits scaled up at one site (overconfident) and down at ano
 
 from __future__ import annotations
 
+import csv
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.conftest import make_settings, torch_threads
 from workbench.calibration import (
     GLOBAL_MAP,
+    Calibration,
     LabelCalibration,
     SiteCalibration,
     fit_calibration,
@@ -248,3 +252,119 @@ def test_the_cli_flag_turns_per_site_calibration_on_and_is_off_by_default() -> N
     assert on.calibrate_per_site is True and on.site_min_studies == 12
     assert TrainConfig(cohort="c", name="m").calibrate_per_site is False
     assert TrainConfig(cohort="c", name="m").site_min_studies == 30
+
+
+def _sited_items(items: Sequence) -> dict[str | None, list]:
+    out: dict[str | None, list] = {}
+    for item in items:
+        out.setdefault(item.site, []).append(item)
+    return out
+
+
+def test_train_and_predict_apply_the_studys_site_map_and_record_which(tmp_path: Path) -> None:
+    """End to end on a tiny cohort (90 studies at three sites, one epoch at 32 px): the bundle
+    holds the per-site fit, its metrics and maps; every stored prediction names the map that
+    calibrated it and its probabilities are that map's; a bundle given a map for one site
+    applies it to that site's studies only."""
+    from sqlalchemy import select
+
+    from workbench.bundle import load_bundle
+    from workbench.catalog import cohort_items, ingest
+    from workbench.dicom.synth import synthesize_cohort
+    from workbench.inference import predict_items, predict_study, write_csv
+    from workbench.store import Prediction, new_session
+    from workbench.training import TrainConfig, train
+
+    settings = make_settings(tmp_path / "home")
+    src = tmp_path / "studies"
+    synthesize_cohort(src, n_studies=90, seed=3, modality="DX", image_size=64)
+    ingest(settings, src, src / "labels.csv", "sites", progress=False)
+    with torch_threads(2):
+        result = train(
+            settings,
+            TrainConfig(
+                cohort="sites",
+                name="sited",
+                epochs=1,
+                image_size=32,
+                batch_size=8,
+                device="cpu",
+                split_fractions=(0.4, 0.4, 0.2),
+                sanity_images=0,
+                label_randomization_epochs=0,
+                calibrate_per_site=True,
+                site_min_studies=10,
+            ),
+            progress=False,
+        )
+    bundle = load_bundle(settings.models_dir, "sited")
+    wb = bundle.workbench
+    fit = wb["calibration_fit"]["per_site"]
+    cal_items = cohort_items(settings, "sites", "calibration")
+    test_items = cohort_items(settings, "sites", "test")
+    assert fit["min_studies"] == 10
+    assert set(fit["sites"]) == {i.site for i in cal_items}
+    site_cal = bundle.site_calibration
+    assert site_cal is not None
+    # every site seen at calibration has its own map or is listed with a reason
+    assert set(site_cal.sites) | set(site_cal.fallback) == set(fit["sites"])
+    detail = wb["metrics"]["test_detail"]["site_calibration"]
+    assert set(detail["per_site"]) == {i.site for i in test_items}
+    for row in detail["per_site"].values():
+        assert set(row) >= {"n", "map", "raw", "global", "per_site"}
+    assert result.metrics["ece_after"] == pytest.approx(detail["overall"]["per_site"]["ece"])
+    assert "ece_after_global" in result.metrics
+
+    predict_items(settings, bundle, test_items, explain="none", progress=False)
+    out = tmp_path / "predictions.csv"
+    with new_session(settings.database_url) as session:
+        rows = {p.study_id: p for p in session.scalars(select(Prediction))}
+        write_csv(out, bundle, list(rows.values()))
+    with out.open() as fh:
+        written = {r["study_key"]: r["calibration_map"] for r in csv.DictReader(fh)}
+    assert written == {i.study_key: bundle.calibration_for(i.site)[1] for i in test_items}
+    assert len(rows) == len(test_items)
+    for item in test_items:
+        row = rows[item.study_id]
+        chosen, name = bundle.calibration_for(item.site)
+        assert row.calibration_map == name
+        # the raw softmax gives the study logit up to a constant, which no map sees
+        logit = np.log([[row.raw_probabilities[c] for c in bundle.classes]])
+        expected = chosen.apply(logit)[0]
+        got = [row.probabilities[c] for c in bundle.classes]
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    # A map for one site only (a strong temperature, to be unmistakable): that site's studies
+    # get it and say so, another site's get the global map.
+    by_site = _sited_items(test_items)
+    site_a, site_b = sorted(s for s in by_site if s is not None)[:2]
+    hot = Calibration("temperature", {"decision": "centred_logits", "beta": 0.25,
+                                      "temperature": 4.0}, bundle.classes)  # fmt: skip
+    if len(bundle.classes) == 2:
+        hot = replace(hot, params={**hot.params, "decision": "half_logit_difference"})
+    forced = replace(
+        bundle, site_calibration=SiteCalibration(bundle.calibration, {site_a: hot}, {})
+    )
+    a = predict_study(settings, forced, by_site[site_a][0], explain="none")
+    b = predict_study(settings, forced, by_site[site_b][0], explain="none")
+    assert a.calibration_map == f"site:{site_a}" and b.calibration_map == GLOBAL_MAP
+    raw_a = np.log([[a.raw_probabilities[c] for c in bundle.classes]])
+    np.testing.assert_allclose(
+        [a.probabilities[c] for c in bundle.classes], softmax(0.25 * raw_a)[0], atol=1e-6
+    )
+    raw_b = np.log([[b.raw_probabilities[c] for c in bundle.classes]])
+    np.testing.assert_allclose(
+        [b.probabilities[c] for c in bundle.classes],
+        bundle.calibration.apply(raw_b)[0],
+        atol=1e-6,
+    )
+
+
+def test_the_study_page_says_which_map_calibrated_the_probabilities() -> None:
+    from workbench.ui.data import calibration_text
+
+    assert calibration_text("site:Fake Riverside Clinic") == (
+        "Calibrated with the map fitted for site Fake Riverside Clinic."
+    )
+    assert calibration_text("global") == "Calibrated with the model's global map."
+    assert calibration_text(None) == ""  # predictions made before the map was recorded
