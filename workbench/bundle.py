@@ -4,7 +4,9 @@ Layout (MONAI's bundle specification)::
 
     configs/metadata.json   MONAI metadata + a "workbench" section: the model's whole contract
                             (classes, input size, intensity window, calibration, cohort hash,
-                            split, metrics, code version) — enough to predict and to audit
+                            split, metrics, code version) — enough to predict and to audit;
+                            with per-site calibration, "site_calibration" holds each site's
+                            map and the sites that use the global one, as JSON
     configs/inference.json  the network definition in MONAI's config syntax, for MONAI tools
     models/model.pt         the state dict, loaded with ``weights_only=True``
     docs/README.md          a short model card
@@ -42,7 +44,13 @@ from workbench.bundle_info import (  # noqa: F401  (re-exported: the public name
     resolve_bundle_path,
     version_number,
 )
-from workbench.calibration import Calibration, LabelCalibration, calibration_from_dict
+from workbench.calibration import (
+    GLOBAL_MAP,
+    Calibration,
+    LabelCalibration,
+    SiteCalibration,
+    calibration_from_dict,
+)
 from workbench.data import InputSpec
 from workbench.nets import create_network
 
@@ -61,6 +69,15 @@ class Bundle:
     negative_class: str | None
     metadata: dict[str, Any]
     bundle_hash: str
+    # per-site maps beside ``calibration`` (the global map); None when trained without them
+    site_calibration: SiteCalibration | None = None
+
+    def calibration_for(self, site: str | None) -> tuple[Calibration | LabelCalibration, str]:
+        """The map that calibrates a study of ``site`` and its name as predictions record it:
+        ``"site:NAME"`` for the site's own map, else ``"global"``."""
+        if self.site_calibration is None:
+            return self.calibration, GLOBAL_MAP
+        return self.site_calibration.map_for(site)
 
     @property
     def workbench(self) -> dict[str, Any]:
@@ -241,12 +258,22 @@ def _model_card(name: str, version: str, metadata: dict[str, Any]) -> str:
         "",
         f"- input: {wb['spatial_dims']}D, {wb['image_size']} px, display pixels in [0, 1]",
         f"- training cohort: {wb.get('cohort')} (hash {str(wb.get('cohort_hash'))[:16]})",
-        f"- calibration: {wb['calibration']['method']}",
+        f"- calibration: {wb['calibration']['method']}{_site_maps(wb)}",
         f"- code: {wb['code_version']}",
         "- training curves: training.png beside this file",
     ]
     lines += [f"- test {k}: {v:.3f}" for k, v in metrics.items() if isinstance(v, float)]
     return "\n".join(lines) + "\n"
+
+
+def _site_maps(wb: dict[str, Any]) -> str:
+    """The model card's note on per-site calibration maps (empty without them)."""
+    per_site = wb.get("site_calibration")
+    if not per_site:
+        return ""
+    own = ", ".join(f"{site} ({m['method']})" for site, m in per_site["sites"].items())
+    shared = ", ".join(per_site["fallback"])
+    return f"; per site: {own or 'none'}" + (f"; global map for {shared}" if shared else "")
 
 
 def load_bundle(models_dir: Path, model: str, device: str | torch.device = "cpu") -> Bundle:
@@ -260,6 +287,9 @@ def load_bundle(models_dir: Path, model: str, device: str | torch.device = "cpu"
         network = create_network(spec.spatial_dims, len(classes), architecture=wb["architecture"])
         state = torch.load(path / "models" / "model.pt", map_location="cpu", weights_only=True)
         network.load_state_dict(state)
+        calibration = calibration_from_dict(wb["calibration"])
+        per_site = wb.get("site_calibration")  # absent in bundles trained without per-site maps
+        site_calibration = SiteCalibration.from_dict(per_site, calibration) if per_site else None
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise BundleError(f"bundle {path} is unreadable: {err}") from err
     network.to(device).eval()
@@ -270,8 +300,9 @@ def load_bundle(models_dir: Path, model: str, device: str | torch.device = "cpu"
         network=network,
         classes=classes,
         spec=spec,
-        calibration=calibration_from_dict(wb["calibration"]),
+        calibration=calibration,
         negative_class=wb.get("negative_class"),
         metadata=metadata,
         bundle_hash=info.bundle_hash,
+        site_calibration=site_calibration,
     )

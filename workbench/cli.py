@@ -171,6 +171,17 @@ def _parser() -> argparse.ArgumentParser:
         default=4,
         help="test images for the saliency sanity checks stored with the bundle (0: skip)",
     )
+    s.add_argument(
+        "--calibrate-per-site",
+        action="store_true",
+        help="also fit a calibration map per site with enough calibration studies; the others "
+        "(and unseen sites) use the global map",
+    )
+    s.add_argument(
+        "--site-min-studies",
+        type=int,
+        help="calibration studies a site needs for a map of its own (default 30)",
+    )
 
     s = sub.add_parser(
         "predict",
@@ -531,6 +542,9 @@ def cmd_train(a: argparse.Namespace) -> None:
         coverage=a.coverage,
         sanity_images=a.sanity_images,
         label_randomization_epochs=a.label_randomization_epochs,
+        calibrate_per_site=a.calibrate_per_site,
+        # None: the library's default (calibration.SITE_MIN_STUDIES); the CLI loads no sklearn
+        **({} if a.site_min_studies is None else {"site_min_studies": a.site_min_studies}),
     )
     # Under torchrun only rank 0 reports (every rank returns the same result).
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -542,6 +556,11 @@ def cmd_train(a: argparse.Namespace) -> None:
         f"bundle {res.bundle}: best epoch {res.best_epoch}, test accuracy {_num(m['accuracy'])}, "
         f"macro AUROC {_num(m['auroc_macro'])}, "
         f"ECE {_num(m['ece_before'])} → {_num(m['ece_after'])}"
+        + (
+            f" per site (global map alone: {_num(m['ece_after_global'])})"
+            if "ece_after_global" in m
+            else ""
+        )
     )
     for label, auroc in (m.get("auroc_per_label") or {}).items():
         print(f"  {label}: AUROC {_num(auroc)}")
@@ -843,6 +862,8 @@ def cmd_demo(a: argparse.Namespace) -> None:
         coverage=0.9,
         sanity_images=4,
         label_randomization_epochs=2,
+        calibrate_per_site=False,
+        site_min_studies=None,
     )
     cmd_train(ns)
     cmd_predict(

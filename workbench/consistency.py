@@ -113,8 +113,11 @@ def _inputs(bundle: Bundle, item: CohortItem) -> list[torch.Tensor]:
     return [torch.as_tensor(transform({"image": str(p)})["image"]).float() for p in item.images]
 
 
-def _probs(bundle: Bundle, inputs: Sequence[torch.Tensor], precision: str) -> np.ndarray:
-    """Calibrated study probabilities (K,) as predict_study computes them: mean image logit."""
+def _probs(
+    bundle: Bundle, inputs: Sequence[torch.Tensor], precision: str, site: str | None
+) -> np.ndarray:
+    """Calibrated study probabilities (K,) as predict_study computes them: mean image logit,
+    through the map of the study's site."""
     from workbench.runtime import autocast, resolve_precision, to_device
 
     model = bundle.network
@@ -123,7 +126,8 @@ def _probs(bundle: Bundle, inputs: Sequence[torch.Tensor], precision: str) -> np
     x = to_device(torch.stack(list(inputs)), device, bundle.spec.spatial_dims)
     with torch.no_grad(), autocast(device, prec):
         logits = model(x).float().cpu().numpy()
-    return np.asarray(bundle.calibration.apply(logits.mean(axis=0, keepdims=True))[0])
+    calibration, _ = bundle.calibration_for(site)
+    return np.asarray(calibration.apply(logits.mean(axis=0, keepdims=True))[0])
 
 
 def _saliency(bundle: Bundle, x: torch.Tensor, target: int, method: str) -> np.ndarray:
@@ -169,8 +173,8 @@ def compute_retest(
     n_sal = 0
     for n, item in enumerate(items):
         inputs = _inputs(bundle, item)
-        p0 = _probs(bundle, inputs, settings.precision)
-        p1 = _probs(bundle, _inputs(bundle, item), settings.precision)  # read and run again
+        p0 = _probs(bundle, inputs, settings.precision, item.site)
+        p1 = _probs(bundle, _inputs(bundle, item), settings.precision, item.site)  # run again
         repeat_flips += int(p0.argmax() != p1.argmax())
         repeat_max = max(repeat_max, float(np.abs(p0 - p1).max()))
         do_sal = explain != "none" and n < max_saliency
@@ -179,7 +183,7 @@ def compute_retest(
         n_sal += int(do_sal)
         for name, _, _, fn, inverse in perts:
             moved = [fn(x) for x in inputs]
-            p = _probs(bundle, moved, settings.precision)
+            p = _probs(bundle, moved, settings.precision, item.site)
             flips[name] += int(p.argmax() != p0.argmax())
             changes[name].append(float(np.abs(p - p0).mean()))
             if base_map is not None:

@@ -64,6 +64,8 @@ class StudyPrediction:
     # what the bundle ships for trust (None when it ships none): "prediction_set", "ood" and
     # "similar", see workbench.trust.LoadedTrust.assess
     trust: dict[str, Any] | None = None
+    # the calibration map applied: "site:NAME" (the study's site's own) or "global"
+    calibration_map: str | None = None
 
 
 def _finding_index(bundle: Bundle, probs: np.ndarray) -> int:
@@ -104,11 +106,13 @@ def predict_study(
     logits = logits_t.float().cpu().numpy()
     study_logit = logits.mean(axis=0, keepdims=True)
     # Softmax models: rows that sum to one. One-vs-rest and multi-label models: one calibrated
-    # sigmoid probability per label, (K,), each compared with its own threshold.
-    calibrated = bundle.calibration.apply(study_logit)[0]
+    # sigmoid probability per label, (K,), each compared with its own threshold. The map is the
+    # study's site's own when the bundle has one for it (--calibrate-per-site), else the global.
+    calibration, calibration_map = bundle.calibration_for(item.site)
+    calibrated = calibration.apply(study_logit)[0]
     problem = Problem(bundle.problem, bundle.classes, bundle.negative_class)
     raw = (sigmoid(study_logit) if problem.sigmoid else softmax(study_logit))[0]
-    per_image_cal = bundle.calibration.apply(logits)
+    per_image_cal = calibration.apply(logits)
     target = _finding_index(bundle, calibrated)
     images = []
     for j, inp in enumerate(inputs):
@@ -152,6 +156,7 @@ def predict_study(
         images=tuple(images),
         embedding=embedding,
         trust=checks,
+        calibration_map=calibration_map,
     )
 
 
@@ -265,6 +270,7 @@ def to_row(pred: StudyPrediction, bundle: Bundle, code: str, explain: str) -> Pr
         ood=(pred.trust or {}).get("ood"),
         ood_flag=None if pred.trust is None else bool(pred.trust["ood"]["flagged"]),
         similar=(pred.trust or {}).get("similar"),
+        calibration_map=pred.calibration_map,
     )
 
 
@@ -275,7 +281,7 @@ def write_csv(path: Path, bundle: Bundle, preds: Sequence[Prediction]) -> None:
         w = csv.writer(fh)
         w.writerow(
             ["study_key", "predicted_label", *[f"p_{c}" for c in bundle.classes], "top_k"]
-            + ["prediction_set", "out_of_distribution", "priority"]
+            + ["prediction_set", "out_of_distribution", "priority", "calibration_map"]
             + ["model", "version", "bundle_hash"]
         )
         for p in preds:
@@ -287,7 +293,8 @@ def write_csv(path: Path, bundle: Bundle, preds: Sequence[Prediction]) -> None:
                 ]
                 + [";".join(f"{c}:{v:.4f}" for c, v in p.top_k)]
                 + [_set_text(p.prediction_set), "" if p.ood_flag is None else str(p.ood_flag)]
-                + [f"{p.priority:.6f}", bundle.name, bundle.version, bundle.bundle_hash]
+                + [f"{p.priority:.6f}", p.calibration_map or ""]
+                + [bundle.name, bundle.version, bundle.bundle_hash]
             )
 
 

@@ -26,7 +26,7 @@ import io
 import json
 import math
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -108,6 +108,7 @@ class Case:
     ood: bool | None = None  # flagged out-of-distribution, where the prediction says so
     manufacturer: str = UNKNOWN  # of the study's series ('+'-joined when they differ)
     view: str = UNKNOWN  # the study's view positions, sorted and '+'-joined (e.g. "LL+PA")
+    calibration_map: str | None = None  # "site:NAME" or "global"; None: not recorded (older)
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def compute_report(
             "seed": seed,
         },
         "performance": performance,
-        "calibration": _calibration(bundle, probs, raw, labels),
+        "calibration": _calibration(bundle, probs, raw, labels, cases),
         "subgroups": subgroups,
         "reader_agreement": _reader_agreement(cases),
         "conformal": conformal,
@@ -301,6 +302,7 @@ def _case(
         ood=ood_flag(pred),
         manufacturer=(makers or {}).get(item.study_id, UNKNOWN),
         view=view_group(item.views),
+        calibration_map=pred.calibration_map,
     )
 
 
@@ -455,13 +457,21 @@ def _performance(
 
 
 def _calibration(
-    bundle: BundleInfo, probs: np.ndarray, raw: np.ndarray, labels: np.ndarray
+    bundle: BundleInfo,
+    probs: np.ndarray,
+    raw: np.ndarray,
+    labels: np.ndarray,
+    cases: Sequence[Case] = (),
 ) -> dict[str, Any]:
     before = reliability_curve(raw, labels)
     after = reliability_curve(probs, labels)
     recorded = bundle.workbench.get("metrics", {}).get("test", {})
+    # Which map calibrated the studies: "global", or a site's own (train --calibrate-per-site)
+    maps = Counter(c.calibration_map or "not recorded" for c in cases)
     return {
         "method": bundle.workbench["calibration"]["method"],
+        "per_site": bool(bundle.workbench.get("site_calibration")),
+        "maps": dict(sorted(maps.items())),
         "ece_before": expected_calibration_error(raw, labels),
         "ece_after": expected_calibration_error(probs, labels),
         "brier_before": brier_score(raw, labels),
@@ -1010,6 +1020,7 @@ def write_cases_csv(path: Path, classes: Sequence[str], cases: Sequence[Case]) -
             ["study_key", "patient", "split", "site", "sex", "age_band", "manufacturer", "view"]
             + ["true_label"]
             + ["predicted_label", "correct", *[f"p_{c}" for c in classes], "reviewer_labels"]
+            + ["calibration_map"]
         )
         for c in sorted(cases, key=lambda c: c.study_key):
             w.writerow(
@@ -1018,4 +1029,5 @@ def write_cases_csv(path: Path, classes: Sequence[str], cases: Sequence[Case]) -
                 + [c.predicted_label, int(c.predicted_label == c.label)]
                 + [f"{p:.{DECIMALS}f}" for p in c.probabilities]
                 + [";".join(f"{r}:{label}" for r, label in c.reviews)]
+                + [c.calibration_map or ""]
             )

@@ -182,6 +182,9 @@ class Prediction(Base):
     ood_flag: Mapped[bool | None] = mapped_column(Boolean, index=True)
     ood: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     similar: Mapped[list[Any] | None] = mapped_column(JSON)
+    # The calibration map applied: "site:NAME" (a per-site map, train --calibrate-per-site) or
+    # "global"; None for predictions made before this was recorded.
+    calibration_map: Mapped[str | None] = mapped_column(String(160))
     study: Mapped[Study] = relationship()
 
 

@@ -7,7 +7,10 @@ Recipe (2 CPU cores, the demo cohort)::
 
 The calibration split doubles as the validation split for early stopping (as in Guo et al.
 2017, where the validation set also fits the temperature); the test split is touched only once,
-after the model and its calibration are fixed.
+after the model and its calibration are fixed. With ``--calibrate-per-site`` each site with
+enough calibration studies may get a map of its own beside the global one
+(:func:`~workbench.calibration.fit_site_calibration`); the thresholds, conformal sets and test
+metrics are then computed on the per-site calibrated probabilities, as ``predict`` gives them.
 
 The problem (binary / multi-class softmax, one-vs-rest or multi-label sigmoids) comes from the
 labels (see ``problems.py``). Under ``torchrun`` every rank runs this loop on its share of each
@@ -39,14 +42,18 @@ from tqdm import tqdm
 
 from workbench.bundle import hash_bundle, resolve_bundle_path, save_bundle
 from workbench.calibration import (
+    SITE_MIN_STUDIES,
     Calibration,
     LabelCalibration,
+    SiteCalibration,
     brier_score,
     calibration_report,
     expected_calibration_error,
     fit_calibration,
     fit_label_calibration,
+    fit_site_calibration,
     sigmoid,
+    site_calibration_metrics,
     softmax,
     youden_thresholds,
 )
@@ -137,6 +144,8 @@ class TrainConfig:
     coverage: float = 0.9  # target coverage of the conformal prediction sets
     sanity_images: int = 4  # test images for the saliency sanity checks (0: skip them)
     label_randomization_epochs: int = 2  # epochs of the shuffled-label model (0: skip it)
+    calibrate_per_site: bool = False  # also fit a calibration map per site (see calibration.py)
+    site_min_studies: int = SITE_MIN_STUDIES  # calibration studies a site needs for its own map
 
 
 @dataclass(frozen=True)
@@ -226,6 +235,8 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
     """
     if cfg.balance not in BALANCE_MODES:
         raise TrainingError(f"--balance must be one of {', '.join(BALANCE_MODES)}")
+    if cfg.site_min_studies < 1:
+        raise TrainingError("--site-min-studies must be at least 1")
     world, device = init_world(resolve_device(cfg.device))
     try:
         if cfg.folds >= 2:
@@ -550,15 +561,44 @@ def _calibrate_test_and_bundle(
     test_labels = _study_labels(ctx.records["test"], test_ids)
     calibration: Calibration | LabelCalibration
     extra_problem: dict[str, Any] = {"problem": problem.kind}
+    calibration_fit: dict[str, Any]
     if problem.sigmoid:
         calibration, per_label_fit = fit_label_calibration(
             cal_logits, cal_labels, classes, seed=cfg.seed
         )
+        calibration_fit = {"per_label": per_label_fit}
+    else:
+        result = fit_calibration(cal_logits, cal_labels, classes, seed=cfg.seed)
+        calibration = result.calibration
+        calibration_fit = {
+            "held_out_log_loss": result.held_out_log_loss,
+            "before": result.before,
+            "after": result.after,
+        }
+    # --calibrate-per-site: a map per site beside the global one. `predict` applies the study's
+    # site's map, so the thresholds, conformal sets and test metrics below are all computed on
+    # the per-site calibrated probabilities.
+    site_of = {i.study_id: i.site for i in ctx.items}
+    cal_sites = [site_of[int(s)] for s in cal_ids]
+    test_sites = [site_of[int(s)] for s in test_ids]
+    site_cal: SiteCalibration | None = None
+    if cfg.calibrate_per_site:
+        site_cal, per_site_fit = fit_site_calibration(
+            cal_logits, cal_labels, cal_sites, calibration, cfg.site_min_studies, cfg.seed
+        )
+        calibration_fit["per_site"] = {"min_studies": cfg.site_min_studies, "sites": per_site_fit}
+
+    def calibrate(logits: np.ndarray, sites: list[str | None]) -> np.ndarray:
+        if site_cal is not None:
+            return site_cal.apply(logits, sites)
+        return calibration.apply(logits)
+
+    calibrated = calibrate(test_logits, test_sites)
+    if problem.sigmoid:
         # Per-label operating points, chosen on the calibration split (Youden's J) from the
         # calibrated probabilities, so `predict` applies them to the numbers it shows.
-        thresholds = youden_thresholds(calibration.apply(cal_logits), cal_labels)
+        thresholds = youden_thresholds(calibrate(cal_logits, cal_sites), cal_labels)
         raw = sigmoid(test_logits)
-        calibrated = calibration.apply(test_logits)
         test_metrics = label_metrics(
             calibrated, test_labels, classes, thresholds, problem.kind == "ovr", n_resamples=200
         )
@@ -570,14 +610,10 @@ def _calibrate_test_and_bundle(
             for c, e, b in zip(classes, eces, briers, strict=True):
                 test_metrics["per_class"][c][f"ece_{name}"] = e
                 test_metrics["per_class"][c][f"brier_{name}"] = b
-        calibration_fit: dict[str, Any] = {"per_label": per_label_fit}
         extra_problem["thresholds"] = dict(zip(classes, thresholds, strict=True))
         extra_problem["threshold_rule"] = "youden, calibration split, calibrated probabilities"
     else:
-        result = fit_calibration(cal_logits, cal_labels, classes, seed=cfg.seed)
-        calibration = result.calibration
         raw = softmax(test_logits)
-        calibrated = calibration.apply(test_logits)
         test_metrics = classification_metrics(calibrated, test_labels, classes, n_resamples=200)
         test_metrics["ece_before"] = expected_calibration_error(raw, test_labels)
         test_metrics["ece_after"] = expected_calibration_error(calibrated, test_labels)
@@ -587,20 +623,22 @@ def _calibrate_test_and_bundle(
             "before": calibration_report(raw, test_labels, n_resamples=200, seed=cfg.seed),
             "after": calibration_report(calibrated, test_labels, n_resamples=200, seed=cfg.seed),
         }
-        calibration_fit = {
-            "held_out_log_loss": result.held_out_log_loss,
-            "before": result.before,
-            "after": result.after,
-        }
     summary = {
         "accuracy": test_metrics["accuracy"],
         "auroc_macro": test_metrics["auroc_macro"],
         "ece_before": test_metrics["ece_before"],
         "ece_after": test_metrics["ece_after"],
     }
+    if site_cal is not None:
+        # raw / global / per-site ECE, Brier and log loss on test, overall and per site
+        by_site = site_calibration_metrics(test_logits, test_labels, test_sites, site_cal)
+        test_metrics["site_calibration"] = by_site
+        summary["ece_after_global"] = by_site["overall"]["global"]["ece"]
     if problem.sigmoid:
         summary["auroc_per_label"] = {c: test_metrics["per_class"][c]["auroc"] for c in classes}
-    trust, trust_files = _fit_trust(ctx, model, calibration, cal, test_out, calibrated, test_ids)
+    trust, trust_files = _fit_trust(
+        ctx, model, site_cal or calibration, cal, test_out, calibrated, test_ids
+    )
     summary.update(_trust_summary(trust))
     training = {**ctx.training, "seconds": round(time.time() - ctx.started, 1)}
     extra = {
@@ -619,6 +657,8 @@ def _calibrate_test_and_bundle(
         "metrics": {"test": summary, "test_detail": test_metrics},
         "trust": trust,
     }
+    if site_cal is not None:
+        extra["site_calibration"] = site_cal.to_dict()
     bundle = save_bundle(
         ctx.settings.models_dir,
         cfg.name,

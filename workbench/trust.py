@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from workbench.calibration import SiteCalibration
 from workbench.conformal import (
     ConformalSets,
     MultiLabelConformal,
@@ -146,6 +147,14 @@ def _multilabel_coverage(
     return out
 
 
+def calibrated(calibration: Any, split: SplitOutputs) -> np.ndarray:
+    """A split's calibrated probabilities: per study through its site's map when
+    ``calibration`` is a :class:`SiteCalibration`, else through the one map."""
+    if isinstance(calibration, SiteCalibration):
+        return calibration.apply(split.logits, list(split.subgroups["site"]))
+    return np.asarray(calibration.apply(split.logits))
+
+
 def fit_trust(
     classes: Sequence[str],
     calibration: Any,
@@ -158,14 +167,15 @@ def fit_trust(
 ) -> Trust:
     """Fit operating points, conformal sets, index and OOD detector; measure them on test.
 
-    ``calibration`` has ``apply(logits) -> probabilities``. Labels are class indices (S,) for
-    single-label problems, or 0/1 targets (S, K) for multi-label and one-vs-rest ones: those
-    get per-label conformal sets and keep their own per-label thresholds (no operating points
-    here).
+    ``calibration`` has ``apply(logits) -> probabilities``; a :class:`SiteCalibration` is
+    applied with each study's site, so that the thresholds are set on the probabilities
+    ``predict`` will show. Labels are class indices (S,) for single-label problems, or 0/1
+    targets (S, K) for multi-label and one-vs-rest ones: those get per-label conformal sets and
+    keep their own per-label thresholds (no operating points here).
     """
     multilabel = np.asarray(train.labels).ndim == 2
-    cal_probs = calibration.apply(cal.logits)
-    test_probs = calibration.apply(test.logits)
+    cal_probs = calibrated(calibration, cal)
+    test_probs = calibrated(calibration, test)
     u_cal = np.array([study_uniform(k) for k in cal.study_keys])
     u_test = np.array([study_uniform(k) for k in test.study_keys])
     conformal: ConformalSets | MultiLabelConformal | None = None

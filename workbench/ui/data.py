@@ -136,6 +136,7 @@ class PredictionDetail:
     ood_flag: bool = False
     ood: dict[str, Any] | None = None
     similar: tuple[dict[str, Any], ...] = ()
+    calibration_map: str | None = None  # "site:NAME" or "global"; None for older predictions
 
     @property
     def scored(self) -> bool:
@@ -191,6 +192,16 @@ def set_text(pset: dict[str, Any] | None, top: str | None = None) -> str:
         shown = f"{{{top}}}" if top else "{}"
         return f"{level} prediction set: {shown} (more certain than the {level} level needs)"
     return f"{level} prediction set: {{{', '.join(classes)}}}"
+
+
+def calibration_text(calibration_map: str | None) -> str:
+    """Which calibration map gave the probabilities, as the study page says it; "" for a
+    prediction that did not record it (made before maps were recorded: the global one)."""
+    if not calibration_map:
+        return ""
+    if calibration_map.startswith("site:"):
+        return f"Calibrated with the map fitted for site {calibration_map.removeprefix('site:')}."
+    return "Calibrated with the model's global map."
 
 
 def set_short(pset: dict[str, Any] | None, top: str | None = None) -> str:
@@ -380,6 +391,7 @@ def load_prediction(settings: Settings, prediction_id: int) -> PredictionDetail 
             ood_flag=bool(p.ood_flag),
             ood=p.ood,
             similar=tuple(dict(x) for x in (p.similar or [])),
+            calibration_map=p.calibration_map,
         )
 
 

@@ -404,7 +404,10 @@ def scores(s: Settings, detail: data.PredictionDetail) -> None:
             ),
         },
     )
-    st.caption(f"Top-{len(detail.top_k)}: {format_top_k(detail.top_k)} (calibrated, study level)")
+    st.caption(
+        f"Top-{len(detail.top_k)}: {format_top_k(detail.top_k)} (calibrated, study level). "
+        + data.calibration_text(detail.calibration_map)
+    )
     if len(detail.images) > 1:
         with st.expander("Per-view probabilities"):
             st.dataframe(
