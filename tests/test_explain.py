@@ -60,11 +60,34 @@ def test_saliency_3d(net3d: torch.nn.Module, method: str) -> None:
     image = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
     kwargs: dict = {"ig_steps": 4, "internal_batch_size": 4}
     if method == "occlusion":
-        # default window (4 voxels, 3375 forward passes) is ~20 s here; 8 voxels: 343
-        kwargs = {"occlusion_window": 8, "internal_batch_size": 32}
+        kwargs = {"internal_batch_size": 32}  # the default 3D window: 8 voxels, 343 passes
     # For gradcam, DenseNet121's last block is 1x1x1 at 32^3: a finer, earlier block is used.
     s = saliency(net3d, image, target=2, method=method, **kwargs)  # type: ignore[arg-type]
     _check_map(s, (32, 32, 32))
+
+
+class _CountingNet(torch.nn.Module):
+    """Counts the images the wrapped network is run on."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.images = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += int(x.shape[0])
+        return self.net(x)
+
+
+@pytest.mark.parametrize(("shape", "passes"), [((64, 64), 15**2), ((32, 32, 32), 7**3)])
+def test_default_occlusion_takes_225_passes_in_2d_and_343_in_3d(
+    shape: tuple[int, ...], passes: int
+) -> None:
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(shape)), 2)).eval()
+    counting = _CountingNet(net)
+    image = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(3))
+    saliency(counting, image, target=1, method="occlusion", internal_batch_size=64)
+    assert counting.images == passes + 1  # Captum also runs the unperturbed image once
 
 
 def test_channels_last_matches_and_state_is_preserved() -> None:
