@@ -246,7 +246,7 @@ def test_gradcam_mass_falls_on_the_nodule(trained: Trained) -> None:
     preds = latest_predictions(trained.settings, trained.bundle.bundle_hash, trained.test_ids)
     with session_scope(trained.settings.database_url) as s:
         sop_of = dict(s.execute(select(Instance.cache_key, Instance.sop_uid)).all())
-    inside, inside_2r, area = [], [], []
+    inside, inside_2r, area, pointing = [], [], [], []
     for p in preds.values():
         if p.study.label != "nodule":
             continue
@@ -263,6 +263,9 @@ def test_gradcam_mass_falls_on_the_nodule(trained: Trained) -> None:
             inside.append(heat[dist <= f["radius_px"]].sum() / heat.sum())
             inside_2r.append(heat[dist <= 2 * f["radius_px"]].sum() / heat.sum())
             area.append(float(np.mean(dist <= 2 * f["radius_px"])))
+            # the pointing game (Zhang et al. 2016): is the map's peak within twice the radius?
+            peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+            pointing.append(bool(dist[peak] <= 2 * f["radius_px"]))
     _record(
         "gradcam_on_nodules",
         {
@@ -270,6 +273,7 @@ def test_gradcam_mass_falls_on_the_nodule(trained: Trained) -> None:
             "mass_inside_radius": float(np.mean(inside)),
             "mass_inside_twice_radius": float(np.mean(inside_2r)),
             "area_of_twice_radius": float(np.mean(area)),
+            "peak_within_twice_radius": float(np.mean(pointing)),
         },
     )
     assert len(inside) >= 5
