@@ -285,6 +285,26 @@ def test_the_report_page_builds_the_report_and_offers_four_downloads(pipeline, a
         }
 
 
+def test_opening_a_study_goes_to_it_without_reading_the_worklist_again(
+    app_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = sign_in()
+    chosen = at.selectbox(key="worklist_pick").value
+    reads: list[str] = []
+    real = data.worklist
+
+    def counted(*args, **kwargs):
+        reads.append("worklist")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "worklist", counted)
+    button(at, "Open study").click().run()
+    assert not at.exception, at.exception
+    assert int(at.session_state[OPEN_PREDICTION]) == chosen
+    assert [t.value for t in at.title][0].startswith("Study ")
+    assert reads == []  # the click switches before the worklist would be read and sent again
+
+
 def test_the_study_page_without_a_study_points_to_the_worklist(app_db: str) -> None:
     at = sign_in()
     at.switch_page(str(page_file("study"))).run()
