@@ -305,6 +305,14 @@ def test_opening_a_study_goes_to_it_without_reading_the_worklist_again(
     assert reads == []  # the click switches before the worklist would be read and sent again
 
 
+def test_the_study_page_sends_its_images_as_lossless_png(app_db: str) -> None:
+    # st.image re-encodes image bytes without an alpha channel as JPEG unless told the format.
+    at = open_study_page(sign_in(), top_prediction(app_db))
+    urls = [img.url for el in at.get("image") for img in el.proto.imgs]  # type: ignore[attr-defined]
+    assert len(urls) >= 2  # original and overlay (and the prior cases' thumbnails)
+    assert all(url.endswith(".png") for url in urls), urls
+
+
 def test_the_study_page_without_a_study_points_to_the_worklist(app_db: str) -> None:
     at = sign_in()
     at.switch_page(str(page_file("study"))).run()
