@@ -313,6 +313,25 @@ def test_the_study_page_sends_its_images_as_lossless_png(app_db: str) -> None:
     assert all(url.endswith(".png") for url in urls), urls
 
 
+def test_the_sign_in_page_preloads_the_study_widgets_disabled(app_db: str) -> None:
+    from workbench.ui.preload import PRELOAD_KEY
+
+    at = new_app().run()
+    hidden = [
+        at.slider(key=f"{PRELOAD_KEY}_slider"),
+        at.select_slider(key=f"{PRELOAD_KEY}_select_slider"),
+        at.text_area(key=f"{PRELOAD_KEY}_text_area"),
+    ]
+    assert all(w.disabled for w in hidden)
+    assert f".st-key-{PRELOAD_KEY} {{ display: none" in " ".join(
+        h.proto.body
+        for h in at.get("html")  # type: ignore[attr-defined]
+    )
+    # signed in, the study page itself has no such widgets
+    at = open_study_page(sign_in(), top_prediction(app_db))
+    assert not [s for s in at.slider if s.key and s.key.startswith(PRELOAD_KEY)]
+
+
 def test_the_study_page_without_a_study_points_to_the_worklist(app_db: str) -> None:
     at = sign_in()
     at.switch_page(str(page_file("study"))).run()
