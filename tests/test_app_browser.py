@@ -3,7 +3,9 @@ cohort (the studies `workbench demo` synthesises: 300 chest studies at 256 px) w
 trained briefly on it: sign in, open the top study, see the heat-map overlay, move the opacity
 slider with the keyboard, submit a review and see the worklist status change. Leaves
 screenshots in ``tests/artifacts/`` and prints the study page's render time (click to overlay
-decoded; measured, not asserted: the target is under a second)."""
+decoded; measured, not asserted: the target is under a second), as the test's wall clock sees it
+and as the page itself does (from the click event to the decoded overlay, free of Playwright's
+own steps: the checks before it clicks and the 20-500 ms intervals at which it polls)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,26 @@ CHROMIUM_ARGS = [
 ]
 START_TIMEOUT_S = 90
 USER, PASSWORD = "browser", "browser-fixture-password"  # test fixture only, not a secret
+# In the page: the time of the next click and, once the heat-map overlay image is on screen and
+# decoded, the milliseconds from that click to it.
+WATCH_OVERLAY = """() => {
+  window.__overlayMs = new Promise((resolve) => {
+    let clicked = null;
+    document.addEventListener("click", () => { clicked ??= performance.now(); }, { capture: true });
+    const look = () => {
+      for (const el of document.querySelectorAll("[data-testid='stImage']")) {
+        const img = el.querySelector("img");
+        if (clicked !== null && el.textContent.includes("heat-map overlay") && img
+            && img.getBoundingClientRect().width > 0) {
+          img.decode().then(() => resolve(performance.now() - clicked));
+          return;
+        }
+      }
+      requestAnimationFrame(look);
+    };
+    requestAnimationFrame(look);
+  });
+}"""
 
 pytestmark = [
     pytest.mark.browser,
@@ -167,6 +189,11 @@ def test_a_clinician_reviews_the_top_study_in_the_browser(
             page = browser.new_page(viewport={"width": 1600, "height": 1300})
             page.set_default_timeout(60_000)
             page.goto(app_url)
+            # The sign-in page renders the study page's widget kinds hidden (their code loads
+            # while the reviewer types): nothing of them shows.
+            expect(page.get_by_label("User name")).to_be_visible()
+            expect(page.locator("[data-testid='stSlider']").first).to_be_attached()
+            expect(page.get_by_role("slider")).to_have_count(0)
             page.get_by_label("User name").fill(USER)
             page.get_by_label("Password", exact=True).fill(PASSWORD)
             page.get_by_role("button", name="Sign in").click()
@@ -174,6 +201,7 @@ def test_a_clinician_reviews_the_top_study_in_the_browser(
             expect(page.get_by_text("unreviewed", exact=False).first).to_be_visible()
 
             # Render time: from the click to the overlay image decoded in the browser.
+            page.evaluate(WATCH_OVERLAY)
             started = time.perf_counter()
             page.get_by_role("button", name="Open study").click()
             caption = page.get_by_text("heat-map overlay", exact=False)
@@ -181,6 +209,8 @@ def test_a_clinician_reviews_the_top_study_in_the_browser(
             expect(overlay).to_be_visible()
             overlay.evaluate("img => img.decode()")
             render_s = time.perf_counter() - started
+            render_page_ms = float(page.evaluate("window.__overlayMs"))
+            assert str(overlay.get_attribute("src")).endswith(".png")  # lossless, not JPEG
             expect(page.get_by_role("heading", name="Study S")).to_be_visible()
             natural = overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]")
             box = overlay.bounding_box()
@@ -208,18 +238,22 @@ def test_a_clinician_reviews_the_top_study_in_the_browser(
             expect(page.get_by_text("1 agreed", exact=False)).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "worklist.png"), full_page=True)
 
-            # Again, warm (the first open also paid for first-use imports on the server).
+            # Again, warm (the first open also paid for first-use work on the server and in the
+            # browser).
+            page.evaluate(WATCH_OVERLAY)
             started = time.perf_counter()
             page.get_by_role("button", name="Open study").click()
             overlay = page.locator("[data-testid='stImage']", has=caption).locator("img")
             expect(overlay).to_be_visible()
             overlay.evaluate("img => img.decode()")
             warm_s = time.perf_counter() - started
+            warm_page_ms = float(page.evaluate("window.__overlayMs"))
         finally:
             browser.close()
     line = (
         f"study page render time (click to overlay decoded): {render_s * 1000:.0f} ms first "
-        f"open, {warm_s * 1000:.0f} ms warm"
+        f"open, {warm_s * 1000:.0f} ms warm; in the page: {render_page_ms:.0f} ms first open, "
+        f"{warm_page_ms:.0f} ms warm"
     )
     (ARTIFACTS / "study_render_time.txt").write_text(line + "\n")
     with capsys.disabled():
