@@ -13,7 +13,9 @@ import workbench.ui.study
 import workbench.ui.worklist  # noqa: F401
 from workbench.ui.auth import allowed_pages, current_reviewer
 from workbench.ui.common import page_file
+from workbench.ui.warmup import settle_imports
 
+settle_imports()  # once per server process
 st.set_page_config(page_title="Workbench review", page_icon=":material/radiology:", layout="wide")
 reviewer = current_reviewer()  # also ends an idle session
 PAGES = {  # name: (menu section, title, icon)

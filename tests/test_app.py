@@ -285,6 +285,53 @@ def test_the_report_page_builds_the_report_and_offers_four_downloads(pipeline, a
         }
 
 
+def test_opening_a_study_goes_to_it_without_reading_the_worklist_again(
+    app_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = sign_in()
+    chosen = at.selectbox(key="worklist_pick").value
+    reads: list[str] = []
+    real = data.worklist
+
+    def counted(*args, **kwargs):
+        reads.append("worklist")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "worklist", counted)
+    button(at, "Open study").click().run()
+    assert not at.exception, at.exception
+    assert int(at.session_state[OPEN_PREDICTION]) == chosen
+    assert [t.value for t in at.title][0].startswith("Study ")
+    assert reads == []  # the click switches before the worklist would be read and sent again
+
+
+def test_the_study_page_sends_its_images_as_lossless_png(app_db: str) -> None:
+    # st.image re-encodes image bytes without an alpha channel as JPEG unless told the format.
+    at = open_study_page(sign_in(), top_prediction(app_db))
+    urls = [img.url for el in at.get("image") for img in el.proto.imgs]  # type: ignore[attr-defined]
+    assert len(urls) >= 2  # original and overlay (and the prior cases' thumbnails)
+    assert all(url.endswith(".png") for url in urls), urls
+
+
+def test_the_sign_in_page_preloads_the_study_widgets_disabled(app_db: str) -> None:
+    from workbench.ui.preload import PRELOAD_KEY
+
+    at = new_app().run()
+    hidden = [
+        at.slider(key=f"{PRELOAD_KEY}_slider"),
+        at.select_slider(key=f"{PRELOAD_KEY}_select_slider"),
+        at.text_area(key=f"{PRELOAD_KEY}_text_area"),
+    ]
+    assert all(w.disabled for w in hidden)
+    assert f".st-key-{PRELOAD_KEY} {{ display: none" in " ".join(
+        h.proto.body
+        for h in at.get("html")  # type: ignore[attr-defined]
+    )
+    # signed in, the study page itself has no such widgets
+    at = open_study_page(sign_in(), top_prediction(app_db))
+    assert not [s for s in at.slider if s.key and s.key.startswith(PRELOAD_KEY)]
+
+
 def test_the_study_page_without_a_study_points_to_the_worklist(app_db: str) -> None:
     at = sign_in()
     at.switch_page(str(page_file("study"))).run()

@@ -3,7 +3,9 @@ cohort (the studies `workbench demo` synthesises: 300 chest studies at 256 px) w
 trained briefly on it: sign in, open the top study, see the heat-map overlay, move the opacity
 slider with the keyboard, submit a review and see the worklist status change. Leaves
 screenshots in ``tests/artifacts/`` and prints the study page's render time (click to overlay
-decoded; measured, not asserted: the target is under a second)."""
+decoded; measured, not asserted: the target is under a second), as the test's wall clock sees it
+and as the page itself does (from the click event to the decoded overlay, free of Playwright's
+own steps: the checks before it clicks and the 20-500 ms intervals at which it polls)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +40,26 @@ CHROMIUM_ARGS = [
 ]
 START_TIMEOUT_S = 90
 USER, PASSWORD = "browser", "browser-fixture-password"  # test fixture only, not a secret
+# In the page: the time of the next click and, once the heat-map overlay image is on screen and
+# decoded, the milliseconds from that click to it.
+WATCH_OVERLAY = """() => {
+  window.__overlayMs = new Promise((resolve) => {
+    let clicked = null;
+    document.addEventListener("click", () => { clicked ??= performance.now(); }, { capture: true });
+    const look = () => {
+      for (const el of document.querySelectorAll("[data-testid='stImage']")) {
+        const img = el.querySelector("img");
+        if (clicked !== null && el.textContent.includes("heat-map overlay") && img
+            && img.getBoundingClientRect().width > 0) {
+          img.decode().then(() => resolve(performance.now() - clicked));
+          return;
+        }
+      }
+      requestAnimationFrame(look);
+    };
+    requestAnimationFrame(look);
+  });
+}"""
 
 pytestmark = [
     pytest.mark.browser,
@@ -64,10 +88,10 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise RuntimeError(f"streamlit not healthy after {START_TIMEOUT_S}s:\n{log.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo cohort, ingested, a model trained on it for one short epoch (render time does
-    not depend on the model's quality), and its test split predicted with Grad-CAM."""
+def build_demo_home(home: Path) -> None:
+    """The demo cohort in workbench home ``home``, ingested, a model trained on it for one short
+    epoch (render time does not depend on the model's quality), its test split predicted with
+    Grad-CAM, and the clinician ``USER``."""
     from workbench.bundle import load_bundle
     from workbench.catalog import cohort_items, ingest
     from workbench.dicom.synth import (
@@ -79,7 +103,6 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workbench.inference import predict_items
     from workbench.training import TrainConfig, train
 
-    home = tmp_path_factory.mktemp("demo") / "home"
     settings = make_settings(home)
     src = home / "studies" / "demo"
     synthesize_cohort(src, DEMO_STUDIES, DEMO_SEED, "DX", DEMO_IMAGE_SIZE)
@@ -98,12 +121,19 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     test = cohort_items(settings, "demo", "test")
     predict_items(settings, bundle, test, explain="gradcam", progress=False)
     users.add_user(settings, "test", USER, "clinician", PASSWORD)
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("demo") / "home"
+    build_demo_home(home)
     return home
 
 
-@pytest.fixture
-def app_url(demo_home: Path, tmp_path: Path) -> Iterator[str]:
-    """``streamlit run streamlit_app.py`` on a free port, on a private copy of the catalog."""
+@contextmanager
+def served_app(demo_home: Path, tmp_path: Path) -> Iterator[str]:
+    """``streamlit run streamlit_app.py`` on a free port, on a private copy of the catalog in
+    ``tmp_path``; yields its URL."""
     home = tmp_path / "home"
     home.mkdir()
     db = home / "workbench.db"
@@ -154,6 +184,43 @@ def app_url(demo_home: Path, tmp_path: Path) -> Iterator[str]:
             proc.wait(timeout=10)
 
 
+@pytest.fixture
+def app_url(demo_home: Path, tmp_path: Path) -> Iterator[str]:
+    with served_app(demo_home, tmp_path) as url:
+        yield url
+
+
+def sign_in(page: Any) -> None:
+    """On the sign-in page: sign in as ``USER`` and wait for the worklist."""
+    page.get_by_label("User name").fill(USER)
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    back_on_worklist(page)
+
+
+def back_on_worklist(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    expect(page.get_by_text("unreviewed", exact=False).first).to_be_visible()
+
+
+def timed_open(page: Any) -> tuple[Any, float, float]:
+    """Click "Open study" and wait for the heat-map overlay to be decoded. Returns the overlay
+    image's locator, the seconds the test's clock saw and the milliseconds the page saw."""
+    from playwright.sync_api import expect
+
+    page.evaluate(WATCH_OVERLAY)
+    started = time.perf_counter()
+    page.get_by_role("button", name="Open study").click()
+    caption = page.get_by_text("heat-map overlay", exact=False)
+    overlay = page.locator("[data-testid='stImage']", has=caption).locator("img")
+    expect(overlay).to_be_visible()
+    overlay.evaluate("img => img.decode()")
+    wall_s = time.perf_counter() - started
+    return overlay, wall_s, float(page.evaluate("window.__overlayMs"))
+
+
 def test_a_clinician_reviews_the_top_study_in_the_browser(
     app_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -167,20 +234,16 @@ def test_a_clinician_reviews_the_top_study_in_the_browser(
             page = browser.new_page(viewport={"width": 1600, "height": 1300})
             page.set_default_timeout(60_000)
             page.goto(app_url)
-            page.get_by_label("User name").fill(USER)
-            page.get_by_label("Password", exact=True).fill(PASSWORD)
-            page.get_by_role("button", name="Sign in").click()
-            expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
-            expect(page.get_by_text("unreviewed", exact=False).first).to_be_visible()
+            # The sign-in page renders the study page's widget kinds hidden (their code loads
+            # while the reviewer types): nothing of them shows.
+            expect(page.get_by_label("User name")).to_be_visible()
+            expect(page.locator("[data-testid='stSlider']").first).to_be_attached()
+            expect(page.get_by_role("slider")).to_have_count(0)
+            sign_in(page)
 
             # Render time: from the click to the overlay image decoded in the browser.
-            started = time.perf_counter()
-            page.get_by_role("button", name="Open study").click()
-            caption = page.get_by_text("heat-map overlay", exact=False)
-            overlay = page.locator("[data-testid='stImage']", has=caption).locator("img")
-            expect(overlay).to_be_visible()
-            overlay.evaluate("img => img.decode()")
-            render_s = time.perf_counter() - started
+            overlay, render_s, render_page_ms = timed_open(page)
+            assert str(overlay.get_attribute("src")).endswith(".png")  # lossless, not JPEG
             expect(page.get_by_role("heading", name="Study S")).to_be_visible()
             natural = overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]")
             box = overlay.bounding_box()
@@ -194,6 +257,7 @@ def test_a_clinician_reviews_the_top_study_in_the_browser(
             thumb.focus()
             thumb.press("ArrowRight")
             expect(page.get_by_text("opacity 45%", exact=False)).to_be_visible()
+            caption = page.get_by_text("heat-map overlay", exact=False)
             overlay = page.locator("[data-testid='stImage']", has=caption).locator("img")
             overlay.evaluate("img => img.decode()")
             page.wait_for_timeout(300)  # let the last fonts settle
@@ -208,18 +272,15 @@ def test_a_clinician_reviews_the_top_study_in_the_browser(
             expect(page.get_by_text("1 agreed", exact=False)).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "worklist.png"), full_page=True)
 
-            # Again, warm (the first open also paid for first-use imports on the server).
-            started = time.perf_counter()
-            page.get_by_role("button", name="Open study").click()
-            overlay = page.locator("[data-testid='stImage']", has=caption).locator("img")
-            expect(overlay).to_be_visible()
-            overlay.evaluate("img => img.decode()")
-            warm_s = time.perf_counter() - started
+            # Again, warm (the first open also paid for first-use work on the server and in the
+            # browser).
+            _, warm_s, warm_page_ms = timed_open(page)
         finally:
             browser.close()
     line = (
         f"study page render time (click to overlay decoded): {render_s * 1000:.0f} ms first "
-        f"open, {warm_s * 1000:.0f} ms warm"
+        f"open, {warm_s * 1000:.0f} ms warm; in the page: {render_page_ms:.0f} ms first open, "
+        f"{warm_page_ms:.0f} ms warm"
     )
     (ARTIFACTS / "study_render_time.txt").write_text(line + "\n")
     with capsys.disabled():

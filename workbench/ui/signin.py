@@ -17,6 +17,7 @@ from workbench.ui.auth import (
     sign_out,
 )
 from workbench.ui.common import page_file
+from workbench.ui.preload import preload_review_widgets
 
 DISCLAIMER = (
     "Decision support under clinician review; not for autonomous diagnosis. "
@@ -67,6 +68,8 @@ def main() -> None:
             sign_in(reviewer)
             st.rerun()
     st.caption(DISCLAIMER)
+    # While the reviewer types, the browser gets the study page's widget code ready (hidden).
+    preload_review_widgets()
 
 
 if __name__ == "__main__":

@@ -243,6 +243,7 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
         imaging.png(imaging.to_grey(plane)),
         caption=f"{view_name(image.view)}: original, {window_text}{zoomed}",
         width="stretch",
+        output_format="PNG",
     )
     if heat_plane is None or heat_plane.shape != plane.shape:
         right.info("No heat map is stored for this image.")
@@ -255,6 +256,7 @@ def viewer(s: Settings, detail: data.PredictionDetail) -> None:
             f"opacity {alpha:.0%}"
         ),
         width="stretch",
+        output_format="PNG",
     )
     st.caption(
         "The heat map shows where the model looked for its top finding; it is not a "
@@ -363,7 +365,12 @@ def similar_cases(s: Settings, detail: data.PredictionDetail) -> None:
         if pixels is None:
             col.caption(text)
         else:
-            col.image(imaging.png(imaging.thumbnail(pixels)), caption=text, width="stretch")
+            col.image(
+                imaging.png(imaging.thumbnail(pixels)),
+                caption=text,
+                width="stretch",
+                output_format="PNG",
+            )
 
 
 def findings(s: Settings, detail: data.PredictionDetail) -> None:

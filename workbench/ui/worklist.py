@@ -39,10 +39,18 @@ def blind_viewer(reviewer: Reviewer) -> str | None:
     return reviewer.name if reviewer.role == "clinician" else None
 
 
-def open_study(prediction_id: int) -> None:
-    """Open one prediction on the study page."""
-    st.session_state[OPEN_PREDICTION] = int(prediction_id)
-    st.switch_page(str(page_file("study")))
+PICK = "worklist_pick"
+# Set by the "Open study" button's callback: the next run of this page goes straight to the
+# study page instead of reading and sending the whole worklist again first.
+SWITCH_TO_STUDY = "worklist_switch_to_study"
+
+
+def _choose_study() -> None:
+    """The "Open study" button's callback: it runs before the rerun the click starts."""
+    chosen = st.session_state.get(PICK)
+    if chosen is not None:
+        st.session_state[OPEN_PREDICTION] = int(chosen)
+        st.session_state[SWITCH_TO_STUDY] = True
 
 
 OOD_FILTERS = ("All", "Flagged", "Not flagged")
@@ -104,6 +112,10 @@ def filters(rows: list[data.WorklistRow]) -> list[data.WorklistRow]:
 
 def main() -> None:
     reviewer = require_page("worklist")
+    if st.session_state.pop(SWITCH_TO_STUDY, False):
+        # The click on "Open study": switch before the worklist is read (a database query, the
+        # table sent again) only to be replaced by the study page.
+        st.switch_page(str(page_file("study")))
     s = settings()
     st.title("Worklist")
 
@@ -167,7 +179,7 @@ def main() -> None:
 
     by_id = {r.prediction_id: r for r in rows}
     pick, go = st.columns([3, 1], vertical_alignment="bottom")
-    chosen = pick.selectbox(
+    pick.selectbox(
         "Study to open",
         options=list(by_id),
         format_func=lambda p: (
@@ -175,10 +187,15 @@ def main() -> None:
             + (" · out of distribution" if by_id[p].ood_flag else "")
             + f" · {STATUS_TEXT[by_id[p].status].lower()}"
         ),
-        key="worklist_pick",
+        key=PICK,
     )
-    if go.button("Open study", type="primary", icon=":material/radiology:", width="stretch"):
-        open_study(chosen)
+    go.button(
+        "Open study",
+        type="primary",
+        icon=":material/radiology:",
+        width="stretch",
+        on_click=_choose_study,
+    )
 
 
 if __name__ == "__main__":
