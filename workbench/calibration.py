@@ -740,6 +740,18 @@ class SiteCalibration:
         )
 
 
+def apply_calibration(
+    calibration: CalibrationMap | SiteCalibration,
+    logits: np.ndarray,
+    sites: Sequence[str | None],
+) -> np.ndarray:
+    """Calibrated probabilities of (n, k) logits: each row through its study's site's map when
+    ``calibration`` is a :class:`SiteCalibration`, else all through the one map."""
+    if isinstance(calibration, SiteCalibration):
+        return calibration.apply(logits, sites)
+    return np.asarray(calibration.apply(logits))
+
+
 def _too_few(labels: np.ndarray, classes: Sequence[str], min_studies: int) -> str | None:
     """Why a site's calibration studies cannot fit a map of their own (None: they can)."""
     n = len(labels)

@@ -46,6 +46,7 @@ from workbench.calibration import (
     Calibration,
     LabelCalibration,
     SiteCalibration,
+    apply_calibration,
     brier_score,
     calibration_report,
     expected_calibration_error,
@@ -588,16 +589,14 @@ def _calibrate_test_and_bundle(
         )
         calibration_fit["per_site"] = {"min_studies": cfg.site_min_studies, "sites": per_site_fit}
 
-    def calibrate(logits: np.ndarray, sites: list[str | None]) -> np.ndarray:
-        if site_cal is not None:
-            return site_cal.apply(logits, sites)
-        return calibration.apply(logits)
-
-    calibrated = calibrate(test_logits, test_sites)
+    applied = site_cal or calibration  # what predict will apply
+    calibrated = apply_calibration(applied, test_logits, test_sites)
     if problem.sigmoid:
         # Per-label operating points, chosen on the calibration split (Youden's J) from the
         # calibrated probabilities, so `predict` applies them to the numbers it shows.
-        thresholds = youden_thresholds(calibrate(cal_logits, cal_sites), cal_labels)
+        thresholds = youden_thresholds(
+            apply_calibration(applied, cal_logits, cal_sites), cal_labels
+        )
         raw = sigmoid(test_logits)
         test_metrics = label_metrics(
             calibrated, test_labels, classes, thresholds, problem.kind == "ovr", n_resamples=200
@@ -636,9 +635,7 @@ def _calibrate_test_and_bundle(
         summary["ece_after_global"] = by_site["overall"]["global"]["ece"]
     if problem.sigmoid:
         summary["auroc_per_label"] = {c: test_metrics["per_class"][c]["auroc"] for c in classes}
-    trust, trust_files = _fit_trust(
-        ctx, model, site_cal or calibration, cal, test_out, calibrated, test_ids
-    )
+    trust, trust_files = _fit_trust(ctx, model, applied, cal, test_out, calibrated, test_ids)
     summary.update(_trust_summary(trust))
     training = {**ctx.training, "seconds": round(time.time() - ctx.started, 1)}
     extra = {

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workbench.calibration import SiteCalibration
+from workbench.calibration import apply_calibration
 from workbench.conformal import (
     ConformalSets,
     MultiLabelConformal,
@@ -147,14 +147,6 @@ def _multilabel_coverage(
     return out
 
 
-def calibrated(calibration: Any, split: SplitOutputs) -> np.ndarray:
-    """A split's calibrated probabilities: per study through its site's map when
-    ``calibration`` is a :class:`SiteCalibration`, else through the one map."""
-    if isinstance(calibration, SiteCalibration):
-        return calibration.apply(split.logits, list(split.subgroups["site"]))
-    return np.asarray(calibration.apply(split.logits))
-
-
 def fit_trust(
     classes: Sequence[str],
     calibration: Any,
@@ -174,8 +166,8 @@ def fit_trust(
     keep their own per-label thresholds (no operating points here).
     """
     multilabel = np.asarray(train.labels).ndim == 2
-    cal_probs = calibrated(calibration, cal)
-    test_probs = calibrated(calibration, test)
+    cal_probs = apply_calibration(calibration, cal.logits, list(cal.subgroups["site"]))
+    test_probs = apply_calibration(calibration, test.logits, list(test.subgroups["site"]))
     u_cal = np.array([study_uniform(k) for k in cal.study_keys])
     u_test = np.array([study_uniform(k) for k in test.study_keys])
     conformal: ConformalSets | MultiLabelConformal | None = None
