@@ -11,7 +11,10 @@ RLE or JPEG-LS compressed), at 224 px and at 128 px:
     and applied per batch), bf16 autocast, channels_last, fused AdamW, through
     ``workbench.training.train_epoch``;
   * workbench fp32: the same data path in fp32 (still channels_last), to separate what the
-    data path gives from what the precision gives.
+    data path gives from what the precision gives;
+  * step only (bf16): the same bf16 step on one batch made beforehand and fed again and
+    again, no loading at all. This is the ceiling any data path can reach with this step:
+    ``ceiling_ratio`` is it over the naive loop.
 
 Same model, seed, AdamW settings and batch size everywhere. Images/s are steady state: two warm-up
 steps, then ``--steps`` timed steps (data loading included, cache building not: it is
@@ -181,7 +184,7 @@ def workbench_loader(
 
 
 def workbench_rate(
-    loader: MonaiDataLoader, precision: str, batch: int, steps: int
+    loader: Iterable[dict[str, Any]], precision: str, batch: int, steps: int
 ) -> tuple[float, float]:
     set_determinism(seed=0)
     device = torch.device("cpu")
@@ -228,6 +231,9 @@ def main() -> None:
             loader, built = workbench_loader(records, size, args.batch_size)
             bf16, bf16_load = workbench_rate(loader, "bf16", args.batch_size, steps)
             fp32, fp32_load = workbench_rate(loader, "fp32", args.batch_size, steps)
+            # one batch, made once: the step alone (same model, optimizer and precision)
+            one_batch = [next(iter(loader))]
+            step_only, _ = workbench_rate(one_batch, "bf16", args.batch_size, steps)
             results[f"{size}px"] = {
                 "timed_steps": steps,
                 "naive_images_per_s": round(naive, 2),
@@ -236,6 +242,8 @@ def main() -> None:
                 "ratio": round(bf16 / naive, 2),
                 "ratio_data_path_fp32": round(fp32 / naive, 2),
                 "ratio_bf16_over_fp32": round(bf16 / fp32, 2),
+                "step_only_bf16_images_per_s": round(step_only, 2),
+                "ceiling_ratio": round(step_only / naive, 2),
                 # Share of the timed window spent making batches (the rest is the step).
                 "loading_share": {
                     "naive": round(naive_load, 3),
