@@ -389,6 +389,10 @@ def maximum_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int
     return float(np.max(np.abs(acc - conf))) if len(acc) else 0.0
 
 
+# Calibration errors computed over bins: biased upwards when a resample duplicates studies.
+_BINNED = ("ece", "ece_adaptive", "mce")
+
+
 def calibration_report(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -397,7 +401,15 @@ def calibration_report(
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """ECE (equal-width and equal-mass bins), MCE, Brier and log loss, each with a 95%
-    percentile bootstrap interval over studies (resampled with replacement, seeded)."""
+    bootstrap interval over studies (resampled with replacement, seeded).
+
+    Brier and log loss are means over studies: plain percentile intervals.  The binned
+    errors (ECE, adaptive ECE, MCE) are biased upwards on a resample: the studies it
+    duplicates leave fewer distinct points per bin, so |accuracy - confidence| is noisier
+    and larger.  For a well-calibrated model their percentile interval can then lie wholly
+    above the estimate (measured: adaptive ECE 0.017 with a percentile interval of
+    0.019-0.036 on 646 studies).  Their interval is shifted down by the bootstrap's bias
+    estimate, mean(resamples) - estimate (Efron & Tibshirani 1993, ch. 10), and floored at 0."""
     p, y = _check_probs_labels(probs, labels)
     k = p.shape[1]
     fns: dict[str, Any] = {
@@ -412,8 +424,12 @@ def calibration_report(
     out: dict[str, dict[str, float]] = {}
     for name, fn in fns.items():
         values = [fn(p[d], y[d]) for d in draws]
+        value = float(fn(p, y))
         lo, hi = np.percentile(values, [2.5, 97.5]) if values else (np.nan, np.nan)
-        out[name] = {"value": float(fn(p, y)), "ci_low": float(lo), "ci_high": float(hi)}
+        if name in _BINNED and values:
+            bias = float(np.mean(values)) - value
+            lo, hi = max(0.0, lo - bias), max(0.0, hi - bias)
+        out[name] = {"value": value, "ci_low": float(lo), "ci_high": float(hi)}
     return out
 
 
