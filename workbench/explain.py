@@ -200,6 +200,8 @@ def saliency(
             out = cast(torch.Tensor, grad).detach().float().sum(dim=1)[0].cpu().numpy()
         elif method == "gradcam":
             with torch.enable_grad():
+                # the rule of gradcam_layer_for, without its extra forward pass when the
+                # default layer's grid is fine enough
                 chosen = layer if layer is not None else gradcam_layer(model)
                 attr, side = _gradcam(model, image, target, chosen)
                 if layer is None and side < MIN_GRADCAM_GRID:
@@ -245,6 +247,36 @@ def saliency(
 
     out = np.ascontiguousarray(out).reshape(spatial)
     return _to_unit(out)
+
+
+def gradcam_layer_for(
+    model: torch.nn.Module, image: torch.Tensor
+) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """The layer :func:`saliency`'s Grad-CAM explains for an input shaped like ``image``,
+    and that layer's grid (cells per spatial side): :func:`gradcam_layer`, or a finer feature
+    block when its grid has fewer than MIN_GRADCAM_GRID cells per side.
+
+    The grid is the map's real resolution: a cell spans ``image side / grid`` pixels, and
+    bilinear upsampling spreads each cell over about twice that width."""
+    chosen = gradcam_layer(model)
+    shapes = dict((id(mod), shape) for mod, shape in _feature_output_shapes(model, image))
+    grid = shapes.get(id(chosen))
+    if grid is not None and min(grid) < MIN_GRADCAM_GRID:
+        fallback = _finer_layer(model, image, chosen)
+        if fallback is not None:
+            return fallback, shapes[id(fallback)]
+    if grid is None:  # not a child of model.features: ask the layer itself
+        seen: list[tuple[int, ...]] = []
+        handle = chosen.register_forward_hook(
+            lambda _m, _i, out: seen.append(tuple(out.shape[2:]))  # type: ignore[union-attr]
+        )
+        try:
+            with torch.no_grad():
+                model(image)
+        finally:
+            handle.remove()
+        grid = seen[0]
+    return chosen, grid
 
 
 def _finer_layer(

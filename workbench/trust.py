@@ -33,7 +33,7 @@ from workbench.conformal import (
     fit_multilabel_conformal,
     study_uniform,
 )
-from workbench.explain import sanity_checks
+from workbench.explain import gradcam_layer_for, sanity_checks
 from workbench.ood import HeaderProfile, OODDetector, StudyHeader, false_flag_rate
 from workbench.similar import EmbeddingIndex, precision_at_k
 
@@ -232,11 +232,21 @@ def saliency_checks(
     methods = sanity_checks(
         model, images, targets, precision=precision, ig_steps=16, label_randomized=label_randomized
     )
-    return {
+    out: dict[str, Any] = {
         "n_images": len(images),
         "label_randomized_epochs": label_randomized_epochs if label_randomized else 0,
         "methods": methods,
     }
+    if "gradcam" in methods:
+        # The Grad-CAM map's real resolution, for the app to say what it can and cannot outline.
+        layer, grid = gradcam_layer_for(model, images[0])
+        names = {id(mod): name for name, mod in model.named_modules()}
+        out["gradcam"] = {
+            "layer": names.get(id(layer), type(layer).__name__),
+            "grid": [int(g) for g in grid],
+            "input": [int(v) for v in images[0].shape[2:]],
+        }
+    return out
 
 
 # --------------------------------------------------------------------------------------------

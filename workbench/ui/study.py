@@ -322,6 +322,25 @@ def saliency_checks(s: Settings, detail: data.PredictionDetail, method: str) -> 
         st.caption(
             f"Measured on {checks.get('n_images', '?')} test images when the model was built."
         )
+        if method == "gradcam" and (res := gradcam_resolution(checks)):
+            st.markdown(res)
+
+
+def gradcam_resolution(checks: dict[str, Any]) -> str | None:
+    """What the Grad-CAM map can resolve: its layer's grid and the size of one cell in the
+    model's input pixels (None for bundles that did not record it)."""
+    info = checks.get("gradcam") or {}
+    grid, size = info.get("grid"), info.get("input")
+    if not grid or not size or len(grid) != len(size):
+        return None
+    cells = " × ".join(str(int(g)) for g in grid)
+    cell_px = " × ".join(f"{int(s) / int(g):.0f}" for s, g in zip(size, grid, strict=True))
+    model_px = " × ".join(str(int(v)) for v in size)
+    return (
+        f"Resolution: Grad-CAM here is a {cells} grid (layer `{info.get('layer', '?')}`), "
+        f"one cell per {cell_px} px of the model's {model_px} px input, spread by upsampling. "
+        "It shows the region the model used, not the outline of a finding smaller than a cell."
+    )
 
 
 def ood_warning(detail: data.PredictionDetail) -> None:
