@@ -1,14 +1,14 @@
 """What ships with a trained model, checked on a synthetic cohort with known answers.
 
-One module fixture trains a DenseNet121 on a synthetic chest cohort (1,200 studies, 96 px,
-patient-level split 17 / 17 / 66 so that the test split, about 800 studies, is large enough to
+One module fixture trains a DenseNet121 on a synthetic chest cohort (1,200 studies, 128 px,
+patient-level split 30 / 17 / 53 so that the test split, about 650 studies, is large enough to
 measure a 15-bin ECE), predicts the test split (Grad-CAM for 40 nodule studies), and predicts two
 studies the model must refuse: a CT study and a DX study whose pixels are pure noise. It trains
 on two torch threads whatever the machine: the thread count changes the order of float sums,
 and twelve epochs amplify that into another model (one thread gave accuracy 0.72 where two
 gave 0.91 on the earlier 400-study cohort). The figures each test measures are printed and
-written to ``tests/artifacts/trust_figures.json`` (they go into the session notes, not into
-assertions beyond the issue's own thresholds).
+written to ``tests/artifacts/trust_figures.json`` (they go into the session notes; the
+assertions are the issue's own thresholds and a few floors well below the measured figures).
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ from workbench.bundle import Bundle, load_bundle
 from workbench.catalog import cache_path, cohort_items, ingest, items_for_studies
 from workbench.config import Settings
 from workbench.conformal import coverage_summary, fit_conformal, study_uniform
+from workbench.data import eval_transforms
 from workbench.dicom.synth import synthesize_cohort
-from workbench.inference import latest_predictions, predict_items
+from workbench.explain import gradcam_layer_for, saliency
+from workbench.inference import _to_native, latest_predictions, predict_items
 from workbench.store import Instance, Prediction, Study, session_scope
 from workbench.training import TrainConfig, train
 
-# The fixture trains a real model (about 2 minutes on 2 idle cores): room for a busy machine.
+# The fixture trains a real model (about 4 minutes on 2 idle cores): room for a busy machine.
 pytestmark = pytest.mark.timeout(1800)
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -92,10 +94,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
 def _train_and_predict(root: Path) -> Trained:
     settings = make_settings(root / "home")
     src = root / "studies"
-    # 1,200 studies split 17 / 17 / 66 by patient: about 200 to train on, 200 to calibrate
-    # and 800 to test. A 15-bin ECE measured on n studies is biased upwards by sampling noise
-    # of roughly 0.4 / sqrt(n) for a model this accurate (about 0.04 on the 118 test studies
+    # 1,200 studies split 30 / 17 / 53 by patient: about 360 to train on, 200 to calibrate
+    # and 640 to test. A 15-bin ECE measured on n studies is biased upwards by sampling noise
+    # of roughly 0.4 / sqrt(n) for a model of accuracy 0.9 (about 0.04 on the 118 test studies
     # of a 390-study cohort), so a test of the issue's ECE <= 0.03 needs hundreds of them.
+    # The model trains at the images' own 128 px on 360 studies: at 96 px on 200 it did not
+    # find the nodules (accuracy 0.75; every saliency method put 0-1% of its mass on them),
+    # and a saliency map can only show evidence a model uses. Here: accuracy 0.95.
     synthesize_cohort(src, n_studies=1200, seed=11, modality="DX", image_size=128)
     ingest(settings, src, src / "labels.csv", COHORT, progress=False)
     train(
@@ -104,10 +109,10 @@ def _train_and_predict(root: Path) -> Trained:
             cohort=COHORT,
             name=MODEL,
             epochs=12,
-            image_size=96,
+            image_size=128,
             batch_size=16,
             device="cpu",
-            split_fractions=(0.17, 0.17, 0.66),
+            split_fractions=(0.30, 0.17, 0.53),
             sanity_images=4,
         ),
         progress=False,
@@ -141,12 +146,13 @@ def _trust(trained: Trained) -> dict[str, Any]:
     return dict(trained.bundle.workbench["trust"])
 
 
-def test_calibration_lowers_the_test_ece(trained: Trained) -> None:
+def test_the_shipped_calibration_keeps_the_test_ece_within_target(trained: Trained) -> None:
     m = trained.bundle.workbench["metrics"]["test"]
     _record(
         "calibration",
         {
             "method": trained.bundle.workbench["calibration"]["method"],
+            "held_out_log_loss": trained.bundle.workbench["calibration_fit"]["held_out_log_loss"],
             "ece_before": m["ece_before"],
             "ece_after": m["ece_after"],
             "accuracy": m["accuracy"],
@@ -161,9 +167,11 @@ def test_calibration_lowers_the_test_ece(trained: Trained) -> None:
             r = detail[stage][name]
             assert r["ci_low"] <= r["value"] <= r["ci_high"], (stage, name)
     # The issue's targets: ECE after <= before, and <= 0.03 on the test split. Measured on
-    # 798 test studies: 0.080 -> 0.017 (Platt scaling chosen by log loss). The 118 test studies
-    # of the earlier 390-study fixture gave 0.087 -> 0.057: there the sampling noise of the
-    # estimate was itself larger than the target.
+    # 646 test studies: 0.023, and calibration kept the raw probabilities ("none": the lowest
+    # held-out log loss on the calibration split; this model is already calibrated). The
+    # earlier fixture (96 px, 200 training studies, accuracy 0.75) was overconfident: 0.080 ->
+    # 0.017 with Platt scaling. Calibration lowering a miscalibrated model's ECE is tested on
+    # logits in tests/test_calibration.py and tests/test_site_calibration.py.
     assert m["ece_after"] <= m["ece_before"]
     assert m["ece_after"] <= 0.03
 
@@ -241,15 +249,62 @@ def test_randomised_model_maps_differ_from_the_trained_models(trained: Trained) 
     assert checks["gradient"]["label_randomized_rank_corr"] < 0.5
 
 
+def _on_the_nodule(heat: np.ndarray, dist: np.ndarray, radius: float) -> tuple[float, ...]:
+    """(mass inside the radius, mass within twice the radius, map peak within twice the
+    radius) of a non-negative map, as fractions; the pointing game is Zhang et al. 2016's."""
+    heat = np.clip(heat.astype(np.float64), 0.0, None)
+    total = heat.sum()
+    peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return (
+        float(heat[dist <= radius].sum() / total),
+        float(heat[dist <= 2 * radius].sum() / total),
+        float(dist[peak] <= 2 * radius),
+    )
+
+
+def _best_single_cell(
+    grid: tuple[int, ...], transform: Any, inp: Any, dist: np.ndarray, radius: float
+) -> float:
+    """The largest share of a Grad-CAM map inside the nodule when only one cell of the
+    layer's grid is active, upsampled exactly as :func:`workbench.explain.saliency` does:
+    how well a map of this resolution could localise this nodule at best."""
+    import torch
+    from captum.attr import LayerAttribution
+
+    best = 0.0
+    for cell in np.ndindex(*grid):
+        raw = torch.zeros((1, 1, *grid))
+        raw[(0, 0, *cell)] = 1.0
+        up = LayerAttribution.interpolate(raw, tuple(inp.shape[1:]), interpolate_mode="bilinear")
+        heat = _to_native(transform, inp, up[0, 0].numpy())
+        if heat.sum() > 0:
+            best = max(best, float(heat[dist <= radius].sum() / heat.sum()))
+    return best
+
+
 def test_gradcam_mass_falls_on_the_nodule(trained: Trained) -> None:
+    import torch
+
     findings = json.loads((trained.src / "findings.json").read_text())
     preds = latest_predictions(trained.settings, trained.bundle.bundle_hash, trained.test_ids)
     with session_scope(trained.settings.database_url) as s:
         sop_of = dict(s.execute(select(Instance.cache_key, Instance.sop_uid)).all())
-    inside, inside_2r, area, pointing = [], [], [], []
-    for p in preds.values():
-        if p.study.label != "nodule":
-            continue
+    bundle = trained.bundle
+    model = bundle.network.eval()
+    transform = eval_transforms(bundle.spec)
+    target = bundle.classes.index("nodule")
+    nodule_studies = [p for p in preds.values() if p.study.label == "nodule"]
+    recall = float(
+        np.mean([max(p.probabilities, key=p.probabilities.get) == "nodule" for p in nodule_studies])
+    )
+    path_of = {
+        key: path
+        for item in cohort_items(trained.settings, COHORT, "test")
+        for key, path in zip(item.cache_keys, item.images, strict=True)
+    }
+    stored, finer, grads, igs, bound, area = [], [], [], [], [], []
+    grid: tuple[int, ...] = ()
+    for p in nodule_studies:
         for im in p.per_image:
             f = findings.get(sop_of.get(im["cache_key"], ""))
             if not f or im["saliency_target"] != "nodule" or not im["saliency_file"]:
@@ -260,33 +315,69 @@ def test_gradcam_mass_falls_on_the_nodule(trained: Trained) -> None:
                 continue
             rows, cols = np.indices(heat.shape)
             dist = np.hypot(rows - f["center_row"], cols - f["center_col"])
-            inside.append(heat[dist <= f["radius_px"]].sum() / heat.sum())
-            inside_2r.append(heat[dist <= 2 * f["radius_px"]].sum() / heat.sum())
-            area.append(float(np.mean(dist <= 2 * f["radius_px"])))
-            # the pointing game (Zhang et al. 2016): is the map's peak within twice the radius?
-            peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
-            pointing.append(bool(dist[peak] <= 2 * f["radius_px"]))
-    _record(
-        "gradcam_on_nodules",
-        {
-            "images": len(inside),
-            "mass_inside_radius": float(np.mean(inside)),
-            "mass_inside_twice_radius": float(np.mean(inside_2r)),
-            "area_of_twice_radius": float(np.mean(area)),
-            "peak_within_twice_radius": float(np.mean(pointing)),
-        },
-    )
-    assert len(inside) >= 5
-    # The issue's target: most of the Grad-CAM mass inside the nodule. At 96 px Grad-CAM's grid
-    # is 6 x 6 cells of 16 px, wider than most nodules (radius 2 to 5 px at this size); this
-    # fixture measured 0.4% of the mass inside the radius and 1.5% within twice the radius
-    # (1.8% of the image: no localisation; the model's accuracy is 0.75). The 390-study
-    # fixture gave 4.2% within twice the radius. Reported as an expected failure.
-    if np.mean(inside) < 0.5:
+            r = float(f["radius_px"])
+            stored.append(_on_the_nodule(heat, dist, r))
+            area.append((float(np.mean(dist <= r)), float(np.mean(dist <= 2 * r))))
+            inp = transform({"image": str(path_of[im["cache_key"]])})["image"]
+            x = torch.as_tensor(inp)[None].float()
+            layer, grid = gradcam_layer_for(model, x)
+            bound.append(_best_single_cell(grid, transform, inp, dist, r))
+            # the same image with the other methods, and Grad-CAM one block earlier (2x finer)
+            for out, kw in (
+                (grads, {"method": "gradient"}),
+                (igs, {"method": "ig"}),
+                (finer, {"method": "gradcam", "layer": model.features.denseblock3}),
+            ):
+                if len(out) < 40:  # 40 images are enough for these comparisons
+                    m = saliency(model, x, target, **kw)  # type: ignore[arg-type]
+                    out.append(_on_the_nodule(_to_native(transform, inp, m), dist, r))
+
+    def summary(rows: list[tuple[float, ...]]) -> dict[str, float]:
+        a = np.array(rows)
+        return {
+            "images": len(a),
+            "mass_inside_radius": float(a[:, 0].mean()),
+            "mass_inside_twice_radius": float(a[:, 1].mean()),
+            "peak_within_twice_radius": float(a[:, 2].mean()),
+        }
+
+    figures = {
+        "nodule_recall_top1": recall,
+        "gradcam_grid": list(grid),
+        "gradcam": summary(stored),
+        "gradcam_denseblock3": summary(finer),
+        "gradient": summary(grads),
+        "integrated_gradients": summary(igs),
+        "area_inside_radius": float(np.mean([a[0] for a in area])),
+        "area_inside_twice_radius": float(np.mean([a[1] for a in area])),
+        "best_single_cell_inside_radius": float(np.mean(bound)),
+    }
+    _record("gradcam_on_nodules", figures)
+    assert len(stored) >= 20
+    # The model finds most nodules (measured 0.83; a map can only show evidence it uses) ...
+    assert recall >= 0.6
+    # ... and the pixel-level maps point at them: their peak lies within twice the radius (an
+    # area of about 2% of the image) at least ten times as often as a randomly placed peak
+    # would. Measured: gradient 0.50, Integrated Gradients 0.58 of 40 images; chance 0.019.
+    chance = figures["area_inside_twice_radius"]
+    for name in ("gradient", "integrated_gradients"):
+        assert figures[name]["peak_within_twice_radius"] >= 10 * chance, name
+    # the bundle records the grid the app states for Grad-CAM
+    assert _trust(trained)["saliency_checks"]["gradcam"]["grid"] == list(grid)
+    # The issue's target: most of the Grad-CAM mass inside the nodule. A Grad-CAM map is no
+    # finer than its layer's grid (DenseNet121's norm5 is 4 x 4 cells of 32 px at 128 px),
+    # and the nodules' radius is 3 to 6 px: even a map with only the best-placed cell active
+    # holds 4.2% inside (best_single_cell_inside_radius); measured 0.6%, 2.4% within twice
+    # the radius (1.9% of the image), peak there in 24% of 80 maps. One block earlier
+    # (denseblock3, 8 x 8) gives 1.1%, 4.2% and 33%. Reported as an expected failure.
+    if figures["gradcam"]["mass_inside_radius"] < 0.5:
         pytest.xfail(
-            f"Grad-CAM does not localise the nodules: {np.mean(inside):.1%} of the mass inside "
-            f"the nodule, {np.mean(inside_2r):.1%} within twice its radius "
-            f"({np.mean(area):.1%} of the image), {len(inside)} maps"
+            f"Grad-CAM does not hold most of its mass inside the nodule: "
+            f"{figures['gradcam']['mass_inside_radius']:.1%} inside "
+            f"(a {'x'.join(map(str, grid))} grid: one best-placed cell would hold "
+            f"{figures['best_single_cell_inside_radius']:.1%}); its peak is within twice the "
+            f"radius in {figures['gradcam']['peak_within_twice_radius']:.0%} of "
+            f"{len(stored)} maps"
         )
 
 
