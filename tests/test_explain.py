@@ -10,6 +10,7 @@ from monai.networks.nets import DenseNet, DenseNet121
 from workbench.explain import (
     deletion_insertion,
     gradcam_layer,
+    gradcam_layer_for,
     map_similarity,
     randomized_copy,
     saliency,
@@ -127,6 +128,19 @@ def test_occlusion_odd_size_is_fully_covered(net2d: torch.nn.Module) -> None:
     _check_map(saliency(net2d, image, 0, "occlusion", internal_batch_size=64), (50, 70))
 
 
+def test_the_gradcam_layer_for_an_input_is_the_one_saliency_uses_with_its_grid() -> None:
+    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2).eval()
+    x128, x96 = torch.rand(1, 1, 128, 128), torch.rand(1, 1, 96, 96)
+    assert gradcam_layer_for(net, x128) == (net.features.norm5, (4, 4))
+    # at 96 px norm5 is 3 x 3, below MIN_GRADCAM_GRID: one dense block earlier, 6 x 6
+    layer, grid = gradcam_layer_for(net, x96)
+    assert (layer, grid) == (net.features.denseblock3, (6, 6))
+    np.testing.assert_array_equal(saliency(net, x96, 1), saliency(net, x96, 1, layer=layer))
+    assert not np.array_equal(
+        saliency(net, x96, 1), saliency(net, x96, 1, layer=net.features.denseblock2)
+    )
+
+
 def test_gradcam_layer() -> None:
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)
     assert gradcam_layer(net) is net.features.norm5
@@ -144,6 +158,7 @@ def test_gradcam_layer() -> None:
     assert gradcam_layer(plain) is plain.features
     with pytest.raises(ValueError, match="Grad-CAM layer"):
         gradcam_layer(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))
+    assert gradcam_layer_for(plain, torch.rand(1, 1, 16, 16)) == (plain.features, (14, 14))
     with pytest.raises(ValueError):
         saliency(net, torch.rand(1, 64, 64), 0)
     with pytest.raises(ValueError):
