@@ -38,7 +38,7 @@ def test_the_demo_runs_every_step_from_an_empty_home(tmp_path: Path) -> None:
     # conformal sets need a larger calibration split than 40 studies give: recorded as absent
     assert wb["trust"]["ood"]["threshold"] is not None and "conformal" in wb["trust"]
     assert "saliency_checks" in wb["trust"]
-    # Grad-CAM's grid is recorded for the app (at 96 px norm5 is 3 x 3: denseblock3, 6 x 6)
+    # Grad-CAM's grid is recorded for the app (at 96 px: denseblock3, 6 x 6)
     gradcam = wb["trust"]["saliency_checks"]["gradcam"]
     assert gradcam["layer"].startswith("features.") and len(gradcam["grid"]) == 2
 

@@ -130,15 +130,20 @@ def test_occlusion_odd_size_is_fully_covered(net2d: torch.nn.Module) -> None:
 
 def test_the_gradcam_layer_for_an_input_is_the_one_saliency_uses_with_its_grid() -> None:
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2).eval()
-    x128, x96 = torch.rand(1, 1, 128, 128), torch.rand(1, 1, 96, 96)
-    assert gradcam_layer_for(net, x128) == (net.features.norm5, (4, 4))
-    # at 96 px norm5 is 3 x 3, below MIN_GRADCAM_GRID: one dense block earlier, 6 x 6
-    layer, grid = gradcam_layer_for(net, x96)
-    assert (layer, grid) == (net.features.denseblock3, (6, 6))
+    # norm5's cells are 32 px: the stride-16 block, denseblock3, has cells of 16 px
+    for side, grid in ((96, 6), (128, 8), (224, 14)):
+        x = torch.rand(1, 1, side, side)
+        assert gradcam_layer_for(net, x) == (net.features.denseblock3, (grid, grid)), side
+    x96 = torch.rand(1, 1, 96, 96)
+    layer = net.features.denseblock3
     np.testing.assert_array_equal(saliency(net, x96, 1), saliency(net, x96, 1, layer=layer))
     assert not np.array_equal(
-        saliency(net, x96, 1), saliency(net, x96, 1, layer=net.features.denseblock2)
+        saliency(net, x96, 1), saliency(net, x96, 1, layer=net.features.norm5)
     )
+    # 32^3 volumes: denseblock3 is 2 x 2 x 2, too few cells; denseblock2 is 4 x 4 x 4
+    net3 = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2).eval()
+    layer3, grid3 = gradcam_layer_for(net3, torch.rand(1, 1, 32, 32, 32))
+    assert (layer3, grid3) == (net3.features.denseblock2, (4, 4, 4))
 
 
 def test_gradcam_layer() -> None:

@@ -22,6 +22,7 @@ The model's train/eval mode is left exactly as given (eval mode is the caller's 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal, cast
@@ -44,8 +45,18 @@ ExplainMethod = Literal["gradcam", "ig", "occlusion", "gradient"]
 _METHODS = ("gradcam", "ig", "occlusion", "gradient")
 
 
-# Grad-CAM needs a grid of at least this many cells per side to point anywhere useful.
+# Grad-CAM needs a grid of at least this many cells per side to point anywhere useful, and
+# cells no wider than this many input pixels to place a map on a small finding: DenseNet121's
+# last block has 32 px cells, and a 32 px cell upsampled holds half its mass only within a
+# 16 px radius. At 128 px its stride-16 block (denseblock3) localised nodules better and
+# passed the sanity checks better than norm5 (BENCHMARKS.md, Saliency).
 MIN_GRADCAM_GRID = 4
+MAX_GRADCAM_CELL = 16
+
+# gradcam_layer_for's answers, per model and input shape (weak: a freed model drops out)
+_LAYER_CACHE: weakref.WeakKeyDictionary[
+    torch.nn.Module, dict[tuple[int, ...], tuple[torch.nn.Module, tuple[int, ...]]]
+] = weakref.WeakKeyDictionary()
 
 
 def gradcam_layer(model: torch.nn.Module) -> torch.nn.Module:
@@ -127,15 +138,15 @@ def _feature_output_shapes(
 
 def _gradcam(
     model: torch.nn.Module, image: torch.Tensor, target: int, layer: torch.nn.Module
-) -> tuple[torch.Tensor, int]:
-    """(upsampled ReLU'd Grad-CAM map, smallest side of the layer's output grid)."""
+) -> torch.Tensor:
+    """The upsampled, ReLU'd Grad-CAM map of ``layer``."""
     spatial = tuple(image.shape[2:])
     mode = "bilinear" if len(spatial) == 2 else "trilinear"
     inp = image.detach().clone().requires_grad_(True)
     raw = LayerGradCam(model, layer).attribute(inp, target=target)
     raw = cast(torch.Tensor, raw).detach()
     up = LayerAttribution.interpolate(raw.float(), spatial, interpolate_mode=mode)
-    return torch.relu(up)[0, 0], int(min(raw.shape[2:]))
+    return torch.relu(up)[0, 0]
 
 
 def _occlusion_window(side: int, spatial_dims: int = 2) -> tuple[int, int]:
@@ -167,11 +178,11 @@ def saliency(
     spatial shape, finite, in [0, 1]: the positive part of the attribution, min-max scaled
     (an all-zero or spatially constant map is returned as all zeros).
 
-    * ``gradcam``: Captum ``LayerGradCam`` on :func:`gradcam_layer` (or ``layer``),
-      upsampled (bi/trilinear) to the image size, ReLU.  If that layer's grid is coarser
-      than MIN_GRADCAM_GRID cells per side at this input size (DenseNet121's norm5 is 3x3 at
-      96 px, 1 voxel on 32^3 volumes), the map cannot localise much (and is often all
-      zero), so the deepest child of ``model.features`` with a fine enough grid is used.
+    * ``gradcam``: Captum ``LayerGradCam`` on :func:`gradcam_layer_for` (or ``layer``),
+      upsampled (bi/trilinear) to the image size, ReLU.  That is the deepest feature block
+      with cells of at most MAX_GRADCAM_CELL pixels and at least MIN_GRADCAM_GRID cells per
+      side: a coarser map cannot place itself on a small finding (DenseNet121's norm5 has
+      32 px cells: 4 x 4 at 128 px, 1 voxel on 32^3 volumes).
     * ``ig``: Integrated Gradients from a black (zeros) baseline, ``ig_steps`` steps in
       batches of ``internal_batch_size``; |attribution| summed over channels.
     * ``occlusion``: zero-valued windows ~1/8 of each side (``occlusion_window``
@@ -199,15 +210,9 @@ def saliency(
                 grad = Saliency(model).attribute(image.clone(), target=target, abs=True)
             out = cast(torch.Tensor, grad).detach().float().sum(dim=1)[0].cpu().numpy()
         elif method == "gradcam":
+            chosen = layer if layer is not None else gradcam_layer_for(model, image)[0]
             with torch.enable_grad():
-                # the rule of gradcam_layer_for, without its extra forward pass when the
-                # default layer's grid is fine enough
-                chosen = layer if layer is not None else gradcam_layer(model)
-                attr, side = _gradcam(model, image, target, chosen)
-                if layer is None and side < MIN_GRADCAM_GRID:
-                    fallback = _finer_layer(model, image, chosen)
-                    if fallback is not None:
-                        attr, _ = _gradcam(model, image, target, fallback)
+                attr = _gradcam(model, image, target, chosen)
             out = attr.detach().float().cpu().numpy()
         elif method == "ig":
             with torch.enable_grad():
@@ -253,19 +258,26 @@ def gradcam_layer_for(
     model: torch.nn.Module, image: torch.Tensor
 ) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """The layer :func:`saliency`'s Grad-CAM explains for an input shaped like ``image``,
-    and that layer's grid (cells per spatial side): :func:`gradcam_layer`, or a finer feature
-    block when its grid has fewer than MIN_GRADCAM_GRID cells per side.
+    and that layer's grid (cells per spatial side).
+
+    Starting from :func:`gradcam_layer` and going back through ``model.features``: the
+    deepest block whose grid has at least MIN_GRADCAM_GRID cells per side and whose cells
+    span at most MAX_GRADCAM_CELL input pixels; failing that, the deepest with at least
+    MIN_GRADCAM_GRID cells, then the deepest with more than one cell.  For a 2D
+    DenseNet121 this is ``denseblock3`` (16 px cells: 6 x 6 at 96 px, 8 x 8 at 128 px,
+    14 x 14 at 224 px) rather than ``norm5`` (32 px cells); on 32^3 volumes ``denseblock2``.
 
     The grid is the map's real resolution: a cell spans ``image side / grid`` pixels, and
-    bilinear upsampling spreads each cell over about twice that width."""
+    bilinear upsampling spreads each cell over about twice that width.  Answers are kept
+    per model and input shape (the search costs one forward pass)."""
+    key = tuple(int(v) for v in image.shape[1:])
+    known = _LAYER_CACHE.setdefault(model, {})
+    if key in known:
+        return known[key]
     chosen = gradcam_layer(model)
-    shapes = dict((id(mod), shape) for mod, shape in _feature_output_shapes(model, image))
-    grid = shapes.get(id(chosen))
-    if grid is not None and min(grid) < MIN_GRADCAM_GRID:
-        fallback = _finer_layer(model, image, chosen)
-        if fallback is not None:
-            return fallback, shapes[id(fallback)]
-    if grid is None:  # not a child of model.features: ask the layer itself
+    shapes = _feature_output_shapes(model, image)
+    idx = next((i for i, (mod, _) in enumerate(shapes) if mod is chosen), None)
+    if idx is None:  # not a child of model.features: the layer itself, its grid by a hook
         seen: list[tuple[int, ...]] = []
         handle = chosen.register_forward_hook(
             lambda _m, _i, out: seen.append(tuple(out.shape[2:]))  # type: ignore[union-attr]
@@ -275,25 +287,26 @@ def gradcam_layer_for(
                 model(image)
         finally:
             handle.remove()
-        grid = seen[0]
-    return chosen, grid
+        known[key] = (chosen, seen[0])
+        return known[key]
+    spatial = tuple(int(v) for v in image.shape[2:])
+    candidates = list(reversed(shapes[: idx + 1]))  # the chosen layer first, then earlier
 
+    def cell(shape: tuple[int, ...]) -> float:
+        return max(s / g for s, g in zip(spatial, shape, strict=True))
 
-def _finer_layer(
-    model: torch.nn.Module, image: torch.Tensor, layer: torch.nn.Module
-) -> torch.nn.Module | None:
-    """The deepest feature block before ``layer`` whose grid has at least MIN_GRADCAM_GRID
-    cells per side (else the deepest with more than one voxel)."""
-    shapes = _feature_output_shapes(model, image)
-    idx = next((i for i, (mod, _) in enumerate(shapes) if mod is layer), len(shapes))
-    earlier = list(reversed(shapes[:idx]))
-    for mod, shape in earlier:
-        if min(shape) >= MIN_GRADCAM_GRID:
-            return mod
-    for mod, shape in earlier:
-        if int(np.prod(shape)) > 1:
-            return mod
-    return None
+    rules = (
+        lambda sh: min(sh) >= MIN_GRADCAM_GRID and cell(sh) <= MAX_GRADCAM_CELL,
+        lambda sh: min(sh) >= MIN_GRADCAM_GRID,
+        lambda sh: int(np.prod(sh)) > 1,
+    )
+    for rule in rules:
+        found = next(((mod, sh) for mod, sh in candidates if rule(sh)), None)
+        if found is not None:
+            known[key] = found
+            return found
+    known[key] = candidates[0]
+    return candidates[0]
 
 
 # --------------------------------------------------------------------------------------------
