@@ -1,8 +1,9 @@
 """Saliency maps for image classifiers (Captum), their sanity checks and faithfulness scores
 (overlays are drawn by :mod:`workbench.heatmap`).
 
-All attribution is done by Captum: Grad-CAM (``LayerGradCam`` on the last convolutional
-feature block, upsampled with ``LayerAttribution.interpolate``), Integrated Gradients,
+All attribution is done by Captum: Grad-CAM (``LayerGradCam`` on a feature block with
+cells of at most 16 px, see :func:`gradcam_layer_for`, upsampled with
+``LayerAttribution.interpolate``), Integrated Gradients,
 Occlusion and plain gradients (``Saliency``).  This module only picks the layer / window
 sizes, reduces the result to one spatial map in [0, 1] and blends it onto the grey image.
 
@@ -60,7 +61,8 @@ _LAYER_CACHE: weakref.WeakKeyDictionary[
 
 
 def gradcam_layer(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose output Grad-CAM explains: the last convolutional feature block.
+    """The last convolutional feature block: where :func:`gradcam_layer_for` starts looking
+    for the layer Grad-CAM explains (it goes back to finer blocks for small findings).
 
     For MONAI DenseNets (DenseNet121 etc.) this is ``model.features.norm5``: the batch
     norm that closes ``denseblock4`` and feeds the classifier head
