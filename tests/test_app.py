@@ -720,7 +720,7 @@ def test_the_study_page_shows_the_prediction_set_operating_points_and_checks(
     assert "rank correlation with a randomised model" in text
     assert "for a random map" in text
     # and what the Grad-CAM map can resolve: its grid, one cell in the model's pixels
-    assert "Grad-CAM here is a" in text and "px of the model's" in text
+    assert "this Grad-CAM map has" in text and "px of the model's" in text
     # similar prior cases, with thumbnails from the cache
     assert "Similar prior cases" in [h.value for h in at.subheader]
     captions = [c for img in at.get("image") for c in img.captions]  # type: ignore[attr-defined]

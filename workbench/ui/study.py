@@ -337,7 +337,7 @@ def gradcam_resolution(checks: dict[str, Any]) -> str | None:
     cell_px = " × ".join(f"{int(s) / int(g):.0f}" for s, g in zip(size, grid, strict=True))
     model_px = " × ".join(str(int(v)) for v in size)
     return (
-        f"Resolution: Grad-CAM here is a {cells} grid (layer `{info.get('layer', '?')}`), "
+        f"Resolution: this Grad-CAM map has {cells} cells (layer `{info.get('layer', '?')}`), "
         f"one cell per {cell_px} px of the model's {model_px} px input, spread by upsampling. "
         "It shows the region the model used, not the outline of a finding smaller than a cell."
     )
