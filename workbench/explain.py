@@ -115,20 +115,18 @@ def _to_unit(attr: np.ndarray) -> np.ndarray:
     return ((a - lo) / (hi - lo)).astype(np.float32)
 
 
-def _feature_output_shapes(
-    model: torch.nn.Module, image: torch.Tensor
+def _output_shapes(
+    model: torch.nn.Module, image: torch.Tensor, modules: Sequence[torch.nn.Module]
 ) -> list[tuple[torch.nn.Module, tuple[int, ...]]]:
-    """(module, output spatial shape) for each child of ``model.features``, in order."""
-    features = getattr(model, "features", None)
-    if not isinstance(features, torch.nn.Module):
-        return []
+    """(module, output spatial shape) for each of ``modules``, in the order they ran, from
+    one forward pass of ``image``."""
     shapes: list[tuple[torch.nn.Module, tuple[int, ...]]] = []
 
     def hook(mod: torch.nn.Module, _inp: object, out: object) -> None:
         if isinstance(out, torch.Tensor):
             shapes.append((mod, tuple(out.shape[2:])))
 
-    handles = [child.register_forward_hook(hook) for child in features.children()]
+    handles = [mod.register_forward_hook(hook) for mod in modules]
     try:
         with torch.no_grad():
             model(image)
@@ -277,20 +275,12 @@ def gradcam_layer_for(
     if key in known:
         return known[key]
     chosen = gradcam_layer(model)
-    shapes = _feature_output_shapes(model, image)
-    idx = next((i for i, (mod, _) in enumerate(shapes) if mod is chosen), None)
-    if idx is None:  # not a child of model.features: the layer itself, its grid by a hook
-        seen: list[tuple[int, ...]] = []
-        handle = chosen.register_forward_hook(
-            lambda _m, _i, out: seen.append(tuple(out.shape[2:]))  # type: ignore[union-attr]
-        )
-        try:
-            with torch.no_grad():
-                model(image)
-        finally:
-            handle.remove()
-        known[key] = (chosen, seen[0])
-        return known[key]
+    features = getattr(model, "features", None)
+    blocks = list(features.children()) if isinstance(features, torch.nn.Module) else []
+    if not any(mod is chosen for mod in blocks):  # not a child of model.features: only itself
+        blocks = [chosen]
+    shapes = _output_shapes(model, image, blocks)
+    idx = next(i for i, (mod, _) in enumerate(shapes) if mod is chosen)
     spatial = tuple(int(v) for v in image.shape[2:])
     candidates = list(reversed(shapes[: idx + 1]))  # the chosen layer first, then earlier
 
