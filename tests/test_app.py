@@ -12,13 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
+from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
 from workbench import users
 from workbench.config import get_settings
+from workbench.results import probability_text
 from workbench.store import AuditEvent, Prediction, Review, session_scope, verify_audit
 from workbench.ui import auth, data
 from workbench.ui.common import OPEN_PREDICTION, PAGE_FILES, page_file
@@ -126,7 +129,9 @@ def test_the_worklist_shows_the_predicted_studies_by_priority(app_db: str) -> No
     assert list(table["Study"]) == [key for _, key in expected]
     probs = list(table["Probability"])
     assert probs == sorted(probs, reverse=True)
-    assert np.allclose(probs, [round(100 * p, 1) for p, _ in expected])
+    assert np.allclose(probs, [p for p, _ in expected])  # full precision: the column sorts
+    shown = display_values(at.dataframe[0])["Probability"]
+    assert list(shown) == [probability_text(p) for p, _ in expected]
     assert set(table["Review"]) == {"Unreviewed"}
     assert list(table.columns) == [
         "Study",
@@ -663,6 +668,11 @@ def open_study_page(at: AppTest, pid: int) -> AppTest:
     return at
 
 
+def display_values(table) -> pd.DataFrame:
+    """What a styled ``st.dataframe`` shows in its cells (the pandas Styler's text)."""
+    return convert_arrow_bytes_to_pandas_df(table.proto.arrow_data.styler.display_values)
+
+
 def page_text(at: AppTest) -> str:
     return " ".join(
         [m.value for m in at.markdown] + [c.value for c in at.caption] + [e.value for e in at.error]
@@ -725,8 +735,46 @@ def test_the_study_page_shows_the_prediction_set_operating_points_and_checks(
     assert "Similar prior cases" in [h.value for h in at.subheader]
     captions = [c for img in at.get("image") for c in img.captions]  # type: ignore[attr-defined]
     assert len(captions) >= 3  # original, overlay and at least one prior case
-    priors = [c for c in captions if "similarity" in c]
+    priors = [c for c in captions if "of training neighbours" in c]
     assert 1 <= len(priors) <= 5
+
+
+def test_a_near_certain_probability_is_shown_as_more_than_99_not_100_percent(
+    app_db: str,
+) -> None:
+    pid = top_prediction(app_db)
+    with session_scope(app_db) as session:
+        pred = session.get(Prediction, pid)
+        assert pred is not None
+        classes = list(pred.probabilities)
+    probs = {c: 0.0 for c in classes} | {classes[0]: 0.9996, classes[1]: 0.0004}
+    set_trust(
+        app_db,
+        pid,
+        probabilities=probs,
+        top_k=[[classes[0], 0.9996], [classes[1], 0.0004]],
+        priority=0.9996,
+        ood_flag=False,
+        similar=[
+            {"study_key": "S1", "label": "x", "similarity": 0.9991, "closer_than": 97.2},
+            {"study_key": "S2", "label": "x", "similarity": 0.9990, "closer_than": 99.96},
+            {"study_key": "S3", "label": "x", "similarity": 0.9990},  # stored before percentiles
+        ],
+    )
+    at = open_study_page(sign_in("grey"), pid)
+    assert [m.value for m in at.metric if m.label == "Calibrated probability"] == [">99%"]
+    top_k = next(c.value for c in at.caption if c.value.startswith("Top-"))
+    assert f"{classes[0]} >99%" in top_k and f"{classes[1]} <1%" in top_k
+    table = next(d for d in at.dataframe if "Class" in d.value.columns)
+    shown = dict(zip(table.value["Class"], display_values(table)["Probability"], strict=True))
+    assert shown[classes[0]] == ">99%" and shown[classes[1]] == "<1%"
+    assert "100%" not in page_text(at)
+    # similar cases: a percentile that separates them, and the older similarity to 4 decimals
+    images = [c for img in at.get("image") for c in img.captions]  # type: ignore[attr-defined]
+    text = " | ".join(images + [c.value for c in at.caption])
+    assert "closer than 97% of training neighbours" in text
+    assert "closer than >99% of training neighbours" in text
+    assert "similarity 0.9990" in text
 
 
 def test_an_empty_prediction_set_names_the_top_class(app_db: str) -> None:

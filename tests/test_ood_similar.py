@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from workbench.ood import HeaderProfile, OODDetector, StudyHeader, false_flag_rate
-from workbench.similar import EmbeddingIndex, precision_at_k
+from workbench.similar import QUANTILES, EmbeddingIndex, precision_at_k
 
 CLASSES = ("normal", "nodule", "effusion")
 
@@ -97,3 +97,58 @@ def test_index_and_detector_round_trip_as_plain_data(fitted, tmp_path: Path) -> 
     assert loaded.query(queries, 4) == index.query(queries, 4)
     again = OODDetector.from_dict(json.loads(json.dumps(det.to_dict())))
     assert again.assess(loaded, queries, [DX] * 10) == det.assess(index, queries, [DX] * 10)
+
+
+def test_closeness_percentiles_tell_apart_neighbours_that_similarity_rounds_together(
+    fitted,
+) -> None:
+    index, _, rng = fitted
+    test, _ = _clusters(20, rng)
+    found = index.query(test, 5)
+    closer = [n.closer_than for row in found for n in row]
+    assert all(0.0 <= c <= 100.0 for c in closer)
+    for row in found:  # nearest first: never closer than a nearer neighbour
+        assert all(a.closer_than >= b.closer_than for a, b in zip(row, row[1:], strict=False))
+        # neighbours at different distances get different percentiles
+        for a, b in zip(row, row[1:], strict=False):
+            if b.distance - a.distance > 1e-3 and 0 < b.closer_than < 100:
+                assert a.closer_than > b.closer_than
+    # what the study page used to show ("similarity 0.94") against what it shows now
+    assert len({round(c) for c in closer}) > 3 * len(
+        {f"{n.similarity:.2f}" for r in found for n in r}
+    )
+
+
+def test_closeness_is_measured_against_the_index_own_neighbour_distances(fitted) -> None:
+    index, _, _ = fitted
+    ref = index.reference_distances()
+    assert len(ref) == 5 * len(index)  # leave-one-out: each study's 5 nearest other studies
+    assert ref.min() > 0  # no study is its own neighbour
+    assert len(index.neighbour_quantiles) == QUANTILES
+    typical = np.quantile(ref, [0.1, 0.5, 0.9])
+    np.testing.assert_allclose(index.closer_than(typical), [90, 50, 10], atol=1.0)
+    assert index.closer_than(np.array([0.0, 2.0])).tolist() == [100.0, 0.0]
+
+
+def test_an_index_saved_without_quantiles_computes_the_same_ones(fitted, tmp_path: Path) -> None:
+    index, _, rng = fitted
+    old = tmp_path / "old_index.npz"  # as bundles wrote it before the quantiles were stored
+    np.savez(
+        old,
+        embeddings=index.embeddings.astype(np.float16),
+        study_keys=index.study_keys,
+        labels=index.labels,
+    )
+    loaded = EmbeddingIndex.load(old)
+    assert "neighbour_quantiles" not in loaded.__dict__  # computed on first use
+    queries, _ = _clusters(5, rng)
+    assert loaded.query(queries, 5) == index.query(queries, 5)
+    index.save(tmp_path / "new.npz")  # and a new one stores them
+    with np.load(tmp_path / "new.npz") as saved:
+        np.testing.assert_array_equal(saved["neighbour_quantiles"], index.neighbour_quantiles)
+
+
+def test_an_index_of_one_study_has_no_closeness() -> None:
+    index = EmbeddingIndex(np.ones((1, 8)), ["S1"], ["normal"])
+    (only,) = index.query(np.ones((1, 8)), 5)[0]
+    assert only.study_key == "S1" and np.isnan(only.closer_than)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from workbench.calibration import Calibration
 from workbench.ood import StudyHeader
-from workbench.trust import SplitOutputs, apply_operating_points, fit_trust, operating_points
+from workbench.trust import (
+    INDEX_FILE,
+    SplitOutputs,
+    apply_operating_points,
+    fit_trust,
+    index_bytes,
+    load_trust,
+    operating_points,
+)
 
 CLASSES = ("effusion", "nodule", "normal")
 DX = StudyHeader("DX", ("CHEST",), ("MONOCHROME2",), 2, ((256, 256),))
@@ -54,3 +65,36 @@ def test_operating_point_reaches_the_target_sensitivity_on_its_own_split() -> No
     assert pos["sensitivity"] >= 0.9 and pos["specificity"] > 0.3
     again = apply_operating_points(points, p, labels, ("neg", "pos"))
     assert again["pos"]["sensitivity"] == pos["sensitivity"]
+
+
+def test_each_similar_case_carries_its_closeness_also_from_an_older_bundle(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(2)
+    train, cal, test = _split(200, rng, 0), _split(100, rng, 1000), _split(50, rng, 2000)
+    trust = fit_trust(CLASSES, Calibration.identity(CLASSES), train, cal, test)
+    new, old = tmp_path / "new", tmp_path / "old"
+    for bundle in (new, old):
+        (bundle / "models").mkdir(parents=True)
+    (new / "models" / INDEX_FILE).write_bytes(index_bytes(trust.index))
+    idx = trust.index  # an index file as bundles wrote it before it held the quantiles
+    np.savez(
+        old / "models" / INDEX_FILE,
+        embeddings=idx.embeddings.astype(np.float16),
+        study_keys=idx.study_keys,
+        labels=idx.labels,
+    )
+    meta = json.loads(json.dumps(trust.metadata()))
+    probs = np.full(3, 1 / 3)
+    found = []
+    for bundle in (new, old):
+        loaded = load_trust(bundle, {"trust": meta})
+        assert loaded is not None
+        found.append(
+            loaded.assess(CLASSES, test.study_keys[0], probs, test.embeddings[0], DX)["similar"]
+        )
+    assert found[0] == found[1]
+    closer = [n["closer_than"] for n in found[0]]
+    assert len(closer) == 5 and all(0 <= c <= 100 for c in closer)
+    assert closer == sorted(closer, reverse=True)
+    assert [n["distance"] for n in found[0]] == sorted(n["distance"] for n in found[0])

@@ -1,9 +1,10 @@
 """Stored predictions and their cached saliency maps, read without torch (the app uses this;
-:mod:`workbench.inference` makes them)."""
+:mod:`workbench.inference` makes them), and how a probability reads to a person."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,32 @@ from workbench.config import Settings
 from workbench.store import Prediction, new_session
 
 EXPLAIN_METHODS: tuple[str, ...] = ("gradcam", "ig", "occlusion", "none")
+
+
+def probability_text(p: float | None) -> str:
+    """A probability as a person reads it: whole percent, never rounded onto a bound.
+
+    * exactly 0 and exactly 1 read "0%" and "100%" (values outside [0, 1] are clipped);
+    * anything else below 1% reads "<1%" and anything above 99% reads ">99%", so that 0.9996
+      never shows as "100%" nor 0.0004 as "0%";
+    * in between, the nearest whole percent (a half rounds up): 0.125 reads "13%";
+    * ``None`` and NaN read "n/a".
+
+    Whole percent because the probabilities are calibrated on a few hundred studies: a finer
+    step would claim a precision the calibration does not have. Machine-readable outputs (JSON,
+    CSV) keep the full number; this is for the app, captions and printed lines only.
+    """
+    if p is None or math.isnan(p):
+        return "n/a"
+    if p >= 1.0:
+        return "100%"
+    if p <= 0.0:
+        return "0%"
+    if p < 0.01:
+        return "<1%"
+    if p > 0.99:
+        return ">99%"
+    return f"{math.floor(100.0 * p + 0.5):d}%"
 
 
 def saliency_path(settings: Settings, bundle_hash: str, pixel_hash: str, method: str) -> Path:

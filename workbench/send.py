@@ -41,6 +41,7 @@ from workbench.dicom.write import (
     build_overlay_image,
     derived_uid,
 )
+from workbench.results import probability_text
 from workbench.store import Instance, Prediction, Series, Study, record_audit, session_scope
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,9 @@ def _overlays(settings: Settings, job: _Job, headers: dict[str, Dataset]) -> lis
         target = str(im.get("saliency_target") or job.predicted_label)
         p = job.probabilities.get(target)
         method = job.explain_method or "saliency"
-        caption = f"{method} saliency for {target}" + (f" (p = {p:.2f})" if p is not None else "")
+        caption = f"{method} saliency for {target}" + (
+            f" (calibrated probability {probability_text(p)})" if p is not None else ""
+        )
         out.append(
             build_overlay_image(
                 headers[ref.sop_uid],

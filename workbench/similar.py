@@ -7,18 +7,40 @@ similarity. The search is scikit-learn's ``NearestNeighbors`` (exact, brute forc
 cohort sizes a bundle carries (thousands of studies) it answers in milliseconds, so an
 approximate library would not pay for itself.
 
+How close is close: DenseNet features are non-negative, so every pair of studies has a high
+cosine similarity (the demo model showed "similarity 1.00" for all five neighbours) and the raw
+number does not tell one neighbour from another. Each neighbour therefore also gets
+``closer_than``: the percentage of the index's own neighbour pairs (each training study with its
+:data:`NEIGHBOURS` nearest *other* training studies, leave-one-out) that lie farther apart than
+this pair. 97 reads "closer than 97% of typical neighbour pairs in training"; 50 is a typical
+neighbour; 0 is farther than any. The distribution is summarised once, when the index is built,
+as :data:`QUANTILES` quantiles of those distances (:attr:`EmbeddingIndex.neighbour_quantiles`),
+and saved with the index.
+
 Stored in the bundle as plain arrays (``np.savez``, read back with ``allow_pickle=False``):
-the embeddings as float16, the study keys (pseudonyms, never UIDs) and the labels.
+the embeddings as float16, the study keys (pseudonyms, never UIDs), the labels and the
+neighbour-distance quantiles. An index saved before the quantiles existed computes them when it
+is first queried (once per process; at most :data:`REFERENCE_QUERIES` leave-one-out searches).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
+
+# How many neighbours a study is shown, and how many of each training study's neighbours make
+# the reference distances that ``closer_than`` compares with.
+NEIGHBOURS = 5
+# The reference distribution is kept as this many quantiles (0%, 0.5%, ..., 100%).
+QUANTILES = 201
+# At most this many training studies (evenly spaced rows) search their own neighbours for the
+# reference distances: enough for the quantiles, and bounded for a large index.
+REFERENCE_QUERIES = 2000
 
 
 def normalise(embeddings: np.ndarray) -> np.ndarray:
@@ -34,6 +56,11 @@ class Neighbour:
     label: str
     # cosine similarity of the two studies' embeddings, in [-1, 1]
     similarity: float
+    # Euclidean distance of the two unit embeddings, in [0, 2]
+    distance: float
+    # percentage (0-100) of the index's own neighbour pairs that are farther apart; NaN for an
+    # index of one study (it has no pairs)
+    closer_than: float
 
 
 class EmbeddingIndex:
@@ -43,10 +70,16 @@ class EmbeddingIndex:
         embeddings: (N, F) study embeddings (normalised here).
         study_keys: the N study keys (pseudonyms).
         labels: the N labels as text ("nodule", or "a;b" for several).
+        neighbour_quantiles: the saved :attr:`neighbour_quantiles` of this index; ``None``
+            computes them from the embeddings when first needed.
     """
 
     def __init__(
-        self, embeddings: np.ndarray, study_keys: Sequence[str], labels: Sequence[str]
+        self,
+        embeddings: np.ndarray,
+        study_keys: Sequence[str],
+        labels: Sequence[str],
+        neighbour_quantiles: np.ndarray | None = None,
     ) -> None:
         if not len(embeddings) == len(study_keys) == len(labels):
             raise ValueError("one study key and one label per embedding row")
@@ -58,6 +91,8 @@ class EmbeddingIndex:
         self.study_keys = np.asarray(study_keys, dtype=str)
         self.labels = np.asarray(labels, dtype=str)
         self._nn = NearestNeighbors(algorithm="brute").fit(self.embeddings)
+        if neighbour_quantiles is not None:
+            self.__dict__["neighbour_quantiles"] = np.asarray(neighbour_quantiles, np.float32)
 
     def __len__(self) -> int:
         return len(self.study_keys)
@@ -68,8 +103,46 @@ class EmbeddingIndex:
         dist, _ = self._nn.kneighbors(normalise(embeddings), n_neighbors=k)
         return np.asarray(dist)
 
+    def reference_distances(
+        self, k: int = NEIGHBOURS, max_queries: int = REFERENCE_QUERIES
+    ) -> np.ndarray:
+        """Distances of training studies to their k nearest *other* training studies (leave one
+        out), flattened; from at most ``max_queries`` evenly spaced studies. Empty for an index
+        of one study."""
+        n = len(self)
+        k = min(k, n - 1)
+        if k < 1:
+            return np.zeros(0, dtype=np.float32)
+        rows = np.unique(np.linspace(0, n - 1, min(n, max_queries)).round().astype(np.int64))
+        dist, idx = self._nn.kneighbors(self.embeddings[rows], n_neighbors=k + 1)
+        # drop each study itself (an exact duplicate may come first: drop by index, and the
+        # farthest when the study is not among the k + 1)
+        own = idx == rows[:, None]
+        own[~own.any(axis=1), -1] = True
+        return np.asarray(dist[~own].reshape(len(rows), k), dtype=np.float32).ravel()
+
+    @cached_property
+    def neighbour_quantiles(self) -> np.ndarray:
+        """(:data:`QUANTILES`,) quantiles of :meth:`reference_distances`, at 0%, 0.5%, ...,
+        100%; empty for an index of one study. Computed once, saved with the index."""
+        ref = self.reference_distances()
+        if len(ref) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return np.quantile(ref, np.linspace(0.0, 1.0, QUANTILES)).astype(np.float32)
+
+    def closer_than(self, distances: np.ndarray) -> np.ndarray:
+        """For each distance, the percentage (0-100) of the index's own neighbour pairs that
+        are farther apart (interpolated between the stored quantiles); NaN for an index of one
+        study."""
+        d = np.asarray(distances, dtype=np.float64)
+        q = self.neighbour_quantiles
+        if len(q) == 0:
+            return np.full(d.shape, np.nan)
+        nearer = np.interp(d, q.astype(np.float64), np.linspace(0.0, 1.0, len(q)))
+        return np.clip(100.0 * (1.0 - nearer), 0.0, 100.0)
+
     def query(
-        self, embeddings: np.ndarray, k: int = 5, exclude: Sequence[str] = ()
+        self, embeddings: np.ndarray, k: int = NEIGHBOURS, exclude: Sequence[str] = ()
     ) -> list[list[Neighbour]]:
         """The k most similar training studies for each row, most similar first.
 
@@ -79,11 +152,17 @@ class EmbeddingIndex:
         n = min(len(self), k + len(skip))
         dist, idx = self._nn.kneighbors(normalise(embeddings), n_neighbors=n)
         out = []
-        for drow, irow in zip(dist, idx, strict=True):
+        closer = self.closer_than(dist)
+        for drow, irow, crow in zip(dist, idx, closer, strict=True):
             found = [
-                # unit vectors: |a - b|^2 = 2 - 2 cos
-                Neighbour(str(self.study_keys[i]), str(self.labels[i]), float(1 - d * d / 2))
-                for d, i in zip(drow, irow, strict=True)
+                Neighbour(
+                    str(self.study_keys[i]),
+                    str(self.labels[i]),
+                    float(1 - d * d / 2),  # unit vectors: |a - b|^2 = 2 - 2 cos
+                    float(d),
+                    float(c),
+                )
+                for d, i, c in zip(drow, irow, crow, strict=True)
                 if self.study_keys[i] not in skip
             ]
             out.append(found[:k])
@@ -95,12 +174,17 @@ class EmbeddingIndex:
             embeddings=self.embeddings.astype(np.float16),
             study_keys=self.study_keys,
             labels=self.labels,
+            neighbour_quantiles=self.neighbour_quantiles,
         )
 
     @classmethod
     def load(cls, path: Path) -> EmbeddingIndex:
+        """An index saved by :meth:`save` (one saved without quantiles computes them)."""
         with np.load(path, allow_pickle=False) as data:
-            return cls(data["embeddings"], data["study_keys"].tolist(), data["labels"].tolist())
+            quantiles = data["neighbour_quantiles"] if "neighbour_quantiles" in data.files else None
+            return cls(
+                data["embeddings"], data["study_keys"].tolist(), data["labels"].tolist(), quantiles
+            )
 
 
 def precision_at_k(

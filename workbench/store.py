@@ -177,7 +177,7 @@ class Prediction(Base):
     # What the bundle ships for trust (None when it ships none): the conformal prediction set
     # {"coverage", "classes"}, the out-of-distribution result {"flagged", "score", "threshold",
     # "reasons"} with its flag as a column for the worklist filter, and the most similar
-    # training studies [{"study_key", "label", "similarity"}].
+    # training studies [{"study_key", "label", "similarity", "distance", "closer_than"}].
     prediction_set: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     ood_flag: Mapped[bool | None] = mapped_column(Boolean, index=True)
     ood: Mapped[dict[str, Any] | None] = mapped_column(JSON)

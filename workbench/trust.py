@@ -35,10 +35,10 @@ from workbench.conformal import (
 )
 from workbench.explain import gradcam_layer_for, sanity_checks
 from workbench.ood import HeaderProfile, OODDetector, StudyHeader, false_flag_rate
-from workbench.similar import EmbeddingIndex, precision_at_k
+from workbench.similar import NEIGHBOURS, EmbeddingIndex, precision_at_k
 
 DEFAULT_TARGET_SENSITIVITY = 0.9
-SIMILAR_K = 5
+SIMILAR_K = NEIGHBOURS
 
 
 @dataclass(frozen=True)
@@ -302,7 +302,15 @@ class LoadedTrust:
             pset = {"coverage": cp.coverage, "classes": [classes[k] for k in members]}
         ood = self.ood.assess(self.index, embedding[None], [header])[0]
         similar = [
-            {"study_key": n.study_key, "label": n.label, "similarity": round(n.similarity, 4)}
+            {
+                "study_key": n.study_key,
+                "label": n.label,
+                "similarity": round(n.similarity, 4),
+                "distance": round(n.distance, 6),
+                # % of the index's own neighbour pairs farther apart (workbench.similar); not
+                # rounded, so that 99.996 is not stored as 100
+                "closer_than": None if np.isnan(n.closer_than) else n.closer_than,
+            }
             for n in self.index.query(embedding[None], SIMILAR_K, exclude=[study_key])[0]
         ]
         return {"prediction_set": pset, "ood": ood.to_dict(), "similar": similar}

@@ -10,7 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
+from pandas.io.formats.style import Styler
+
 from workbench.config import Settings, get_settings
+from workbench.results import probability_text
 
 PageName = Literal[
     "signin", "worklist", "study", "cohorts", "reports", "audit", "adjudication", "models"
@@ -43,9 +47,16 @@ def settings() -> Settings:
     return get_settings()
 
 
-def percent(p: float) -> str:
-    return f"{100.0 * p:.0f}%" if p >= 0.01 or p == 0 else "<1%"
-
-
 def format_top_k(top_k: Sequence[tuple[str, float]]) -> str:
-    return " · ".join(f"{label} {percent(p)}" for label, p in top_k)
+    return " · ".join(f"{label} {probability_text(p)}" for label, p in top_k)
+
+
+def styled(frame: pd.DataFrame, columns: Sequence[str] = ("Probability",)) -> Styler:
+    """A table whose probability columns (numbers in [0, 1]) read as
+    :func:`~workbench.results.probability_text` ("<1%", "37%", ">99%") while the cells keep
+    their numbers, so that a column still sorts by value. Show it with a ``NumberColumn``
+    without a format (a format, or a progress bar's label, would replace this text and round
+    0.9996 to "100%")."""
+    return frame.style.format(
+        {c: probability_text for c in columns if c in frame.columns}, na_rep=""
+    )

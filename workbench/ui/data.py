@@ -20,7 +20,12 @@ from sqlalchemy import distinct, func, select
 from workbench.bundle_info import BundleError, list_bundles, read_bundle_info, version_number
 from workbench.config import Settings
 from workbench.dicom.read import FileWindow
-from workbench.results import EXPLAIN_METHODS, latest_predictions, saliency_path
+from workbench.results import (
+    EXPLAIN_METHODS,
+    latest_predictions,
+    probability_text,
+    saliency_path,
+)
 
 # Reviews live in workbench.reviews; the pages reach them through this module.
 from workbench.reviews import (  # noqa: F401
@@ -183,7 +188,7 @@ def set_text(pset: dict[str, Any] | None, top: str | None = None) -> str:
     set names the top class; "" when the bundle ships no sets."""
     if not pset:
         return ""
-    level = f"{100.0 * float(pset.get('coverage', 0.9)):.0f}%"
+    level = probability_text(float(pset.get("coverage", 0.9)))
     if "labels" in pset:
         parts = ", ".join(f"{k}: {v}" for k, v in dict(pset["labels"]).items())
         return f"{level} prediction set: {{{parts}}}"

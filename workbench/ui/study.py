@@ -14,9 +14,10 @@ import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
 from workbench.config import Settings
+from workbench.results import probability_text
 from workbench.ui import data, imaging
 from workbench.ui.auth import Reviewer, require_page
-from workbench.ui.common import OPEN_PREDICTION, format_top_k, page_file, percent, settings
+from workbench.ui.common import OPEN_PREDICTION, format_top_k, page_file, settings, styled
 from workbench.ui.worklist import blind_viewer
 
 log = logging.getLogger(__name__)
@@ -368,18 +369,31 @@ def ood_warning(detail: data.PredictionDetail) -> None:
     )
 
 
+def closeness_text(case: dict[str, Any]) -> str:
+    """How close a prior case is, in words that tell neighbours apart: "closer than 97% of
+    training neighbours" (the stored percentile, see :mod:`workbench.similar`); a prediction
+    stored before percentiles existed shows its cosine similarity to 4 decimals."""
+    closer = case.get("closer_than")
+    if closer is not None:
+        return f"closer than {probability_text(float(closer) / 100.0)} of training neighbours"
+    return f"similarity {float(case.get('similarity', 0.0)):.4f}"
+
+
 def similar_cases(s: Settings, detail: data.PredictionDetail) -> None:
     cases = [c for c in detail.similar if c.get("study_key")][:5]
     if not cases:
         return
     st.subheader("Similar prior cases")
-    st.caption("The most similar training studies (by the model's image embedding).")
+    st.caption(
+        "The most similar training studies (by the model's image embedding), nearest first. "
+        "“Closer than 97% of training neighbours”: this pair is nearer than 97% of the pairs "
+        "each training study forms with its own 5 nearest training studies."
+    )
     keys = data.thumbnail_keys(s, [str(c["study_key"]) for c in cases])
     cols = st.columns(5)
     for col, case in zip(cols, cases, strict=False):
         key = str(case["study_key"])
-        similarity = float(case.get("similarity", 0.0))
-        text = f"{key} · {case.get('label') or 'no label'} · similarity {similarity:.2f}"
+        text = f"{key} · {case.get('label') or 'no label'} · {closeness_text(case)}"
         pixels = imaging.load_display(s, keys[key]) if key in keys else None
         if pixels is None:
             col.caption(text)
@@ -407,7 +421,7 @@ def findings(s: Settings, detail: data.PredictionDetail) -> None:
 def scores(s: Settings, detail: data.PredictionDetail) -> None:
     a, b = st.columns(2)
     a.metric("Top finding", detail.top_finding)
-    b.metric("Calibrated probability", percent(detail.priority))
+    b.metric("Calibrated probability", probability_text(detail.priority))
     st.markdown(f"Predicted label: **{detail.predicted_label}**")
     pset = data.set_text(detail.prediction_set, detail.predicted_label)
     if pset:
@@ -415,20 +429,18 @@ def scores(s: Settings, detail: data.PredictionDetail) -> None:
     ranked = sorted(detail.probabilities.items(), key=lambda kv: -kv[1])
     top = {label for label, _ in detail.top_k}
     st.dataframe(
-        pd.DataFrame(
-            {
-                "Class": [c for c, _ in ranked],
-                "Probability": [round(100.0 * p, 1) for _, p in ranked],
-                "Top-k": ["✓" if c in top else "" for c, _ in ranked],
-            }
+        styled(
+            pd.DataFrame(
+                {
+                    "Class": [c for c, _ in ranked],
+                    "Probability": [p for _, p in ranked],
+                    "Top-k": ["✓" if c in top else "" for c, _ in ranked],
+                }
+            )
         ),
         hide_index=True,
         width="stretch",
-        column_config={
-            "Probability": st.column_config.ProgressColumn(
-                "Probability", format="%.1f%%", min_value=0, max_value=100
-            ),
-        },
+        column_config={"Probability": st.column_config.NumberColumn("Probability")},
     )
     st.caption(
         f"Top-{len(detail.top_k)}: {format_top_k(detail.top_k)} (calibrated, study level). "
@@ -439,7 +451,10 @@ def scores(s: Settings, detail: data.PredictionDetail) -> None:
             st.dataframe(
                 pd.DataFrame(
                     [
-                        {"View": im.view, **{c: percent(p) for c, p in im.probabilities.items()}}
+                        {
+                            "View": im.view,
+                            **{c: probability_text(p) for c, p in im.probabilities.items()},
+                        }
                         for im in detail.images
                     ]
                 ),
@@ -458,7 +473,7 @@ def operating_points(s: Settings, detail: data.PredictionDetail) -> None:
     target = points.get("target_sensitivity")
 
     def pct(v: Any) -> str:
-        return "n/a" if v is None else f"{100.0 * float(v):.0f}%"
+        return probability_text(None if v is None else float(v))
 
     st.markdown(
         "**Operating points**"
@@ -468,8 +483,8 @@ def operating_points(s: Settings, detail: data.PredictionDetail) -> None:
         pd.DataFrame(
             {
                 "Class": [c for c, _, _ in rows],
-                "Probability": [percent(p) for _, p, _ in rows],
-                "Threshold": [percent(float(op["threshold"])) for _, _, op in rows],
+                "Probability": [probability_text(p) for _, p, _ in rows],
+                "Threshold": [probability_text(float(op["threshold"])) for _, _, op in rows],
                 "Above": ["above" if p >= float(op["threshold"]) else "below" for _, p, op in rows],
                 "Sensitivity": [pct(op.get("sensitivity")) for _, _, op in rows],
                 "Specificity": [pct(op.get("specificity")) for _, _, op in rows],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from workbench.results import probability_text
 from workbench.ui import data
 from workbench.ui.auth import Reviewer, require_page
 from workbench.ui.common import (
@@ -15,8 +16,8 @@ from workbench.ui.common import (
     WORKLIST_MODEL,
     format_top_k,
     page_file,
-    percent,
     settings,
+    styled,
 )
 
 STATUS_TEXT = {
@@ -59,6 +60,8 @@ ALL = "All"
 
 
 def table(rows: list[data.WorklistRow]) -> pd.DataFrame:
+    """The worklist as numbers: "Probability" is the calibrated probability in [0, 1], full
+    precision (the column sorts by it); :func:`~workbench.ui.common.styled` says it as text."""
     return pd.DataFrame(
         {
             "Study": [r.study_key for r in rows],
@@ -66,7 +69,7 @@ def table(rows: list[data.WorklistRow]) -> pd.DataFrame:
             "Modality": [r.modality or "" for r in rows],
             "Predicted": [r.predicted_label for r in rows],
             "Top finding": [r.top_finding for r in rows],
-            "Probability": [round(100.0 * r.priority, 1) if r.scored else None for r in rows],
+            "Probability": [r.priority if r.scored else None for r in rows],
             "Prediction set": [data.set_short(r.prediction_set, r.predicted_label) for r in rows],
             "OOD": [OOD_BADGE if r.ood_flag else "" for r in rows],
             "Top-k": [format_top_k(r.top_k) for r in rows],
@@ -156,16 +159,12 @@ def main() -> None:
         return
 
     st.dataframe(
-        table(rows),
+        styled(table(rows)),
         hide_index=True,
         width="stretch",
         column_config={
-            "Probability": st.column_config.ProgressColumn(
-                "Probability",
-                help="Calibrated probability of the top finding",
-                format="%.0f%%",
-                min_value=0,
-                max_value=100,
+            "Probability": st.column_config.NumberColumn(
+                "Probability", help="Calibrated probability of the top finding"
             ),
             "Prediction set": st.column_config.TextColumn(
                 "Prediction set", help="Classes the conformal prediction set keeps open"
@@ -183,7 +182,7 @@ def main() -> None:
         "Study to open",
         options=list(by_id),
         format_func=lambda p: (
-            f"{by_id[p].study_key} · {by_id[p].top_finding} {percent(by_id[p].priority)}"
+            f"{by_id[p].study_key} · {by_id[p].top_finding} {probability_text(by_id[p].priority)}"
             + (" · out of distribution" if by_id[p].ood_flag else "")
             + f" · {STATUS_TEXT[by_id[p].status].lower()}"
         ),
