@@ -17,6 +17,7 @@ from workbench.config import Settings
 from workbench.dicom.synth import synthesize_cohort
 from workbench.inference import latest_predictions, predict_study
 from workbench.nets import create_network, load_initial_weights
+from workbench.runtime import choose_precision
 from workbench.training import (
     TrainConfig,
     TrainingError,
@@ -73,8 +74,12 @@ def test_training_writes_a_complete_bundle(pipeline: Pipeline) -> None:
     assert wb["negative_class"] == "normal"
     assert wb["image_size"] == 64 and wb["spatial_dims"] == 2
     assert len(wb["cohort_hash"]) == 64
-    assert set(wb["split"]["studies"]) == {"train", "calibration", "test"}
-    assert wb["training"]["precision"] == "bf16"
+    assert set(wb["split"]["studies"]) == {"train", "validation", "calibration", "test"}
+    # auto: the probe of this machine's real step, recorded; bf16 only where it has bf16
+    # units and beat fp32 (AVX512-BF16 / AMX), fp32 on an AVX2-only CPU.
+    choice = wb["training"]["precision_choice"]
+    assert choice["probe"]["fp32"] > 0 and choice["reason"]
+    assert wb["training"]["precision"] == choose_precision(choice["probe"])
     assert wb["calibration"]["method"] in ("none", "temperature", "sigmoid", "isotonic")
     assert "auroc_macro" in wb["metrics"]["test"]
     assert wb["code_version"]

@@ -51,7 +51,7 @@ from workbench.calibration import (
     SiteCalibration,
     calibration_from_dict,
 )
-from workbench.data import InputSpec
+from workbench.data import InputSpec, Normalization
 from workbench.nets import create_network
 
 
@@ -214,6 +214,9 @@ def save_bundle(
                 "source": "DICOM display pipeline (VOI window or LUT), output in [0, 1]",
                 "range": [0.0, 1.0],
             },
+            # x' = (x * scale - mean) / std on display pixels, applied by the eval preset
+            # (imported weights; see workbench.weights); null: display pixels as they are
+            "normalization": spec.normalization.to_dict() if spec.normalization else None,
             "transform_hash": spec.transform_hash(),
             "calibration": calibration.to_dict(),
             "created": now,
@@ -256,14 +259,26 @@ def _model_card(name: str, version: str, metadata: dict[str, Any]) -> str:
         "",
         f"Intended use: {metadata['intended_use']}",
         "",
-        f"- input: {wb['spatial_dims']}D, {wb['image_size']} px, display pixels in [0, 1]",
+        f"- input: {wb['spatial_dims']}D, {wb['image_size']} px, display pixels in [0, 1]"
+        + _normalization_note(wb),
         f"- training cohort: {wb.get('cohort')} (hash {str(wb.get('cohort_hash'))[:16]})",
         f"- calibration: {wb['calibration']['method']}{_site_maps(wb)}",
         f"- code: {wb['code_version']}",
         "- training curves: training.png beside this file",
     ]
     lines += [f"- test {k}: {v:.3f}" for k, v in metrics.items() if isinstance(v, float)]
+    warning = wb.get("calibration_fit", {}).get("check", {}).get("warning")
+    if warning:
+        lines += ["", f"**Warning: {warning}.**"]
     return "\n".join(lines) + "\n"
+
+
+def _normalization_note(wb: dict[str, Any]) -> str:
+    """The model card's note on the input normalization (empty without one)."""
+    n = wb.get("normalization")
+    if not n:
+        return ""
+    return f", normalised as (x * {n['scale']:g} - {n['mean']:g}) / {n['std']:g}"
 
 
 def _site_maps(wb: dict[str, Any]) -> str:
@@ -283,7 +298,12 @@ def load_bundle(models_dir: Path, model: str, device: str | torch.device = "cpu"
     try:
         wb = metadata["workbench"]
         classes = tuple(wb["classes"])
-        spec = InputSpec(image_size=int(wb["image_size"]), spatial_dims=int(wb["spatial_dims"]))
+        spec = InputSpec(
+            image_size=int(wb["image_size"]),
+            spatial_dims=int(wb["spatial_dims"]),
+            # absent in bundles from before imported weights: display pixels as they are
+            normalization=Normalization.from_dict(wb.get("normalization")),
+        )
         network = create_network(spec.spatial_dims, len(classes), architecture=wb["architecture"])
         state = torch.load(path / "models" / "model.pt", map_location="cpu", weights_only=True)
         network.load_state_dict(state)

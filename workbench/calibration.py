@@ -472,6 +472,10 @@ class CalibrationResult:
 
 # Minimum calibration-set size (studies) for each method to be a candidate.
 MIN_SAMPLES: dict[str, int] = {"temperature": 10, "sigmoid": 40, "isotonic": 200}
+#: From this many calibration samples on, "none" is no longer a candidate: temperature at least.
+TEMPERATURE_FLOOR = 100
+#: A shipped calibration whose ECE on the calibration data exceeds this is reported as weak.
+ECE_TARGET = 0.05
 
 
 def fit_calibration(
@@ -485,7 +489,8 @@ def fit_calibration(
 
     The candidates are ``"none"`` plus ``methods``; the winner is the lowest held-out
     log loss (stratified K-fold, ``K = min(5, smallest class count)``; ties keep the
-    simpler / earlier candidate, ``none`` first).  If some class has fewer than 2
+    simpler / earlier candidate, ``none`` first). With at least :data:`TEMPERATURE_FLOOR`
+    samples ``none`` drops out and temperature scaling is the floor.  If some class has fewer than 2
     samples no held-out estimate is possible and ``none`` is returned (with a warning).
     """
     classes_t = tuple(str(c) for c in classes)
@@ -530,7 +535,12 @@ def fit_calibration(
             oof[m] = pred
             held_out[m] = float(log_loss(y, pred, labels=np.arange(k)))
 
-    best = "none"
+    # Temperature scaling is the floor on a calibration split large enough to fit its one
+    # parameter well: it can only move T away from 1 where the data say so, while "none"
+    # ships whatever over- or under-confidence training left.
+    best = "temperature" if "temperature" in candidates and len(y) >= TEMPERATURE_FLOOR else "none"
+    if best != "none":
+        notes.append(f"temperature is the floor ({len(y)} >= {TEMPERATURE_FLOOR} samples)")
     for m in candidates:
         if held_out[m] < held_out[best]:
             best = m

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from workbench.cache import (
     Decoded,
     decode_file,
+    file_cache_key,
     hu_volume_key,
     init_worker,
     write_cache,
@@ -112,10 +113,25 @@ class CohortItem:
     views: tuple[str, ...]
     pixel_hashes: tuple[str, ...]
     cache_keys: tuple[str, ...]
+    # Slices of each input: 1 for an image, the series' instances for a stacked volume, the
+    # frames of a multi-frame file cached whole.
+    depths: tuple[int, ...] = ()
 
     @property
     def spatial_dims(self) -> int:
-        return 3 if self.modality in VOLUMETRIC else 2
+        """2 or 3 by what the study holds, not by its modality (see :data:`MIN_VOLUME_SLICES`)."""
+        return shape_of(self.depths)
+
+
+#: The rule of a study's shape: it is a 3D volume when one of its inputs has at least this many
+#: slices; with fewer (a one-slice CT or MR, a key image, a short stack) it is a 2D image, and a
+#: 2D model sees the middle slice of a short stack (:class:`workbench.data.LoadCachedd`).
+MIN_VOLUME_SLICES = 8
+
+
+def shape_of(depths: Sequence[int]) -> int:
+    """2 or 3: the spatial dims of a study whose inputs have ``depths`` slices."""
+    return 3 if depths and max(depths) >= MIN_VOLUME_SLICES else 2
 
 
 # --- the decoded-pixel cache ------------------------------------------------------------------
@@ -651,6 +667,7 @@ def _item(settings: Settings, study: Study, split: str | None) -> CohortItem:
     views: list[str] = []
     hashes: list[str] = []
     keys: list[str] = []
+    depths: list[int] = []
     for series in sorted(study.series, key=lambda s: (s.view_position or "", s.series_uid)):
         insts = list(series.instances)
         if series.modality in VOLUMETRIC and len(insts) > 1:
@@ -668,6 +685,7 @@ def _item(settings: Settings, study: Study, split: str | None) -> CohortItem:
                 views.append(series.view_position or "")
                 hashes.append(inst.pixel_hash)
                 keys.append(inst.cache_key)
+        depths.extend(_series_depths(series))
     return CohortItem(
         study_id=study.id,
         study_key=study.study_key,
@@ -682,7 +700,20 @@ def _item(settings: Settings, study: Study, split: str | None) -> CohortItem:
         views=tuple(views),
         pixel_hashes=tuple(hashes),
         cache_keys=tuple(keys),
+        depths=tuple(depths),
     )
+
+
+def _series_depths(series: Series) -> list[int]:
+    """The slices of each model input a series gives, in :func:`_item`'s order: one stacked
+    volume, or one input per instance (its frames when all were cached, else 1)."""
+    insts = list(series.instances)
+    if series.modality in VOLUMETRIC and len(insts) > 1:
+        return [len(insts)] if series.volume_cache_key is not None else []
+    # A file's frames are all cached only under the "volume" key (cache.file_cache_key).
+    return [
+        i.frames if i.cache_key == file_cache_key(i.file_sha256, "volume") else 1 for i in insts
+    ]
 
 
 def cohort_hash(items: Sequence[CohortItem]) -> str:
@@ -812,12 +843,12 @@ def study_headers(settings: Settings, study_ids: Sequence[int]) -> dict[int, Stu
         for study in studies:
             series = list(study.series)
             insts = [i for s in series for i in s.instances]
-            volumetric = any(s.modality in VOLUMETRIC and len(s.instances) > 1 for s in series)
+            depths = [d for s in series for d in _series_depths(s)]
             out[study.id] = StudyHeader(
                 modality=study.modality,
                 body_parts=tuple(sorted({s.body_part for s in series if s.body_part})),
                 photometrics=tuple(sorted({i.photometric for i in insts if i.photometric})),
-                spatial_dims=3 if volumetric else 2,
+                spatial_dims=shape_of(depths),
                 sizes=tuple(sorted({(i.rows, i.columns) for i in insts})),
             )
     return out
@@ -865,11 +896,23 @@ def fold_assignment(
     rest = [it for it in items if folds[it.patient] != test_fold]
     rng = np.random.default_rng([seed, test_fold])
     split_of: dict[str, str] = {p: "test" for p, f in folds.items() if f == test_fold}
-    for patients in _strata(rest).values():
-        n = len(patients)
-        n_cal = int(round(calibration_fraction * n))
-        if n >= 2:
-            n_cal = min(max(n_cal, 1), n - 1)
-        for rank, idx in enumerate(rng.permutation(n)):
-            split_of[patients[idx]] = "calibration" if rank < n_cal else "train"
+    held = holdout_patients(rest, calibration_fraction, rng)
+    split_of.update({it.patient: "calibration" if it.patient in held else "train" for it in rest})
     return {it.study_id: split_of[it.patient] for it in items}
+
+
+def holdout_patients(
+    items: Sequence[CohortItem], fraction: float, seed: int | np.random.Generator = 0
+) -> set[str]:
+    """About ``fraction`` of the patients of ``items``, drawn within each label stratum (at
+    least one and never all of a stratum of two or more): a patient-level hold-out, e.g. the
+    training split's validation patients for early stopping."""
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng([seed, 7])
+    held: set[str] = set()
+    for patients in _strata(items).values():
+        n = len(patients)
+        k = int(round(fraction * n))
+        if n >= 2:
+            k = min(max(k, 1), n - 1)
+        held.update(patients[idx] for rank, idx in enumerate(rng.permutation(n)) if rank < k)
+    return held

@@ -20,6 +20,7 @@ from typing import Any
 DEMO_COHORT = "demo"
 DEMO_MODEL = "chest-xray"
 DEMO_USER = "demo"
+DEMO_TIME_BUDGET = 240.0  # seconds of training: the demo finishes in minutes on 2 CPU cores
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -114,13 +115,48 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train, calibrate and bundle a model on a cohort")
     s.add_argument("--cohort", required=True)
     s.add_argument("--name", required=True, help="model name (bundle folder under models/)")
-    s.add_argument("--epochs", type=int, default=12)
+    s.add_argument(
+        "--epochs",
+        type=int,
+        help="a fixed number of epochs at most; default: a step budget (early stopping on "
+        "held-out training patients, capped by --max-steps and --time-budget)",
+    )
+    s.add_argument(
+        "--max-steps", type=int, help="cap on optimiser steps (default 2000 without --epochs)"
+    )
+    s.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after")
+    s.add_argument(
+        "--patience-steps",
+        type=int,
+        help="steps without a better validation score before stopping (default: the larger "
+        "of 150 and 3 epochs)",
+    )
+    s.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
+    s.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.15,
+        help="training patients held out for early stopping (never the calibration split)",
+    )
     s.add_argument("--image-size", type=int, default=96)
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="default: WORKBENCH_PRECISION, else auto (a timed probe; never slower than fp32)",
+    )
+    s.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="default: WORKBENCH_DEVICE, else auto"
+    )
+    s.add_argument(
+        "--spatial-dims",
+        choices=["auto", "2", "3"],
+        default="auto",
+        help="2D images or 3D volumes; auto: the cohort's one shape (a study is 3D when an "
+        "input has at least 8 slices; a mixed cohort is refused with the counts)",
+    )
     s.add_argument("--resume", action="store_true", help="continue an interrupted run")
     s.add_argument(
         "--checkpoint-every",
@@ -131,8 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--init-from",
         metavar="MODEL_OR_FILE",
-        help="start from a bundle (its head rebuilt for new classes) or a weights file, e.g. "
-        "an ImageNet DenseNet121 state dict in torchvision's layout (nothing is downloaded)",
+        help="start from a bundle (its head rebuilt for new classes), a weights file, e.g. "
+        "an ImageNet DenseNet121 state dict in torchvision's layout (nothing is downloaded), "
+        "or weights:NAME from `workbench weights import` (with their input normalization)",
     )
     s.add_argument("--freeze-blocks", type=int, default=0, help="freeze the first N dense blocks")
     s.add_argument("--backbone-lr-factor", type=float, default=1.0, help="backbone lr = lr x this")
@@ -301,9 +338,38 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--format", choices=["csv", "json"], default="csv")
     u.add_argument("--out", type=Path, help="write here (default: standard output)")
 
+    s = sub.add_parser(
+        "weights",
+        help="import DenseNet121 weights downloaded elsewhere into the local store; list it",
+        description="Offline: FILE was downloaded by hand. It is converted to the workbench's "
+        "DenseNet121 layout (one input channel), stored under $WORKBENCH_HOME/weights/ with its "
+        "sha256, and used with `train --init-from weights:NAME`. Nothing that could run code is "
+        "unpickled.",
+    )
+    ws = s.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    w = ws.add_parser("import", help="convert a downloaded file into the store")
+    w.add_argument("file", type=Path, help="the weights file (a folder or zip: monai-bundle)")
+    w.add_argument(
+        "--format",
+        required=True,
+        choices=["torchvision", "torchxrayvision", "timm", "monai-bundle"],  # weights.FORMATS
+    )
+    w.add_argument("--name", help="store name (default: from the file name)")
+    licence = w.add_mutually_exclusive_group()
+    licence.add_argument("--licence-file", type=Path, help="the weights' licence, recorded")
+    licence.add_argument("--licence", help="the weights' licence as text, recorded")
+    ws.add_parser("list", help="the store, one line per entry")
+
     s = sub.add_parser("demo", help="synth → ingest → train → predict → report → app")
     s.add_argument("--studies", type=int, default=300)
-    s.add_argument("--epochs", type=int, default=12)
+    s.add_argument("--epochs", type=int, help="default: the step budget, as `train`")
+    s.add_argument(
+        "--time-budget",
+        type=float,
+        default=DEMO_TIME_BUDGET,
+        metavar="SECONDS",
+        help=f"training time (default {DEMO_TIME_BUDGET:.0f} s)",
+    )
     s.add_argument("--image-size", type=int, default=96)
     s.add_argument("--seed", type=int, default=0)  # synth.DEMO_SEED
     s.add_argument("--no-app", action="store_true", help="stop after the report")
@@ -509,28 +575,41 @@ def model_line(ref: str, wb: dict) -> str:  # type: ignore[type-arg]
     if hw.get("processes", 1) > 1:
         where = f"{hw['processes']} x {where}"
     epochs = tr.get("epochs_run", len(tr.get("history", [])))
+    choice = tr.get("precision_choice") or {}
+    precision = tr.get("precision", "?") + (
+        f" ({choice['reason']})" if choice.get("reason") else ""
+    )
     return (
         f"{ref}  {wb.get('problem', 'multiclass')}  cohort {wb.get('cohort')}  "
         f"classes {','.join(wb.get('classes', []))}  AUROC {_num(test.get('auroc_macro'))}  "
         f"ECE {_num(test.get('ece_after'))}  epochs {epochs}  "
-        f"{_num(tr.get('seconds'), '.0f')} s  on {where}  created {wb.get('created')}"
+        f"{_num(tr.get('seconds'), '.0f')} s  on {where}  precision {precision}  "
+        f"created {wb.get('created')}"
     )
 
 
 def cmd_train(a: argparse.Namespace) -> None:
     from workbench.training import TrainConfig, train
 
+    settings = _settings()
     cfg = TrainConfig(
         cohort=a.cohort,
         name=a.name,
         epochs=a.epochs,
+        max_steps=a.max_steps,
+        time_budget=a.time_budget,
+        patience_steps=a.patience_steps,
+        warmup_steps=a.warmup_steps,
+        validation_fraction=a.validation_fraction,
         image_size=a.image_size,
         batch_size=a.batch_size,
         lr=a.lr,
         seed=a.seed,
-        precision=a.precision,
-        device=a.device,
+        # A flag wins; otherwise WORKBENCH_PRECISION / WORKBENCH_DEVICE, as every command.
+        precision=a.precision or settings.precision,
+        device=a.device or settings.device,
         resume=a.resume,
+        spatial_dims=a.spatial_dims,
         checkpoint_every=a.checkpoint_every,
         init_from=a.init_from,
         freeze_blocks=a.freeze_blocks,
@@ -548,7 +627,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     )
     # Under torchrun only rank 0 reports (every rank returns the same result).
     main_rank = os.environ.get("RANK", "0") == "0"
-    res = train(_settings(), cfg, progress=main_rank)
+    res = train(settings, cfg, progress=main_rank)
     if not main_rank:
         return
     m = res.metrics
@@ -564,6 +643,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     )
     for label, auroc in (m.get("auroc_per_label") or {}).items():
         print(f"  {label}: AUROC {_num(auroc)}")
+    if m.get("calibration_warning"):
+        print(f"warning: {m['calibration_warning']}")
     if res.folds:
         f = res.folds
         for key in ("accuracy", "auroc_macro", "ece_after"):
@@ -812,6 +893,29 @@ def cmd_audit(a: argparse.Namespace) -> None:
         print(f"exported {n} audit events to {a.out}")
 
 
+def cmd_weights(a: argparse.Namespace) -> None:
+    from workbench import weights
+
+    settings = _settings()
+    if a.weights_command == "import":
+        e = weights.import_weights(
+            settings, a.file, a.format, a.name, licence=a.licence, licence_file=a.licence_file
+        )
+        n = e.input_normalization
+        norm = f"(x * {n.scale:g} - {n.mean:g}) / {n.std:g}" if n else "none"
+        print(
+            f"imported {e.name}: {e.tensors} tensors from {e.source_file} ({e.format}, source "
+            f"sha256 {e.source_sha256[:16]}), stored sha256 {e.sha256[:16]}; first conv "
+            f"{e.source_input['channels']} -> 1 channel; normalization {norm}; licence "
+            f"{'recorded' if e.licence else 'none given'}; train with --init-from weights:{e.name}"
+        )
+        return
+    entries = weights.list_weights(settings)
+    for e in entries:
+        print(e.line())
+    print(f"{len(entries)} weights in {weights.weights_dir(settings)}")
+
+
 def _demo_account(settings) -> None:  # noqa: ANN001 - Settings, imported lazily
     """A demo clinician to sign in with: WORKBENCH_DEMO_PASSWORD, or a random password printed
     once (an existing demo account is left alone)."""
@@ -844,6 +948,11 @@ def cmd_demo(a: argparse.Namespace) -> None:
         cohort=DEMO_COHORT,
         name=DEMO_MODEL,
         epochs=a.epochs,
+        max_steps=None,
+        time_budget=a.time_budget,
+        patience_steps=None,
+        warmup_steps=None,
+        validation_fraction=0.15,
         image_size=a.image_size,
         batch_size=16,
         lr=1e-3,
@@ -851,6 +960,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
         precision=settings.precision,
         device=settings.device,
         resume=False,
+        spatial_dims="auto",
         checkpoint_every=50,
         init_from=None,
         freeze_blocks=0,
@@ -902,6 +1012,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "users": cmd_users,
     "audit": cmd_audit,
+    "weights": cmd_weights,
 }
 
 

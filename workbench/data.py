@@ -23,30 +23,77 @@ from monai.transforms import (
     EnsureTyped,
     MapTransform,
     Resized,
+    ScaleIntensityRanged,
     SpatialPadd,
 )
 from torch.utils.data import Dataset as TorchDataset
 
-from workbench.catalog import CohortItem
+from workbench.catalog import MIN_VOLUME_SLICES, CohortItem
 
 PRESET_VERSION = 1
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """The intensity map a network's first layer was trained on, applied to display pixels
+    ``x`` in ``[0, 1]``: ``x' = (x * scale - mean) / std``.
+
+    ``scale`` takes the display value to the range the source's mean and std are given in
+    (1 for ImageNet statistics on [0, 1] pixels; 2048 with mean 1024 and std 1 for
+    TorchXRayVision's [-1024, 1024]).
+    """
+
+    scale: float = 1.0
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.std > 0 and self.scale > 0):
+            raise ValueError(f"normalization needs scale > 0 and std > 0, not {self}")
+
+    def apply(self, x: Any) -> Any:
+        """``x`` (display values) as the network sees them."""
+        return (x * self.scale - self.mean) / self.std
+
+    def invert(self, x: Any) -> Any:
+        """Network input back to display values."""
+        return (x * self.std + self.mean) / self.scale
+
+    def to_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Normalization | None:
+        """The map a bundle's metadata records (None when it records none)."""
+        if not d:
+            return None
+        return cls(scale=float(d["scale"]), mean=float(d["mean"]), std=float(d["std"]))
+
+
+@dataclass(frozen=True)
 class InputSpec:
-    """What the network expects: read from the bundle, never copied by hand."""
+    """What the network expects: read from the bundle, never copied by hand.
+
+    ``normalization``: the intensity map of imported weights (see ``workbench.weights``),
+    applied last by the eval preset; None (the default) feeds display pixels in [0, 1].
+    """
 
     image_size: int
     spatial_dims: int = 2
+    normalization: Normalization | None = None
 
     def transform_hash(self) -> str:
         """Digest of the deterministic preset as built for this spec: every parameter of every
         eval transform (size, resize mode, padding...) goes in, so changing one changes the
-        hash, and with it every cache key and prediction record derived from it."""
+        hash, and with it every cache key and prediction record derived from it. A spec without
+        normalization hashes exactly as before the field existed (old bundles keep theirs)."""
+        fields = asdict(self)
+        if self.normalization is None:
+            del fields["normalization"]
         payload = json.dumps(
             {
                 "preset": PRESET_VERSION,
-                **asdict(self),
+                **fields,
                 "eval": describe_transforms(eval_transforms(self)),
             },
             sort_keys=True,
@@ -91,31 +138,95 @@ class LoadCachedd(MapTransform):
     """Load a cached display array (``.npy``): (H, W) image or (D, H, W) volume.
 
     Hand-written because the cache layout is the workbench's own; output is channel-first
-    float32: (1, H, W) or (1, D, H, W).
+    float32: (1, H, W) or (1, D, H, W). For a 2D model a short stack (fewer slices than
+    :data:`workbench.catalog.MIN_VOLUME_SLICES`, so a 2D study by the shape rule) gives its
+    middle slice.
     """
 
-    def __init__(self, keys: Sequence[str] | str = "image") -> None:
+    def __init__(self, keys: Sequence[str] | str = "image", spatial_dims: int = 2) -> None:
         super().__init__(keys)
+        # Private, so the preset's description (and with it every existing transform hash)
+        # is unchanged: inputs that loaded before load exactly as before.
+        self._spatial_dims = spatial_dims
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = np.load(d[key]).astype(np.float32)[None]
+            array = np.load(d[key])
+            if self._spatial_dims == 2 and array.ndim == 3:
+                if array.shape[0] >= MIN_VOLUME_SLICES:
+                    raise ValueError(
+                        f"a volume of {array.shape[0]} slices for a 2D model "
+                        f"(a study with at least {MIN_VOLUME_SLICES} slices is 3D)"
+                    )
+                array = array[array.shape[0] // 2]
+            if array.ndim != self._spatial_dims:
+                raise ValueError(
+                    f"a {array.ndim}D image for a {self._spatial_dims}D model "
+                    f"(shape {tuple(array.shape)})"
+                )
+            d[key] = array.astype(np.float32)[None]
         return d
+
+
+class StudyInputError(Exception):
+    """A study's input failed in a transform or the network: the message names the study."""
+
+
+def study_error(err: BaseException, where: str) -> StudyInputError:
+    """One line naming ``where`` (the study) and the innermost cause of ``err`` (MONAI wraps a
+    transform's error as "applying transform <object at 0x...>", which names neither)."""
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return StudyInputError(f"{where}: {type(cause).__name__}: {text}".rstrip(": "))
+
+
+class StudyCompose(Compose):
+    """MONAI's Compose whose errors name the record's study (its ``study_key``) and the cause,
+    in one line; the original exception is kept as ``__cause__`` (``WORKBENCH_DEBUG=1``)."""
+
+    def __call__(  # type: ignore[override]  # Compose's own signature, as MONAI declares it
+        self,
+        input_: Any,
+        start: int = 0,
+        end: int | None = None,
+        threading: bool = False,
+        lazy: bool | None = None,
+    ) -> Any:
+        try:
+            return super().__call__(input_, start, end, threading, lazy)
+        except Exception as err:
+            study = input_.get("study_key") if isinstance(input_, Mapping) else None
+            where = f"study {study}" if study else f"input {input_!r:.80}"
+            raise study_error(err, where) from err
 
 
 def eval_transforms(spec: InputSpec) -> Compose:
     """Deterministic preset: load → resize longest side → centre pad → tensor."""
     size = spec.image_size
-    return Compose(
+    return StudyCompose(
         [
-            LoadCachedd("image"),
+            LoadCachedd("image", spec.spatial_dims),
             EnsureTyped("image", track_meta=True),
             Resized("image", spatial_size=size, size_mode="longest", mode="area"),
             SpatialPadd("image", spatial_size=[size] * spec.spatial_dims),
             EnsureTyped("image", dtype=torch.float32, track_meta=True),
         ]
+        + _normalize(spec)
     )
+
+
+def _normalize(spec: InputSpec) -> list[MapTransform]:
+    """The spec's normalization as a transform ([] without one, so the preset, and its hash,
+    stay as they were): the linear map that takes display 0 and 1 where ``Normalization``
+    does."""
+    n = spec.normalization
+    if n is None:
+        return []
+    low, high = float(n.apply(0.0)), float(n.apply(1.0))
+    return [ScaleIntensityRanged("image", a_min=0.0, a_max=1.0, b_min=low, b_max=high)]
 
 
 # Random augmentation, drawn per sample and applied per batch (on the GPU when training there):
@@ -183,6 +294,11 @@ def _rotation(angles: torch.Tensor) -> torch.Tensor:
     return rz @ ry @ rx
 
 
+def _aug_size(spatial_dims: int) -> int:
+    """Length of :func:`draw_augmentation`'s vector."""
+    return 1 + (1 if spatial_dims == 2 else 3) + 2 * spatial_dims + 6
+
+
 def augment_batch(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Apply per-sample augmentation ``params`` (B, P) from :func:`draw_augmentation` to a batch
     ``x`` (B, C, *spatial) of display values, in one ``affine_grid`` / ``grid_sample`` for the
@@ -192,8 +308,18 @@ def augment_batch(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     time on the CPU inside the data loader; this runs once per batch where the batch is, with
     the same kinds and ranges of change. A sample whose affine flag is off is resampled at its
     own pixel centres, which leaves it unchanged.
+
+    Inputs normalised for imported weights (``params`` ends with the spec's normalization
+    ``scale, mean, std``, as :class:`AugmentedDataset` appends it) are taken back to display
+    values, augmented as any other, and normalised again: the same change in either case.
     """
     b, d = x.shape[0], x.ndim - 2
+    if params.shape[1] == _aug_size(d) + 3:
+        view = (b,) + (1,) * (x.ndim - 1)
+        norm = params[:, -3:].to(device=x.device, dtype=x.dtype)
+        scale, mean, std = (norm[:, i].reshape(view) for i in range(3))
+        out = augment_batch((x * std + mean) / scale, params[:, :-3])
+        return (out * scale - mean) / std
     n_angles = 1 if d == 2 else 3
     p = params.to(device=x.device, dtype=torch.float32)
     k = 1
@@ -232,10 +358,20 @@ class AugmentedDataset(TorchDataset):
     """A deterministic dataset whose samples carry their augmentation parameters ("aug"),
     drawn from (seed, epoch, index): set ``epoch`` before each epoch. The images themselves are
     augmented per batch by :func:`augment_batch`; "image" is a plain tensor (collating MONAI
-    MetaTensors with their metadata costs more than the images' copy)."""
+    MetaTensors with their metadata costs more than the images' copy).
 
-    def __init__(self, base: Any, seed: int, spatial_dims: int) -> None:
+    ``normalization`` (the spec's, when its images are normalised) is appended to each
+    sample's parameters, so that :func:`augment_batch` augments display values."""
+
+    def __init__(
+        self,
+        base: Any,
+        seed: int,
+        spatial_dims: int,
+        normalization: Normalization | None = None,
+    ) -> None:
         self.base, self.seed, self.spatial_dims, self.epoch = base, seed, spatial_dims, 0
+        self.normalization = normalization
 
     def __len__(self) -> int:
         return len(self.base)
@@ -245,7 +381,11 @@ class AugmentedDataset(TorchDataset):
         image = sample["image"]
         sample["image"] = image.as_tensor() if isinstance(image, MetaTensor) else image
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index]))
-        sample["aug"] = torch.from_numpy(draw_augmentation(rng, self.spatial_dims))
+        params = draw_augmentation(rng, self.spatial_dims)
+        n = self.normalization
+        if n is not None:
+            params = np.concatenate([params, [n.scale, n.mean, n.std]])
+        sample["aug"] = torch.from_numpy(params)
         return sample
 
 
@@ -266,6 +406,7 @@ def to_records(
                     "image": str(path),
                     "label": y,
                     "study_id": it.study_id,
+                    "study_key": it.study_key,
                     "view": view,
                     "pixel_hash": ph,
                 }
@@ -299,4 +440,6 @@ def make_dataset(
         base = CacheDataset(records, transform, progress=False, num_workers=0)
     else:
         base = Dataset(records, transform)
-    return AugmentedDataset(base, seed, spec.spatial_dims) if train else base
+    if not train:
+        return base
+    return AugmentedDataset(base, seed, spec.spatial_dims, spec.normalization)

@@ -97,7 +97,10 @@ def predict_study(
     device = next(model.parameters()).device
     prec = resolve_precision(precision, device, bundle.spec.spatial_dims, training=False)
     transform = eval_transforms(bundle.spec)
-    inputs = [transform({"image": str(path)})["image"] for path in item.images]
+    inputs = [
+        transform({"image": str(path), "study_key": item.study_key})["image"]
+        for path in item.images
+    ]
     x = to_device(
         torch.stack([torch.as_tensor(t) for t in inputs]), device, bundle.spec.spatial_dims
     )

@@ -55,15 +55,28 @@ def embed(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 # torchvision's DenseNet keys -> MONAI's: MONAI wraps each dense layer's modules in `.layers`.
 # MONAI has this mapping only inside its download helper (densenet._load_state_dict, for the
 # old "norm.1" spelling); here it also covers today's "norm1" and a file given by path.
+# timm's and TorchXRayVision's DenseNet121 use torchvision's names.
 _TV_DENSE_LAYER = re.compile(r"^(.*denselayer\d+)\.(norm|relu|conv)\.?([12])\.(.+)$")
+_TV_HEAD = "classifier."  # torchvision's linear head; MONAI's is class_layers.out
 
 
-def _monai_key(key: str) -> str:
+def monai_key(key: str) -> str:
+    """A DenseNet121 state-dict key in MONAI's layout: torchvision's spellings (also timm's and
+    TorchXRayVision's) and DataParallel's ``module.`` mapped, MONAI's own kept."""
     key = key.removeprefix("module.")  # saved from DataParallel / DDP
     m = _TV_DENSE_LAYER.match(key)
     if m:
         return f"{m.group(1)}.layers.{m.group(2)}{m.group(3)}.{m.group(4)}"
+    if key.startswith(_TV_HEAD):
+        return "class_layers.out." + key.removeprefix(_TV_HEAD)
     return key
+
+
+def sum_input_channels(weight: torch.Tensor) -> torch.Tensor:
+    """A first convolution's weight (out, C, *kernel) for one input channel: summed over the C
+    channels (timm's ``adapt_input_conv``), so a grey image copied into every channel and the
+    grey image itself give the same response."""
+    return weight.sum(dim=1, keepdim=True)
 
 
 def load_initial_weights(
@@ -80,14 +93,14 @@ def load_initial_weights(
     target = model.state_dict()
     loaded, skipped = [], []
     for key, value in state.items():
-        name = _monai_key(key)
+        name = monai_key(key)
         if name not in target:
             skipped.append(key)
             continue
         want = target[name]
         stem = name.endswith("conv0.weight") and value.dim() == want.dim() >= 2
         if stem and (value.shape[1], want.shape[1]) == (3, 1):  # RGB stem into a grey model
-            value = value.sum(dim=1, keepdim=True)
+            value = sum_input_channels(value)
         if tuple(value.shape) != tuple(want.shape):
             skipped.append(key)
             continue

@@ -479,6 +479,8 @@ def _calibration(
         "reliability_before": before,
         "reliability_after": after,
         "bundle_recorded": {k: recorded.get(k) for k in ("ece_before", "ece_after")},
+        # The training-time check of the shipped calibration (None: fine, or an old bundle).
+        "warning": bundle.workbench.get("calibration_fit", {}).get("check", {}).get("warning"),
     }
 
 
@@ -733,6 +735,8 @@ def _warnings(data: Mapping[str, Any]) -> list[str]:
             f"{ev['n_foreign_label']} studies carry labels the model does not know "
             f"({', '.join(ev['foreign_labels'])}) and are not counted."
         )
+    if data.get("calibration", {}).get("warning"):
+        out.append(f"Training found the {data['calibration']['warning']}.")
     if lin["evaluated_cohort"]["matches_training_hash"] is False:
         out.append("The training cohort has changed since the model was trained.")
     if lin["predictions"]["n_pixels_changed"]:

@@ -21,9 +21,11 @@ patient-level folds.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -42,6 +44,7 @@ from tqdm import tqdm
 
 from workbench.bundle import hash_bundle, resolve_bundle_path, save_bundle
 from workbench.calibration import (
+    ECE_TARGET,
     SITE_MIN_STUDIES,
     Calibration,
     LabelCalibration,
@@ -59,16 +62,18 @@ from workbench.calibration import (
     youden_thresholds,
 )
 from workbench.catalog import (
+    MIN_VOLUME_SLICES,
     CohortItem,
     cohort_hash,
     cohort_items,
     fold_assignment,
+    holdout_patients,
     patient_folds,
     split_cohort,
     study_headers,
 )
 from workbench.config import Settings
-from workbench.data import InputSpec, augment_batch, make_dataset, to_records
+from workbench.data import InputSpec, augment_batch, make_dataset, study_error, to_records
 from workbench.distributed import (
     World,
     all_sum,
@@ -103,8 +108,10 @@ from workbench.runtime import (
     resolve_device,
     resolve_precision,
     to_device,
+    training_precision,
 )
 from workbench.trust import INDEX_FILE, SplitOutputs, fit_trust, index_bytes, saliency_checks
+from workbench.weights import WEIGHTS_PREFIX, input_normalization, load_weights
 
 T = TypeVar("T")
 __all__ = ["NEGATIVE_NAMES", "TrainConfig", "TrainResult", "TrainingError", "train"]
@@ -122,7 +129,9 @@ class TrainingError(Exception):
 class TrainConfig:
     cohort: str
     name: str
-    epochs: int = 12
+    # None: the step budget below (early stopping, capped by max_steps and time_budget);
+    # a number: exactly that many epochs at most, the schedule spread over them.
+    epochs: int | None = None
     image_size: int = 96
     batch_size: int = 16  # the global batch: split over ranks under torchrun
     lr: float = 1e-3
@@ -130,9 +139,12 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     seed: int = 0
-    patience: int = 5  # epochs without a better validation loss before stopping
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests)
+    max_steps: int | None = None  # cap on optimiser steps (None: DEFAULT_MAX_STEPS)
+    time_budget: float | None = None  # seconds of training before it stops (None: no limit)
+    patience_steps: int | None = None  # steps without a better validation score (None: auto)
+    warmup_steps: int | None = None  # linear learning-rate warm-up (None: auto)
+    validation_fraction: float = 0.15  # training patients held out for early stopping
     resume: bool = False
     checkpoint_every: int = 50  # optimiser steps between mid-epoch checkpoints (0: epochs only)
     init_from: str | None = None  # a bundle (NAME, NAME/vN, folder) or a weights file (.pt/.pth)
@@ -145,8 +157,83 @@ class TrainConfig:
     coverage: float = 0.9  # target coverage of the conformal prediction sets
     sanity_images: int = 4  # test images for the saliency sanity checks (0: skip them)
     label_randomization_epochs: int = 2  # epochs of the shuffled-label model (0: skip it)
+    spatial_dims: str = "auto"  # auto | 2 | 3: the shape of study trained on (select_shape)
     calibrate_per_site: bool = False  # also fit a calibration map per site (see calibration.py)
     site_min_studies: int = SITE_MIN_STUDIES  # calibration studies a site needs for its own map
+
+
+#: The step budget's cap when neither --epochs nor --max-steps is given.
+DEFAULT_MAX_STEPS = 2000
+
+
+@dataclass
+class Budget:
+    """The recipe's schedule and early stopping, in optimiser steps; all of its state is
+    plain numbers, so a checkpoint keeps it and a resumed run continues it exactly.
+
+    Learning rate = lr x warm-up x cosine x plateau: a linear warm-up over ``warmup`` steps, a
+    cosine from 1 to 0.05 over the ``horizon`` (the step cap, shrunk to what the time budget
+    allows as step times become known), and x0.3 when the validation score has not improved
+    for half the patience (twice at most). Training stops when it has not improved for
+    ``patience`` steps and the last reduction had half the patience to help, or at the cap.
+    The score is validation AUROC, validation loss breaking ties (an AUROC of a small
+    validation split saturates; the loss alone rewards under-confidence, which calibration
+    corrects anyway).
+    """
+
+    horizon: int
+    warmup: int
+    patience: int
+    best_step: int = 0
+    best_auroc: float = -1.0
+    best_loss: float = float("inf")
+    reductions: int = 0
+    reduced_at: int = 0
+
+    @classmethod
+    def plan(cls, cfg: TrainConfig, steps_per_epoch: int) -> Budget:
+        cap = cfg.max_steps or (cfg.epochs * steps_per_epoch if cfg.epochs else DEFAULT_MAX_STEPS)
+        if cfg.epochs:
+            cap = min(cap, cfg.epochs * steps_per_epoch)
+        horizon = max(1, cap)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, horizon // 20)
+        patience = cfg.patience_steps or max(150, 3 * steps_per_epoch)
+        return cls(horizon=horizon, warmup=max(0, warmup), patience=patience)
+
+    def factor(self, step: int) -> float:
+        """The learning-rate multiplier for optimiser step ``step`` (0-based)."""
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        frac = min(1.0, step / self.horizon)
+        cosine = 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return warm * cosine * 0.3**self.reductions
+
+    def observe(self, step: int, auroc: float | None, loss: float) -> bool:
+        """Record a validation score at ``step``; True when it is the best so far."""
+        a = -1.0 if auroc is None else auroc
+        better = a > self.best_auroc + 1e-4 or (
+            a >= self.best_auroc - 1e-4 and loss < self.best_loss
+        )
+        if better:
+            self.best_step, self.best_auroc, self.best_loss = step, max(a, self.best_auroc), loss
+        elif (
+            self.reductions < 2 and step - max(self.best_step, self.reduced_at) >= self.patience / 2
+        ):
+            self.reductions, self.reduced_at = self.reductions + 1, step
+        return better
+
+    def should_stop(self, step: int) -> bool:
+        return (
+            step >= self.horizon
+            or step - self.best_step >= self.patience
+            and step - self.reduced_at >= self.patience / 2
+        )
+
+    def fit_time(self, step: int, elapsed: float, budget: float | None) -> None:
+        """Shrink the horizon to the steps the time budget still allows at this pace."""
+        if budget is None or step == 0:
+            return
+        allowed = step + int(max(0.0, budget - elapsed) / (elapsed / step))
+        self.horizon = max(step, min(self.horizon, allowed))
 
 
 @dataclass(frozen=True)
@@ -234,6 +321,8 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
     Under ``torchrun`` every rank calls this; rank 0 writes checkpoints, bundles and rows and
     every rank returns rank 0's result. With ``cfg.folds >= 2``: K-fold cross-validation.
     """
+    if str(cfg.spatial_dims) not in SHAPES:
+        raise TrainingError(f"--spatial-dims must be one of {', '.join(SHAPES)}")
     if cfg.balance not in BALANCE_MODES:
         raise TrainingError(f"--balance must be one of {', '.join(BALANCE_MODES)}")
     if cfg.site_min_studies < 1:
@@ -245,6 +334,50 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
         return _fit(settings, cfg, world, device, progress and world.main)
     finally:
         close_world(world)
+
+
+SHAPES = ("auto", "2", "3")
+
+
+def select_shape(
+    items: list[CohortItem], requested: str, cohort: str
+) -> tuple[list[CohortItem], int, dict[str, Any]]:
+    """The studies a run trains on, their spatial dims, and a record of the choice.
+
+    A study is 2D or 3D by what it holds (:data:`workbench.catalog.MIN_VOLUME_SLICES`), not
+    by its modality. ``auto`` takes the cohort's one shape and refuses a mixed cohort in one
+    line with the counts; ``2`` or ``3`` trains on the studies of that shape and leaves the
+    others out, counted by reason. Studies with no usable input (every series inconsistent)
+    are left out too.
+    """
+    if str(requested) not in SHAPES:
+        raise TrainingError(f"--spatial-dims must be one of {', '.join(SHAPES)}")
+    usable = [i for i in items if i.images]
+    counts = {d: sum(i.spatial_dims == d for i in usable) for d in (2, 3)}
+    rule = f"3D when an input has at least {MIN_VOLUME_SLICES} slices, else 2D"
+    if str(requested) == "auto":
+        if counts[2] and counts[3]:
+            raise TrainingError(
+                f"cohort {cohort!r} mixes shapes: {counts[2]} 2D studies (fewer than "
+                f"{MIN_VOLUME_SLICES} slices) and {counts[3]} 3D volumes; choose one with "
+                "--spatial-dims 2 or 3 (the other studies are then left out)"
+            )
+        dims = 3 if counts[3] else 2
+    else:
+        dims = int(requested)
+    kept = [i for i in usable if i.spatial_dims == dims]
+    left_out: dict[str, int] = {}
+    other = counts[5 - dims]
+    if other:
+        left_out["3D volumes" if dims == 2 else "2D images or short stacks"] = other
+    if len(usable) < len(items):
+        left_out["studies without a usable image (inconsistent series)"] = len(items) - len(usable)
+    if not kept:
+        raise TrainingError(
+            f"cohort {cohort!r} has no {dims}D study ({counts[2]} 2D, {counts[3]} 3D; {rule})"
+        )
+    record = {"spatial_dims": dims, "requested": str(requested), "rule": rule}
+    return kept, dims, {**record, "left_out": left_out}
 
 
 def _cross_validate(
@@ -305,15 +438,16 @@ def _fit(
     _seed_everything(cfg.seed)
     if assignment is None:
         # Rank 0 assigns and stores the split; the others read what it stored.
-        split_counts = _on_main(
-            world, lambda: split_cohort(settings, cfg.cohort, cfg.seed, cfg.split_fractions)
-        )
+        _on_main(world, lambda: split_cohort(settings, cfg.cohort, cfg.seed, cfg.split_fractions))
     items = _labelled(cohort_items(settings, cfg.cohort))
     if not items:
         raise TrainingError(f"cohort {cfg.cohort!r} has no labelled studies")
     if assignment is not None:
         items = [replace(i, split=assignment[i.study_id]) for i in items]
-        split_counts = {s: sum(i.split == s for i in items) for s in SPLITS}
+    items, spatial_dims, shape = select_shape(items, cfg.spatial_dims, cfg.cohort)
+    if progress and shape["left_out"]:
+        left = ", ".join(f"{n} {why}" for why, n in shape["left_out"].items())
+        print(f"training on {len(items)} {spatial_dims}D studies; left out: {left}")
     try:
         problem = resolve_problem(cfg.problem, [i.label for i in items])
     except ProblemError as err:
@@ -323,26 +457,43 @@ def _fit(
     for s, its in by_split.items():
         if not its:
             raise TrainingError(f"the {s} split of {cfg.cohort!r} is empty; ingest more studies")
+    # Early stopping's data: training patients held out (stratified), never the calibration
+    # split, so the calibrator is chosen on studies that did not choose the weights.
+    held = holdout_patients(by_split["train"], cfg.validation_fraction, cfg.seed)
+    by_split["validation"] = [i for i in by_split["train"] if i.patient in held]
+    by_split["train"] = [i for i in by_split["train"] if i.patient not in held]
+    if not by_split["validation"] or not by_split["train"]:
+        raise TrainingError(
+            f"the train split of {cfg.cohort!r} is too small to hold out validation patients "
+            f"(--validation-fraction {cfg.validation_fraction}); ingest more studies"
+        )
+    split_counts = {s: len(its) for s, its in by_split.items()}
     modality = items[0].modality or ""
-    dims = {i.spatial_dims for i in items}
-    if len(dims) > 1:
-        raise TrainingError(f"cohort {cfg.cohort!r} mixes 2D images and 3D volumes")
-    spatial_dims = dims.pop()
     if cfg.batch_size < 2 * world.size:
         raise TrainingError(
             f"--batch-size {cfg.batch_size} is the global batch: it needs at least 2 images "
             f"per process ({world.size} processes)"
         )
-    spec = InputSpec(image_size=cfg.image_size, spatial_dims=spatial_dims)
-    precision = resolve_precision(cfg.precision, device, spatial_dims, training=True)
+    # Imported weights (or a bundle trained from them) bring the input normalization they need.
+    norm = input_normalization(settings, cfg.init_from)
+    spec = InputSpec(image_size=cfg.image_size, spatial_dims=spatial_dims, normalization=norm)
+    # auto: a timed probe of the real step in each precision the hardware has units for,
+    # cached per machine in the home; never a precision slower than fp32 (runtime.py).
+    precision_choice = _on_main(
+        world,
+        lambda: training_precision(
+            cfg.precision, device, spatial_dims, cfg.image_size, cfg.batch_size, settings.home
+        ),
+    )
+    precision = precision_choice.precision
     # Validation, calibration and test logits use the precision that `predict` will use, so
     # the calibration is fitted on the same numbers it will be applied to.
     eval_precision = resolve_precision(cfg.precision, device, spatial_dims, training=False)
 
     records = {s: to_records(its, classes, target=problem.target) for s, its in by_split.items()}
     train_ds = make_dataset(records["train"], spec, train=True, seed=cfg.seed)
-    val_ds = make_dataset(records["calibration"], spec, train=False)
-    val_targets = np.stack([np.asarray(r["label"]) for r in records["calibration"]])
+    val_ds = make_dataset(records["validation"], spec, train=False)
+    val_targets = np.stack([np.asarray(r["label"]) for r in records["validation"]])
     train_targets = [r["label"] for r in records["train"]]
     draw = sample_weights(problem, train_targets) if cfg.balance == "sampler" else None
 
@@ -360,25 +511,33 @@ def _fit(
         {"params": head},
     ]
     optimizer = make_optimizer(groups, cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    steps_per_epoch = len(_epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, 0, draw))
+    budget = Budget.plan(cfg, steps_per_epoch)
+    train_seconds = 0.0  # optimiser steps and validation, summed over resumed sessions
 
     run_dir = settings.models_dir / cfg.name / ".training"
     ckpt_path = run_dir / "checkpoint.pt"
     history: list[dict[str, Any]] = []
-    best_loss, best_epoch, bad_epochs, start_epoch, step = float("inf"), -1, 0, 0, 0
+    best_epoch, start_epoch, step = -1, 0, 0
     start_batch, epoch_losses = 0, []  # position inside a partly done epoch
     best_state: dict[str, torch.Tensor] | None = None
     if cfg.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
         if ckpt["config"]["cohort"] != cfg.cohort or tuple(ckpt["classes"]) != classes:
             raise TrainingError("the checkpoint belongs to another cohort; train without --resume")
+        if "budget" not in ckpt:
+            raise TrainingError(
+                "the checkpoint was written by an older workbench (epoch schedule); "
+                "train without --resume"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        history, best_loss, best_epoch = ckpt["history"], ckpt["best_loss"], ckpt["best_epoch"]
-        bad_epochs, start_epoch, step = ckpt["bad_epochs"], ckpt["epoch"], ckpt["step"]
+        history, best_epoch = ckpt["history"], ckpt["best_epoch"]
+        budget, train_seconds = Budget(**ckpt["budget"]), ckpt["train_seconds"]
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
         start_batch, epoch_losses = ckpt["batch"], list(ckpt["epoch_losses"])
         best_state = ckpt["best_state"]
         if progress:
@@ -407,22 +566,29 @@ def _fit(
                 "classes": classes,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
+                "budget": asdict(budget),
+                "train_seconds": train_seconds,
                 "epoch": epoch,  # the epoch to run next, from `batch`
                 "batch": batch,
                 "epoch_losses": losses,
                 "step": step,
                 "history": history,
-                "best_loss": best_loss,
                 "best_epoch": best_epoch,
                 "best_state": best_state,
-                "bad_epochs": bad_epochs,
             },
             ckpt_path,
         )
 
-    for epoch in range(start_epoch, cfg.epochs):
+    def set_lr(at_step: int) -> None:
+        for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            g["lr"] = base * budget.factor(at_step)
+
+    set_lr(step)
+    last_epoch = cfg.epochs or sys.maxsize
+    for epoch in range(start_epoch, last_epoch):
+        if budget.should_stop(step):
+            break
         epoch_started = time.time()
         # The order of an epoch and each sample's augmentation depend only on (seed, epoch,
         # index), never on how far the run got: a resumed epoch replays exactly. Each rank
@@ -439,15 +605,23 @@ def _fit(
             epoch: int = epoch,
             first: int = start_batch,
             before: list[float] = done_before,
-        ) -> None:
+            epoch_started: float = epoch_started,
+            spent: float = train_seconds,
+        ) -> bool:
             nonlocal step, last_tick
             step += 1
             now = time.perf_counter()
             step_seconds.append(now - last_tick)
             last_tick = now
+            if not world.distributed:  # ranks must agree: there, only at epoch ends
+                budget.fit_time(step, spent + time.time() - epoch_started, cfg.time_budget)
+            set_lr(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint(epoch, first + len(step_losses), before + step_losses)
+            return step >= budget.horizon
 
+        epoch_desc = f"epoch {epoch + 1}" + (f"/{cfg.epochs}" if cfg.epochs else "")
+        lr_used = float(optimizer.param_groups[-1]["lr"])
         losses = done_before + train_epoch(
             net,
             loader,
@@ -457,37 +631,38 @@ def _fit(
             device,
             precision,
             spatial_dims,
-            max_steps=cfg.max_steps - step if cfg.max_steps else None,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            desc=f"{epoch_desc} (step {step}/{budget.horizon})",
             progress=progress,
             on_step=on_step,
             world=world,
         )
         start_batch, epoch_losses = 0, []
-        lr_used = float(optimizer.param_groups[-1]["lr"])
-        scheduler.step()
         val_logits = _forward_sharded(model, val_ds, device, eval_precision, spatial_dims, world)
         val_loss = validation_loss(problem, val_logits, val_targets)
+        val_auroc = _auroc(problem, val_logits, val_targets)
+        train_seconds = float(broadcast(train_seconds + time.time() - epoch_started, world))
+        budget.fit_time(step, train_seconds, cfg.time_budget)
         history.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": float(np.mean(losses)),
+                "step": step,
+                "train_loss": float(np.mean(losses)) if losses else float("nan"),
                 "val_loss": val_loss,
-                "val_auroc": _auroc(problem, val_logits, val_targets),
+                "val_auroc": val_auroc,
                 "lr": lr_used,
                 "seconds": round(time.time() - epoch_started, 2),
             }
         )
         if progress:
-            print(f"epoch {epoch + 1}: train loss {np.mean(losses):.4f}, val loss {val_loss:.4f}")
-        if val_loss < best_loss:
-            best_loss, best_epoch, bad_epochs = val_loss, epoch + 1, 0
+            print(
+                f"{epoch_desc}, step {step}: train loss {np.mean(losses):.4f}, "
+                f"val loss {val_loss:.4f}, val AUROC {_num(val_auroc)}"
+            )
+        if budget.observe(step, val_auroc, val_loss):
+            best_epoch = epoch + 1
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
+        set_lr(step)  # a plateau may have lowered it
         checkpoint(epoch + 1, 0, [])
-        if bad_epochs >= cfg.patience or (cfg.max_steps and step >= cfg.max_steps):
-            break
 
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -498,12 +673,18 @@ def _fit(
         "loss": loss_fn.describe(classes),
         "device": str(device),
         "precision": precision,
+        "precision_choice": precision_choice.record(),
+        "shape": shape,
         "eval_precision": eval_precision,
         "init": init_report,
         "best_epoch": best_epoch,
+        "best_step": budget.best_step,
         "epochs_run": len(history),
         "history": history,
         "steps": step,
+        "budget": asdict(budget),
+        "stopped": _stop_reason(budget, step, cfg),
+        "train_seconds": round(train_seconds, 1),
         "step_seconds_median": float(np.median(step_seconds)) if step_seconds else None,
         # The first step of a compiled network includes compiling it.
         "compile_seconds": (
@@ -518,7 +699,7 @@ def _fit(
         settings, cfg, problem, spec, records, by_split, items, modality, device,
         eval_precision, split_counts, training, started,
     )  # fmt: skip
-    result = _on_main(world, lambda: _calibrate_test_and_bundle(context, model, val_ds))
+    result = _on_main(world, lambda: _calibrate_test_and_bundle(context, model))
     return TrainResult(bundle=result[0], history=history, best_epoch=best_epoch, metrics=result[1])
 
 
@@ -541,14 +722,13 @@ class _RunContext:
     started: float
 
 
-def _calibrate_test_and_bundle(
-    ctx: _RunContext, model: nn.Module, val_ds: Any
-) -> tuple[Path, dict[str, Any]]:
+def _calibrate_test_and_bundle(ctx: _RunContext, model: nn.Module) -> tuple[Path, dict[str, Any]]:
     """Calibrate on study-level logits of the calibration split, test once, write the bundle
     (rank 0 only). Returns the bundle folder and the summary metrics."""
     cfg, problem, classes, spec = ctx.cfg, ctx.problem, ctx.problem.classes, ctx.spec
     sd = ctx.spec.spatial_dims
-    cal = forward_dataset(model, val_ds, ctx.device, ctx.eval_precision, sd)
+    cal_ds = make_dataset(ctx.records["calibration"], spec, train=False)
+    cal = forward_dataset(model, cal_ds, ctx.device, ctx.eval_precision, sd)
     cal_ids, cal_logits = mean_by_study(cal["study_ids"], cal["logits"])
     cal_labels = _study_labels(ctx.records["calibration"], cal_ids)
     test_out = forward_dataset(
@@ -590,6 +770,9 @@ def _calibrate_test_and_bundle(
         calibration_fit["per_site"] = {"min_studies": cfg.site_min_studies, "sites": per_site_fit}
 
     applied = site_cal or calibration  # what predict will apply
+    calibration_fit["check"] = _calibration_check(
+        problem, apply_calibration(applied, cal_logits, cal_sites), cal_labels, cfg.seed
+    )
     calibrated = apply_calibration(applied, test_logits, test_sites)
     if problem.sigmoid:
         # Per-label operating points, chosen on the calibration split (Youden's J) from the
@@ -623,6 +806,7 @@ def _calibrate_test_and_bundle(
             "after": calibration_report(calibrated, test_labels, n_resamples=200, seed=cfg.seed),
         }
     summary = {
+        "calibration_warning": calibration_fit["check"]["warning"],
         "accuracy": test_metrics["accuracy"],
         "auroc_macro": test_metrics["auroc_macro"],
         "ece_before": test_metrics["ece_before"],
@@ -648,6 +832,10 @@ def _calibrate_test_and_bundle(
             "fractions": list(cfg.split_fractions),
             "studies": ctx.split_counts,
             "patients": {s: len({i.patient for i in its}) for s, its in ctx.by_split.items()},
+            # Which studies did what: validation chose the weights (early stopping),
+            # calibration chose and fitted the calibrator; the two never share a patient.
+            "validation_fraction": cfg.validation_fraction,
+            "study_keys": {s: sorted(i.study_key for i in its) for s, its in ctx.by_split.items()},
         },
         "training": training,
         "calibration_fit": calibration_fit,
@@ -785,7 +973,7 @@ def _label_randomized_model(ctx: _RunContext, epochs: int) -> nn.Module:
     world = World()
     loss_fn = make_objective(ctx.problem, [r["label"] for r in records], cfg.balance, world)
     optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
-    precision = resolve_precision(cfg.precision, ctx.device, sd, training=True)
+    precision = ctx.training["precision"]  # the run's own (probed) precision
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
     dataset = make_dataset(records, spec, train=True, seed=cfg.seed + 1)
     for epoch in range(epochs):
@@ -796,6 +984,49 @@ def _label_randomized_model(ctx: _RunContext, epochs: int) -> nn.Module:
             model, loader, loss_fn.to(ctx.device), optimizer, scaler, ctx.device, precision, sd
         )
     return model.eval()
+
+
+def _calibration_check(
+    problem: Problem, probs: np.ndarray, labels: np.ndarray, seed: int
+) -> dict[str, Any]:
+    """The shipped calibration's ECE on the calibration split (in-sample, 95% bootstrap CI;
+    sigmoid problems: the mean over labels, no CI) against :data:`ECE_TARGET`, with a
+    warning in words when it is above the target."""
+    if problem.sigmoid:
+        ece = float(np.mean(_per_label(expected_calibration_error, probs, labels)))
+        lo = hi = None
+    else:
+        rep = calibration_report(probs, labels, n_resamples=200, seed=seed)["ece"]
+        ece, lo, hi = rep["value"], rep["ci_low"], rep["ci_high"]
+    ok = ece <= ECE_TARGET
+    ci = f" (95% CI {lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else ""
+    warning = (
+        None
+        if ok
+        else f"calibration is weak: ECE {ece:.3f}{ci} on the calibration split, above the "
+        f"{ECE_TARGET} target; probabilities may be over- or under-confident"
+    )
+    return {"ece": ece, "ci_low": lo, "ci_high": hi, "target": ECE_TARGET, "ok": ok,
+            "warning": warning}  # fmt: skip
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _stop_reason(budget: Budget, step: int, cfg: TrainConfig) -> str:
+    """Why training ended, in words for the experiment record."""
+    if (
+        cfg.time_budget is not None
+        and step >= budget.horizon
+        and budget.horizon < (cfg.max_steps or DEFAULT_MAX_STEPS)
+    ):
+        return f"time budget ({cfg.time_budget:.0f} s)"
+    if step >= budget.horizon:
+        return f"step cap ({budget.horizon})"
+    if step - budget.best_step >= budget.patience:
+        return f"no better validation score for {step - budget.best_step} steps"
+    return f"epochs ({cfg.epochs})"
 
 
 def _trust_summary(trust: dict[str, Any]) -> dict[str, Any]:
@@ -901,12 +1132,13 @@ def train_epoch(
     max_steps: int | None = None,
     desc: str = "train",
     progress: bool = False,
-    on_step: Callable[[list[float]], None] | None = None,
+    on_step: Callable[[list[float]], bool | None] | None = None,
     world: World | None = None,
 ) -> list[float]:
     """One pass over ``loader`` under autocast; returns the loss of each step.
 
-    ``on_step(losses_so_far)`` runs after each optimiser step (the fit loop checkpoints there).
+    ``on_step(losses_so_far)`` runs after each optimiser step (the fit loop checkpoints and
+    sets the next step's learning rate there); when it returns True the epoch ends.
     ``model`` may be wrapped (DistributedDataParallel, torch.compile); under torchrun the
     losses returned are those of the global batch, the same on every rank.
 
@@ -926,8 +1158,13 @@ def train_epoch(
                 x = x.contiguous(memory_format=torch.channels_last)
         y = torch.as_tensor(batch["label"]).to(device)
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            logits = model(x)  # (B, K), in bf16/fp16 under autocast
+        try:
+            with autocast(device, precision):
+                logits = model(x)  # (B, K), in bf16/fp16 under autocast
+        except RuntimeError as err:  # a shape or memory error inside the network
+            keys = sorted(set(batch.get("study_key") or [])) or ["?"]
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise study_error(err, f"the network failed on studies {shown}") from err
         loss = loss_fn(logits.float(), y)
         # This rank's loss is its share of the global batch's loss (see Objective): the sum
         # over ranks / world size is the global batch's loss.
@@ -941,8 +1178,8 @@ def train_epoch(
         scaler.step(optimizer)
         scaler.update()
         losses.append(reported)
-        if on_step is not None:
-            on_step(losses)
+        if on_step is not None and on_step(losses):  # True: the run's budget is spent
+            break
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", refresh=False)
         if max_steps is not None and len(losses) >= max_steps:
             break
@@ -965,14 +1202,22 @@ def prepare_network(
     """A fresh network, optionally started from earlier weights, with early blocks frozen.
 
     ``cfg.init_from`` names a bundle (its head is rebuilt when the classes differ, the rest
-    kept) or a weights file such as an ImageNet DenseNet121 in torchvision's key layout (given
-    by path; nothing is downloaded). Returns the network and what was loaded and frozen.
+    kept), a weights file such as an ImageNet DenseNet121 in torchvision's key layout (given
+    by path; nothing is downloaded) or ``weights:NAME`` from the local store (see
+    ``workbench weights import``; its head is never kept). Returns the network and what was
+    loaded and frozen.
     """
     model = create_network(spatial_dims, n_classes)
     report: dict[str, Any] = {"from": None, "loaded": 0, "skipped": [], "frozen": []}
     if cfg.init_from:
         source = Path(cfg.init_from)
-        if source.is_file():
+        state: Any  # checked below: a dict of tensors
+        if cfg.init_from.startswith(WEIGHTS_PREFIX):  # the local store, hash-checked
+            name = cfg.init_from.removeprefix(WEIGHTS_PREFIX)
+            state, entry = load_weights(settings, name, head=False)
+            report["from"] = f"weights {entry.name} ({entry.format}, {entry.sha256[:16]})"
+            report["weights"] = entry.provenance()
+        elif source.is_file():
             state = torch.load(source, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             report["from"] = f"weights file {source.name}"

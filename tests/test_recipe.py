@@ -1,0 +1,108 @@
+"""The default recipe: a step budget with warm-up, a schedule that fits it, early stopping on
+held-out training patients (never the calibration split), temperature as the calibration
+floor, and a plain warning when the shipped calibration is weak."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import Pipeline
+from workbench.calibration import TEMPERATURE_FLOOR, fit_calibration, softmax
+from workbench.catalog import cohort_items, holdout_patients
+from workbench.training import DEFAULT_MAX_STEPS, Budget, TrainConfig
+
+
+def _budget(**kw: object) -> Budget:
+    return Budget.plan(TrainConfig(cohort="c", name="n", **kw), steps_per_epoch=10)  # type: ignore[arg-type]
+
+
+def test_the_default_budget_is_capped_in_steps_not_epochs() -> None:
+    b = _budget()
+    assert b.horizon == DEFAULT_MAX_STEPS and b.warmup == 100 and b.patience == 150
+    assert _budget(max_steps=300).horizon == 300
+    assert _budget(epochs=4).horizon == 40  # a fixed number of epochs spreads the schedule
+    assert _budget(epochs=4, max_steps=25).horizon == 25
+    assert Budget.plan(TrainConfig(cohort="c", name="n"), steps_per_epoch=200).patience == 600
+
+
+def test_the_learning_rate_warms_up_then_follows_a_cosine_to_the_horizon() -> None:
+    b = Budget(horizon=1000, warmup=50, patience=100)
+    f = [b.factor(s) for s in range(1001)]
+    assert f[0] == pytest.approx(1 / 50) and f[49] == pytest.approx(1.0, abs=0.01)
+    assert all(x <= y + 1e-12 for x, y in zip(f[:49], f[1:50], strict=True))  # rising
+    assert all(x >= y - 1e-12 for x, y in zip(f[50:-1], f[51:], strict=True))  # then falling
+    assert f[500] == pytest.approx(0.05 + 0.95 * 0.5, rel=1e-3)
+    assert f[1000] == pytest.approx(0.05)
+
+
+def test_a_plateau_lowers_the_rate_and_a_long_one_stops_training() -> None:
+    b = Budget(horizon=10_000, warmup=0, patience=100)
+    assert b.observe(10, 0.70, 0.60)
+    assert not b.observe(40, 0.69, 0.65) and b.reductions == 0
+    assert not b.observe(60, 0.69, 0.65) and b.reductions == 1 and b.reduced_at == 60
+    assert b.factor(61) == pytest.approx(0.3 * Budget(10_000, 0, 100).factor(61))
+    assert not b.should_stop(109)
+    assert not b.observe(110, 0.69, 0.66) and b.reductions == 2
+    assert not b.should_stop(150)  # the second reduction gets half the patience to help
+    assert b.should_stop(160)
+    # An AUROC tie is broken by a lower validation loss.
+    assert b.observe(170, 0.70, 0.50) and b.best_step == 170
+    assert not b.should_stop(200) and b.should_stop(10_000)
+
+
+def test_the_horizon_shrinks_to_what_the_time_budget_allows() -> None:
+    b = Budget(horizon=2000, warmup=10, patience=100)
+    b.fit_time(step=100, elapsed=50.0, budget=None)
+    assert b.horizon == 2000
+    b.fit_time(step=100, elapsed=50.0, budget=200.0)  # 0.5 s a step: 300 more steps
+    assert b.horizon == 400
+    b.fit_time(step=390, elapsed=210.0, budget=200.0)
+    assert b.horizon == 390 and b.should_stop(390)
+
+
+def test_holdout_patients_takes_a_share_of_every_label_and_is_seeded(
+    pipeline: Pipeline,
+) -> None:
+    items = cohort_items(pipeline.settings, pipeline.cohort, "train")
+    held = holdout_patients(items, 0.25, seed=0)
+    assert held == holdout_patients(items, 0.25, seed=0)
+    labels = {i.label for i in items}
+    assert {i.label for i in items if i.patient in held} == labels
+    assert 0 < len(held) < len({i.patient for i in items})
+
+
+def test_early_stopping_and_calibration_use_disjoint_patients_from_the_bundle_record(
+    pipeline: Pipeline,
+) -> None:
+    meta = json.loads((pipeline.bundle / "configs" / "metadata.json").read_text())["workbench"]
+    keys = {s: set(v) for s, v in meta["split"]["study_keys"].items()}
+    assert set(keys) == {"train", "validation", "calibration", "test"}
+    assert all(keys[s] for s in keys)
+    for a in keys:
+        for b in keys:
+            assert a == b or not keys[a] & keys[b], (a, b)
+    assert {s: len(v) for s, v in keys.items()} == meta["split"]["studies"]
+    # ... and by patient: no patient of the validation split is in the calibration split.
+    items = {i.study_key: i.patient for i in cohort_items(pipeline.settings, pipeline.cohort)}
+    val_patients = {items[k] for k in keys["validation"]}
+    cal_patients = {items[k] for k in keys["calibration"]}
+    assert not val_patients & cal_patients
+    tr = meta["training"]
+    assert tr["validation_fraction"] == 0.15 and len(tr["history"]) == 2
+    assert tr["history"][-1]["step"] == tr["steps"] and tr["stopped"]
+    assert meta["calibration_fit"]["check"]["target"] == 0.05
+
+
+def test_temperature_is_the_floor_on_a_large_calibration_split() -> None:
+    rng = np.random.default_rng(3)
+    n, k = TEMPERATURE_FLOOR + 50, 3
+    z = rng.normal(size=(n, k)) * 2
+    y = np.array([rng.choice(k, p=p) for p in softmax(z)])  # calibrated already
+    res = fit_calibration(z, y, ["a", "b", "c"])
+    assert res.calibration.method != "none"
+    assert any("floor" in note for note in res.notes)
+    small = fit_calibration(z[:60], y[:60], ["a", "b", "c"])
+    assert not any("floor" in note for note in small.notes)
