@@ -48,8 +48,9 @@ def test_a_plateau_lowers_the_rate_and_a_long_one_stops_training() -> None:
     assert not b.observe(110, 0.69, 0.66) and b.reductions == 2
     assert not b.should_stop(150)  # the second reduction gets half the patience to help
     assert b.should_stop(160)
-    # An AUROC tie is broken by a lower validation loss.
-    assert b.observe(170, 0.70, 0.50) and b.best_step == 170
+    # The criterion is the validation loss, whatever the AUROC does.
+    assert not b.observe(165, 0.95, 0.61)
+    assert b.observe(170, 0.60, 0.50) and b.best_step == 170 and b.best_auroc == 0.60
     assert not b.should_stop(200) and b.should_stop(10_000)
 
 

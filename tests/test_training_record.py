@@ -50,18 +50,18 @@ def test_a_diverging_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint
     def diverging(self: Objective, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         calls["n"] += 1
         loss = real(self, logits, target)
-        return loss * float("nan") if calls["n"] > 3 else loss  # the 4th step diverges
+        return loss * float("nan") if calls["n"] > 2 else loss  # the 3rd step diverges
 
     monkeypatch.setattr(Objective, "forward", diverging)
     code = cli.main([*TRAIN, "--name", "nan", "--epochs", "1", "--checkpoint-every", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
-    assert err[-1].startswith("error: the loss became nan after 3 steps")
+    assert err[-1].startswith("error: the loss became nan after 2 steps")
     assert "last good checkpoint is kept" in err[-1]
     assert not any(line.startswith("Traceback") for line in err)
     ckpt = small.models_dir / "nan" / ".training" / "checkpoint.pt"
-    saved = torch.load(ckpt, weights_only=False)  # our own file: the run's state at step 3
-    assert saved["step"] == 3 and saved["batch"] == 3
+    saved = torch.load(ckpt, weights_only=False)  # our own file: the run's state at step 2
+    assert saved["step"] == 2 and saved["batch"] == 2
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
     assert not (small.models_dir / "nan" / "v1").exists()  # no bundle from a diverged run
     shutil.rmtree(small.models_dir / "nan")
