@@ -236,7 +236,7 @@ def training_precision(
         why = "no bf16/fp16 units: autocast would emulate them, slower than fp32"
         if hw.bf16_units and hw.device == "cpu" and spatial_dims == 3:
             why = "3D on the CPU: bf16 backward of 3D convolutions is not stable in torch here"
-        reason = f"{why}; fp32 step {timing} ({shape})"
+        reason = f"{why}; probe: {timing} ({shape})"
     elif chosen == "fp32":
         reason = f"probe: {timing} ({shape}); no reduced precision beat fp32 by 10%"
     else:
