@@ -45,6 +45,7 @@ import torch
 
 import workbench
 from workbench.bundle_info import BundleError, resolve_bundle_path
+from workbench.cache import file_sha256
 from workbench.config import Settings
 from workbench.data import Normalization
 from workbench.nets import create_network, monai_key, sum_input_channels
@@ -164,14 +165,6 @@ def weights_dir(settings: Settings) -> Path:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _one_line(err: BaseException) -> str:
@@ -444,7 +437,7 @@ def _bundle_parts(path: Path) -> tuple[bytes, bytes, str]:
         if any(m.file_size > MAX_SOURCE_BYTES for m in members):
             raise WeightsError(f"{what}: a member larger than {MAX_SOURCE_BYTES >> 30} GiB")
         meta_bytes, weights = (zf.read(m) for m in members)
-    return meta_bytes, weights, _file_sha256(path)
+    return meta_bytes, weights, file_sha256(path)
 
 
 def _read_bundle(path: Path) -> _Source:
