@@ -50,9 +50,9 @@ class PlantedCohort:
 
 def package_source(name: str) -> Path:
     """The path of one of pydicom's bundled test files (never downloaded)."""
-    from pydicom.data import get_testdata_file
+    import pydicom.data
 
-    path = get_testdata_file(name, download=False)
+    path = pydicom.data.get_testdata_file(name, download=False)  # never from the network
     if path is None:
         raise FileNotFoundError(f"{name} is not bundled with this pydicom")
     return Path(path)
