@@ -117,7 +117,6 @@ T = TypeVar("T")
 __all__ = ["NEGATIVE_NAMES", "TrainConfig", "TrainResult", "TrainingError", "train"]
 
 
-SPLITS = ("train", "calibration", "test")
 BALANCE_MODES: tuple[str, ...] = ("weights", "sampler", "none")
 
 
