@@ -54,6 +54,17 @@ def test_a_plateau_lowers_the_rate_and_a_long_one_stops_training() -> None:
     assert not b.should_stop(200) and b.should_stop(10_000)
 
 
+def test_a_rising_validation_loss_during_warm_up_is_not_a_plateau() -> None:
+    # The benchmark's history: untrained 0.69 at step 12, worse while the rate warms up.
+    b = Budget(horizon=2000, warmup=100, patience=150)
+    assert b.observe(12, 0.52, 0.69)
+    for step, loss in ((48, 0.93), (72, 1.56), (96, 1.17), (144, 0.87)):
+        assert not b.observe(step, 0.6, loss)
+    assert b.reductions == 0 and not b.should_stop(240)
+    assert not b.observe(175, 0.6, 0.80) and b.reductions == 1  # 75 steps after the warm-up
+    assert not b.should_stop(249) and b.should_stop(250)
+
+
 def test_the_horizon_shrinks_to_what_the_time_budget_allows() -> None:
     b = Budget(horizon=2000, warmup=10, patience=100)
     b.fit_time(step=100, elapsed=50.0, budget=None)
