@@ -75,6 +75,20 @@ def test_the_horizon_shrinks_to_what_the_time_budget_allows() -> None:
     assert b.horizon == 390 and b.should_stop(390)
 
 
+def test_a_slow_first_step_does_not_cut_the_run_and_the_warm_up_follows_the_horizon() -> None:
+    b = _budget(time_budget=240.0)  # the demo's budget: cap 2,000, automatic warm-up of 100
+    assert (b.horizon, b.warmup) == (2000, 100)
+    b.fit_time(step=1, elapsed=20.0, budget=240.0)  # a cold first step: 20 s
+    assert b.horizon == 12 and b.warmup == 100  # one step is too few to plan the warm-up on
+    b.fit_time(step=5, elapsed=24.0, budget=240.0)  # then 1 s a step
+    assert b.horizon == 5 + int(216 / 4.8) and b.warmup == max(6, b.horizon // 20)
+    b.fit_time(step=50, elapsed=69.0, budget=240.0)
+    assert b.horizon == 50 + int(171 / 1.38)
+    fixed = _budget(time_budget=240.0, warmup_steps=40)
+    fixed.fit_time(step=5, elapsed=5.0, budget=240.0)
+    assert fixed.warmup == 40  # an explicit warm-up is kept
+
+
 def test_holdout_patients_takes_a_share_of_every_label_and_is_seeded(
     pipeline: Pipeline,
 ) -> None:

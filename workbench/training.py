@@ -192,6 +192,11 @@ class Budget:
     best_loss: float = float("inf")
     reductions: int = 0
     reduced_at: int = 0
+    cap: int = 0  # the step cap the horizon came from (0: the horizon itself)
+    warmup_auto: bool = False  # the warm-up follows the horizon (no --warmup-steps given)
+
+    def __post_init__(self) -> None:
+        self.cap = self.cap or self.horizon
 
     @classmethod
     def plan(cls, cfg: TrainConfig, steps_per_epoch: int) -> Budget:
@@ -199,9 +204,10 @@ class Budget:
         if cfg.epochs:
             cap = min(cap, cfg.epochs * steps_per_epoch)
         horizon = max(1, cap)
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, horizon // 20)
+        auto = cfg.warmup_steps is None
+        warmup = _auto_warmup(horizon) if cfg.warmup_steps is None else cfg.warmup_steps
         patience = cfg.patience_steps or max(150, 3 * steps_per_epoch)
-        return cls(horizon=horizon, warmup=max(0, warmup), patience=patience)
+        return cls(horizon=horizon, warmup=max(0, warmup), patience=patience, warmup_auto=auto)
 
     def factor(self, step: int) -> float:
         """The learning-rate multiplier for optimiser step ``step`` (0-based)."""
@@ -231,11 +237,25 @@ class Budget:
         )
 
     def fit_time(self, step: int, elapsed: float, budget: float | None) -> None:
-        """Shrink the horizon to the steps the time budget still allows at this pace."""
+        """Fit the horizon to the steps the time budget still allows at the pace so far.
+
+        The horizon is re-estimated from the step cap each time, not ratcheted down, so that a
+        slow first step (allocations, a cold cache) does not cut the whole run short. An
+        automatic warm-up not yet finished shrinks with it: a 240-second demo that can take
+        about 230 steps spent 100 of them warming up while the warm-up followed the cap of
+        2,000.
+        """
         if budget is None or step == 0:
             return
         allowed = step + int(max(0.0, budget - elapsed) / (elapsed / step))
-        self.horizon = max(step, min(self.horizon, allowed))
+        self.horizon = max(step, min(self.cap, allowed))
+        if self.warmup_auto and 5 <= step < self.warmup:  # a pace from five steps at least
+            self.warmup = max(step + 1, _auto_warmup(self.horizon))
+
+
+def _auto_warmup(horizon: int) -> int:
+    """Steps of linear warm-up for a run of ``horizon`` steps: 5%, at most 100."""
+    return min(100, horizon // 20)
 
 
 @dataclass(frozen=True)
