@@ -158,6 +158,7 @@ def save_bundle(
     torch.save(state, tmp / "models" / "model.pt")
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     in_shape = [1] + [spec.image_size] * spec.spatial_dims
+    architecture = str(extra.get("training", {}).get("architecture", "densenet121"))
     metadata = {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
         "0.8.1/meta_schema_20240725.json",
@@ -169,7 +170,7 @@ def save_bundle(
         "required_packages_version": {"workbench": workbench.__version__},
         "name": name,
         "task": f"{'3D' if spec.spatial_dims == 3 else '2D'} image classification",
-        "description": f"DenseNet121 classifying {', '.join(classes)}",
+        "description": f"{architecture} classifying {', '.join(classes)}",
         "authors": "medical imaging classification workbench",
         "copyright": "trained locally; see the training cohort hash",
         "intended_use": "Research and decision support under clinician review; not for "
@@ -205,7 +206,7 @@ def save_bundle(
             },
         },
         "workbench": {
-            "architecture": "densenet121",
+            "architecture": architecture,
             "classes": list(classes),
             "negative_class": negative_class,
             "image_size": spec.image_size,

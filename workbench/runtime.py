@@ -144,6 +144,7 @@ def probe_step_seconds(
     batch_size: int,
     n_classes: int = 2,
     steps: int = 2,
+    architecture: str = "densenet121",
 ) -> float:
     """Seconds per training step of the real network (DenseNet121, channels_last in 2D,
     fused AdamW, cross-entropy) on random inputs of the run's shape under ``precision``:
@@ -152,7 +153,7 @@ def probe_step_seconds(
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
-        model = create_network(spatial_dims, n_classes).to(device)
+        model = create_network(spatial_dims, n_classes, architecture=architecture).to(device)
         x = torch.rand(batch_size, 1, *[image_size] * spatial_dims, device=device)
         y = torch.randint(0, n_classes, (batch_size,), device=device)
     if spatial_dims == 2:
@@ -179,10 +180,13 @@ def probe_step_seconds(
     return min(times)
 
 
-def _probe_key(hw: Hardware, spatial_dims: int, image_size: int, batch_size: int) -> str:
+def _probe_key(
+    hw: Hardware, spatial_dims: int, image_size: int, batch_size: int, architecture: str
+) -> str:
+    net = "" if architecture == "densenet121" else f" {architecture}"  # keeps older entries
     return (
         f"{hw.device}|{hw.name}|{hw.capability}|threads {torch.get_num_threads()}|"
-        f"torch {torch.__version__}|{spatial_dims}D {image_size} px batch {batch_size}"
+        f"torch {torch.__version__}|{spatial_dims}D {image_size} px batch {batch_size}{net}"
     )
 
 
@@ -193,6 +197,7 @@ def training_precision(
     image_size: int,
     batch_size: int,
     home: Path | None = None,
+    architecture: str = "densenet121",
 ) -> PrecisionChoice:
     """The precision to train in. An explicit one is kept (checked). ``auto`` times the real
     training step in each precision the hardware has units for (:func:`precision_candidates`)
@@ -206,7 +211,7 @@ def training_precision(
     candidates = precision_candidates(hw, spatial_dims)
     # A small batch keeps the probe short; the ratio between precisions is what it measures.
     probe_batch = max(2, min(batch_size, 8))
-    key = _probe_key(hw, spatial_dims, image_size, probe_batch)
+    key = _probe_key(hw, spatial_dims, image_size, probe_batch, architecture)
     path = home / PROBE_FILE if home is not None else None
     cache: dict[str, Any] = {}
     if path is not None and path.exists():
@@ -220,7 +225,12 @@ def training_precision(
         seconds = {k: float(v) for k, v in entry["seconds"].items()}  # type: ignore[index]
     else:
         seconds = {
-            p: round(probe_step_seconds(p, device, spatial_dims, image_size, probe_batch), 4)
+            p: round(
+                probe_step_seconds(
+                    p, device, spatial_dims, image_size, probe_batch, architecture=architecture
+                ),
+                4,
+            )
             for p in candidates
         }
         if path is not None:
@@ -230,7 +240,7 @@ def training_precision(
             tmp.write_text(json.dumps(cache, indent=2, sort_keys=True))
             os.replace(tmp, path)
     chosen = choose_precision(seconds)
-    shape = f"{spatial_dims}D {image_size} px, batch {probe_batch}"
+    shape = f"{architecture}, {spatial_dims}D {image_size} px, batch {probe_batch}"
     timing = ", ".join(f"{p} {s * 1000:.0f} ms" for p, s in seconds.items())
     if len(candidates) == 1:
         why = "no bf16/fp16 units: autocast would emulate them, slower than fp32"

@@ -86,6 +86,8 @@ from workbench.distributed import (
 )
 from workbench.metrics import classification_metrics, label_metrics
 from workbench.nets import (
+    ARCHITECTURES,
+    PRETRAINED_ARCHITECTURE,
     create_network,
     freeze_early_blocks,
     keep_frozen_in_eval,
@@ -131,6 +133,7 @@ class TrainConfig:
     # None: the step budget below (early stopping, capped by max_steps and time_budget);
     # a number: exactly that many epochs at most, the schedule spread over them.
     epochs: int | None = None
+    architecture: str = "densenet121"  # one of nets.ARCHITECTURES
     image_size: int = 96
     batch_size: int = 16  # the global batch: split over ranks under torchrun
     lr: float = 1e-3
@@ -504,7 +507,13 @@ def _fit(
     precision_choice = _on_main(
         world,
         lambda: training_precision(
-            cfg.precision, device, spatial_dims, cfg.image_size, cfg.batch_size, settings.home
+            cfg.precision,
+            device,
+            spatial_dims,
+            cfg.image_size,
+            cfg.batch_size,
+            settings.home,
+            architecture=cfg.architecture,
         ),
     )
     precision = precision_choice.precision
@@ -989,7 +998,8 @@ def _label_randomized_model(ctx: _RunContext, epochs: int) -> nn.Module:
         r["label"] = shuffled[int(r["study_id"])]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
-        model = create_network(sd, len(ctx.problem.classes)).to(ctx.device)
+        model = create_network(sd, len(ctx.problem.classes), architecture=cfg.architecture)
+        model = model.to(ctx.device)
     if sd == 2:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     world = World()
@@ -1229,11 +1239,22 @@ def prepare_network(
     ``workbench weights import``; its head is never kept). Returns the network and what was
     loaded and frozen.
     """
-    model = create_network(spatial_dims, n_classes)
+    if cfg.architecture not in ARCHITECTURES:
+        raise TrainingError(
+            f"--architecture {cfg.architecture}: unknown; known: {', '.join(ARCHITECTURES)}"
+        )
+    model = create_network(spatial_dims, n_classes, architecture=cfg.architecture)
     report: dict[str, Any] = {"from": None, "loaded": 0, "skipped": [], "frozen": []}
     if cfg.init_from:
         source = Path(cfg.init_from)
         state: Any  # checked below: a dict of tensors
+        from_bundle = not cfg.init_from.startswith(WEIGHTS_PREFIX) and not source.is_file()
+        if not from_bundle and cfg.architecture != PRETRAINED_ARCHITECTURE:
+            raise TrainingError(
+                f"--init-from {cfg.init_from}: weights files and imported weights are "
+                f"{PRETRAINED_ARCHITECTURE}'s; train with --architecture "
+                f"{PRETRAINED_ARCHITECTURE} to start from them"
+            )
         if cfg.init_from.startswith(WEIGHTS_PREFIX):  # the local store, hash-checked
             name = cfg.init_from.removeprefix(WEIGHTS_PREFIX)
             state, entry = load_weights(settings, name, head=False)
@@ -1245,6 +1266,13 @@ def prepare_network(
             report["from"] = f"weights file {source.name}"
         else:
             path = resolve_bundle_path(settings.models_dir, cfg.init_from)
+            meta = json.loads((path / "configs" / "metadata.json").read_text())
+            theirs = meta.get("workbench", {}).get("architecture", PRETRAINED_ARCHITECTURE)
+            if theirs != cfg.architecture:
+                raise TrainingError(
+                    f"--init-from {cfg.init_from}: that bundle is a {theirs}; train with "
+                    f"--architecture {theirs} to start from it"
+                )
             state = torch.load(path / "models" / "model.pt", map_location="cpu", weights_only=True)
             report["from"] = f"bundle {path.parent.name}/{path.name} ({hash_bundle(path)[:16]})"
         if not isinstance(state, dict):
