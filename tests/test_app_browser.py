@@ -111,6 +111,7 @@ def build_demo_home(home: Path) -> None:
         cohort="demo",
         name="chest-xray",
         epochs=1,
+        architecture="densenet-small",  # the demo's network
         image_size=64,
         device="cpu",
         sanity_images=2,
