@@ -38,7 +38,10 @@ Usage::
 
     python bench/recipe.py --quick                  # smoke run, a few minutes on 2 cores
     python bench/recipe.py [--tasks large,small] [--studies 400] [--image-size 96]
-                           [--naive-epochs 10] [--workdir DIR] [--out FILE]
+                           [--naive-epochs 10] [--small] [--workdir DIR] [--out FILE]
+
+``--small`` adds ``recipe-small``: the same default recipe with ``--architecture
+densenet-small`` (the compact network the demo trains), on the same split.
 
 ``--quick``: 40 studies per task at 64 px, one recipe epoch without the saliency sanity
 checks (minutes of fixed cost per run on 2 cores), two naive epochs: it checks the script,
@@ -97,7 +100,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: secondary capture (``image_dfl.dcm``, not anatomy), dose grids and segmentations.
 EXTRA_SOURCES = ("693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm", "examples_overlay.dcm")
 DEFAULT_SOURCES = (*PACKAGE_SOURCES, *EXTRA_SOURCES)
-METHODS = ("recipe", "naive", "logreg")
+METHODS = ("recipe", "recipe-small", "naive", "logreg")
 N_RESAMPLES = 200  # bootstrap resamples, as the recipe uses for its test metrics
 NAIVE_LR, NAIVE_BATCH = 1e-4, 16
 LOGREG_PIXELS = 32
@@ -290,12 +293,18 @@ def score(
 
 
 def run_recipe(
-    settings: Settings, cohort: str, image_size: int, quick: bool
+    settings: Settings,
+    cohort: str,
+    image_size: int,
+    quick: bool,
+    architecture: str = "densenet121",
 ) -> tuple[Scores, Path]:
-    """The default recipe; its figures come from the bundle's metadata."""
+    """The default recipe (with ``architecture`` its only change); its figures come from the
+    bundle's metadata."""
     cfg = TrainConfig(
         cohort=cohort,
-        name=f"{cohort}-recipe",
+        name=f"{cohort}-recipe" + ("" if architecture == "densenet121" else f"-{architecture}"),
+        architecture=architecture,
         image_size=image_size,
         device="cpu",
         precision="fp32",
@@ -587,6 +596,9 @@ def run_task(
     out["split_studies"] = {s: len(v) for s, v in by_split.items()}
     recheck_recipe(settings, recipe, bundle_path, problem, items, by_split["test"])
     out["methods"]["recipe"] = dataclasses.asdict(recipe)
+    if args.small:  # the same recipe with the compact network, on the same split
+        small, _ = run_recipe(settings, cohort, args.image_size, args.quick, "densenet-small")
+        out["methods"]["recipe-small"] = dataclasses.asdict(small)
     naive = run_naive(
         problem,
         items,
@@ -618,6 +630,11 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=0, help="data seed (task i uses seed + i)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 1 epoch")
+    ap.add_argument(
+        "--small",
+        action="store_true",
+        help="also the recipe with --architecture densenet-small (method recipe-small)",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="keep the work here")
     ap.add_argument("--out", type=Path, default=None, help="JSON path")
     args = ap.parse_args()
