@@ -12,7 +12,9 @@ not here; this module only builds networks from that contract. Two architectures
   2026-12-07): 0.30 s at 96 px and 0.41 s at 128 px against DenseNet121's 0.72 s and 1.30 s.
   On the 1,200-study synthetic chest cohort of tests/test_trust_model.py (128 px, 12 epochs)
   it reached test accuracy 0.969, AUROC 0.992 against DenseNet121's 0.960, 0.990, in a third
-  of the time. For CPU-only machines and small cohorts; no published weights fit it.
+  of the time; on bench/recipe.py's multi-class task (real CT and MR slices, 64 px) it was
+  weaker: AUROC 0.788 against 0.908. For CPU-only machines and quick runs (the demo); no
+  published weights fit it.
 """
 
 from __future__ import annotations
