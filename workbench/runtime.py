@@ -146,7 +146,7 @@ def probe_step_seconds(
     steps: int = 2,
     architecture: str = "densenet121",
 ) -> float:
-    """Seconds per training step of the real network (DenseNet121, channels_last in 2D,
+    """Seconds per training step of the run's network (``architecture``, channels_last in 2D,
     fused AdamW, cross-entropy) on random inputs of the run's shape under ``precision``:
     the fastest of ``steps`` timed steps after one warm-up step."""
     from workbench.nets import create_network  # the network the run trains

@@ -210,7 +210,7 @@ class Budget:
         auto = cfg.warmup_steps is None
         warmup = _auto_warmup(horizon) if cfg.warmup_steps is None else cfg.warmup_steps
         patience = cfg.patience_steps or max(150, 3 * steps_per_epoch)
-        return cls(horizon=horizon, warmup=max(0, warmup), patience=patience, warmup_auto=auto)
+        return cls(horizon, max(0, warmup), patience, warmup_auto=auto)
 
     def factor(self, step: int) -> float:
         """The learning-rate multiplier for optimiser step ``step`` (0-based)."""
