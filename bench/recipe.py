@@ -298,17 +298,22 @@ def run_recipe(
     image_size: int,
     quick: bool,
     architecture: str = "densenet121",
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[Scores, Path]:
-    """The default recipe (with ``architecture`` its only change); its figures come from the
-    bundle's metadata."""
+    """The default recipe (with ``architecture`` and ``overrides``, TrainConfig fields, its
+    only changes); its figures come from the bundle's metadata."""
+    changed = "".join(f"-{k}-{v}" for k, v in (overrides or {}).items())
     cfg = TrainConfig(
         cohort=cohort,
-        name=f"{cohort}-recipe" + ("" if architecture == "densenet121" else f"-{architecture}"),
+        name=f"{cohort}-recipe"
+        + ("" if architecture == "densenet121" else f"-{architecture}")
+        + changed.replace(".", "_"),
         architecture=architecture,
         image_size=image_size,
         device="cpu",
         precision="fp32",
     )
+    cfg = dataclasses.replace(cfg, **(overrides or {}))
     if quick:
         # A smoke run: one epoch, and no saliency sanity checks (with the shuffled-label model
         # they cost minutes whatever the cohort's size; the full run keeps the defaults).
@@ -359,6 +364,7 @@ def run_recipe(
             if sigmoid_problem
             else _mean([detail["per_class"][c]["sensitivity"] for c in classes if c != negative]),
             "training": kept,
+            "history": training.get("history"),  # validation loss / AUROC per epoch
             "calibration_fit": wb.get("calibration_fit"),
             "split": wb.get("split"),
         },
@@ -538,7 +544,8 @@ def table(results: dict[str, Any]) -> str:
         if "error" in task:
             lines.append(f"| {name} | (failed) | | {task['error']} | | | | | | | | |")
             continue
-        for method in METHODS:
+        extra = [m for m in task["methods"] if m not in METHODS]
+        for method in [*METHODS, *extra]:
             s = task["methods"].get(method)
             if s is None:
                 continue
@@ -588,7 +595,7 @@ def run_task(
     info["build_seconds"] = round(time.perf_counter() - t, 1)
     out: dict[str, Any] = {"about": spec.about, "data": info, "methods": {}}
     recipe, bundle_path = run_recipe(settings, cohort, args.image_size, args.quick)
-    # The split the recipe stored; every method uses it.
+    # The split the recipe stored; every method (and every variant) uses it.
     items = [i for i in cohort_items(settings, cohort) if i.label]
     problem = resolve_problem("auto", [i.label for i in items])
     by_split = {s: [i for i in items if i.split == s] for s in ("train", "calibration", "test")}
@@ -599,6 +606,13 @@ def run_task(
     if args.small:  # the same recipe with the compact network, on the same split
         small, _ = run_recipe(settings, cohort, args.image_size, args.quick, "densenet-small")
         out["methods"]["recipe-small"] = dataclasses.asdict(small)
+    for field_name, value in args.variants:  # the recipe with one field changed, same split
+        variant, _ = run_recipe(
+            settings, cohort, args.image_size, args.quick, overrides={field_name: value}
+        )
+        out["methods"][f"recipe {field_name}={value}"] = dataclasses.asdict(variant)
+    if "naive" not in args.methods:
+        return out
     naive = run_naive(
         problem,
         items,
@@ -609,9 +623,28 @@ def run_task(
         seed,
     )
     out["methods"]["naive"] = dataclasses.asdict(naive)
+    if "logreg" not in args.methods:
+        return out
     logreg = run_logreg(problem, items, by_split["train"], by_split["test"], args.image_size)
     out["methods"]["logreg"] = dataclasses.asdict(logreg)
     return out
+
+
+def variant_field(text: str, ap: argparse.ArgumentParser) -> tuple[str, Any]:
+    """``FIELD=VALUE`` as a TrainConfig field and a value of that field's type."""
+    name, _, raw = text.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if name not in fields or not raw:
+        ap.error(f"--variant {text!r}: expected FIELD=VALUE with a TrainConfig field")
+    kind = str(fields[name].type)  # the annotation's text (postponed annotations)
+    if raw == "None" and "None" in kind:
+        return name, None
+    if kind.startswith("bool"):
+        return name, raw.lower() in ("1", "true", "yes")
+    for number in (int, float):
+        if kind.startswith(number.__name__):
+            return name, number(raw)
+    return name, raw
 
 
 def main() -> None:
@@ -635,12 +668,27 @@ def main() -> None:
         action="store_true",
         help="also the recipe with --architecture densenet-small (method recipe-small)",
     )
+    ap.add_argument(
+        "--methods",
+        default="recipe,naive,logreg",
+        help="recipe always runs; drop naive and/or logreg to save time",
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="also the recipe with one TrainConfig field changed (repeatable), e.g. "
+        "ema_decay=0: an ablation measured on the same split in the same run",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="keep the work here")
     ap.add_argument("--out", type=Path, default=None, help="JSON path")
     args = ap.parse_args()
     args.studies = args.studies or (40 if args.quick else 400)
     args.image_size = args.image_size or (64 if args.quick else 96)
     args.naive_epochs = args.naive_epochs or (2 if args.quick else 10)
+    args.methods = {m.strip() for m in args.methods.split(",") if m.strip()}
+    args.variants = [variant_field(v, ap) for v in args.variant]
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
     if unknown:

@@ -89,6 +89,24 @@ def test_batch_augmentation_with_every_change_off_leaves_the_images_unchanged() 
     assert torch.allclose(data.augment_batch(vol, off3), vol, atol=1e-6)
 
 
+def test_flip_mirrors_each_axis_at_its_rate_and_exactly() -> None:
+    rng = np.random.default_rng(0)
+    drawn = np.stack([data.draw_augmentation(rng, 2, flip=0.3) for _ in range(4000)])
+    mirrored = drawn[:, 2:4] < 0  # the scales (after the flag and the angle) carry the sign
+    assert np.allclose(mirrored.mean(axis=0), 0.3, atol=0.03)
+    assert (drawn[mirrored.any(axis=1), 0] == 1.0).all()  # a flip turns the affine on
+    # flip 0 draws what the augmentation drew before flips existed
+    again = [data.draw_augmentation(np.random.default_rng(s), 2) for s in range(5)]
+    same = [data.draw_augmentation(np.random.default_rng(s), 2, flip=0.0) for s in range(5)]
+    assert all(np.array_equal(a, b) for a, b in zip(again, same, strict=True))
+    # mirrored and nothing else: exactly the flipped pixels (width is the affine's first axis)
+    p = _params(2, 1, affine=True, contrast=False, brightness=False, noise=False).numpy().copy()
+    p[1], p[2:4], p[4:6] = 0.0, [-1.0, 1.0], 0.0  # no rotation, mirror x, no shift
+    x = torch.rand(1, 1, 12, 10)
+    out = data.augment_batch(x, torch.from_numpy(p)[None])
+    assert torch.allclose(out, x.flip(-1), atol=1e-5)
+
+
 def test_a_samples_augmentation_depends_on_its_parameters_not_on_its_batch() -> None:
     # Resumed runs and runs split over ranks put an image in other batches: its augmented
     # pixels must not change (noise included).

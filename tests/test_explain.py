@@ -128,6 +128,16 @@ def test_occlusion_odd_size_is_fully_covered(net2d: torch.nn.Module) -> None:
     _check_map(saliency(net2d, image, 0, "occlusion", internal_batch_size=64), (50, 70))
 
 
+def test_an_occlusion_map_does_not_depend_on_how_many_windows_share_a_pass(
+    net2d: torch.nn.Module,
+) -> None:
+    image = torch.rand(1, 1, 48, 40, generator=torch.Generator().manual_seed(5))
+    one_by_one = saliency(net2d, image, 1, "occlusion", internal_batch_size=1)
+    default = saliency(net2d, image, 1, "occlusion")  # 32 windows a pass in 2D
+    np.testing.assert_allclose(default, one_by_one, atol=1e-4)
+    assert default.max() == 1.0  # a real map, not an empty one that trivially matches
+
+
 def test_the_gradcam_layer_for_an_input_is_the_one_saliency_uses_with_its_grid() -> None:
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2).eval()
     # norm5's cells are 32 px: the stride-16 block, denseblock3, has cells of 16 px

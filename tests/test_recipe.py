@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import Pipeline
 from workbench.calibration import TEMPERATURE_FLOOR, fit_calibration, softmax
 from workbench.catalog import cohort_items, holdout_patients
-from workbench.training import DEFAULT_MAX_STEPS, Budget, TrainConfig
+from workbench.training import DEFAULT_MAX_STEPS, PATIENCE_STEPS, Budget, TrainConfig
 
 
 def _budget(**kw: object) -> Budget:
@@ -21,7 +21,7 @@ def _budget(**kw: object) -> Budget:
 
 def test_the_default_budget_is_capped_in_steps_not_epochs() -> None:
     b = _budget()
-    assert b.horizon == DEFAULT_MAX_STEPS and b.warmup == 100 and b.patience == 150
+    assert b.horizon == DEFAULT_MAX_STEPS and b.warmup == 100 and b.patience == PATIENCE_STEPS
     assert _budget(max_steps=300).horizon == 300
     assert _budget(epochs=4).horizon == 40  # a fixed number of epochs spreads the schedule
     assert _budget(epochs=4, max_steps=25).horizon == 25
@@ -132,3 +132,54 @@ def test_temperature_is_the_floor_on_a_large_calibration_split() -> None:
     assert any("floor" in note for note in res.notes)
     small = fit_calibration(z[:60], y[:60], ["a", "b", "c"])
     assert not any("floor" in note for note in small.notes)
+
+
+def test_the_weight_average_starts_at_the_weights_and_ramps_its_decay() -> None:
+    import torch
+
+    from workbench.training import weight_average
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = weight_average(net, 0.995)
+    assert ema is not None
+    weight = net[0].weight
+    with torch.no_grad():
+        weight.fill_(1.0)
+    ema.update_parameters(net)  # the first update copies
+    assert torch.equal(ema.module[0].weight, weight)
+    with torch.no_grad():
+        weight.fill_(3.0)
+    ema.update_parameters(net)  # n = 1: decay (1 + 1) / (10 + 1)
+    d = 2 / 11
+    assert torch.allclose(ema.module[0].weight, torch.full_like(weight, d * 1 + (1 - d) * 3))
+    net[1].num_batches_tracked.fill_(7)
+    ema.update_parameters(net)  # integer buffers are copied, not averaged
+    assert int(ema.module[1].num_batches_tracked) == 7
+
+
+def test_the_weight_average_is_steadier_than_the_noisy_weights_it_follows() -> None:
+    import torch
+
+    from workbench.training import weight_average
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(50, 1, bias=False)
+    ema = weight_average(net, 0.99)
+    assert ema is not None
+    for _ in range(400):  # SGD noise around a fixed optimum of zero
+        with torch.no_grad():
+            net.weight.copy_(torch.randn_like(net.weight))
+        ema.update_parameters(net)
+    raw = float(net.weight.norm())
+    averaged = float(ema.module.weight.norm())
+    assert averaged < raw / 4, (averaged, raw)  # ~ raw x sqrt((1 - d) / (1 + d)) = 0.07 raw
+
+
+def test_a_zero_decay_keeps_the_raw_weights_and_a_bad_one_is_refused() -> None:
+    import torch
+
+    from workbench.training import TrainingError, weight_average
+
+    assert weight_average(torch.nn.Linear(2, 2), 0.0) is None
+    with pytest.raises(TrainingError, match="--ema-decay"):
+        weight_average(torch.nn.Linear(2, 2), 1.0)

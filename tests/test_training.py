@@ -171,6 +171,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
     args = ["--cohort", "c", "--epochs", "2", "--image-size", "32", "--batch-size", "4"]
     args += ["--checkpoint-every", "3", "--name", "m"]
     args += ["--sanity-images", "0"]  # the bundle's saliency checks come after the weights
+    args += ["--ema-decay", "0.9"]  # the kept weights are the average: it must resume too
     homes = {}
     for run in ("whole", "killed"):
         s = make_settings(tmp_path / run)  # same key: the same pseudonyms and split

@@ -239,14 +239,19 @@ AUG_P_BRIGHTNESS, AUG_BRIGHTNESS = 0.5, 0.05  # x + U(-0.05, 0.05)
 AUG_P_NOISE, AUG_NOISE_STD = 0.3, 0.02  # x + N(0, 0.02)
 
 
-def draw_augmentation(rng: np.random.Generator, spatial_dims: int) -> np.ndarray:
+def draw_augmentation(rng: np.random.Generator, spatial_dims: int, flip: float = 0.0) -> np.ndarray:
     """One sample's augmentation parameters as a float64 vector (see :func:`augment_batch`):
     [affine?, rotation angles (1 in 2D, 3 in 3D), scales (per axis), shifts (fraction of the
-    side, per axis), contrast?, factor, brightness?, offset, noise?, noise seed]."""
+    side, per axis), contrast?, factor, brightness?, offset, noise?, noise seed].
+
+    ``flip``: the probability of mirroring each axis, drawn after the rest (so that 0 draws
+    exactly what it drew before flips existed) and carried as a negative scale, which turns
+    the affine on.
+    """
     d = spatial_dims
     angle = AUG_ROTATE_2D if d == 2 else AUG_ROTATE_3D
     n_angles = 1 if d == 2 else 3
-    return np.concatenate(
+    params = np.concatenate(
         [
             [rng.random() < AUG_P_AFFINE],
             rng.uniform(-angle, angle, n_angles),
@@ -257,6 +262,12 @@ def draw_augmentation(rng: np.random.Generator, spatial_dims: int) -> np.ndarray
             [rng.random() < AUG_P_NOISE, rng.integers(0, 2**31)],
         ]
     ).astype(np.float64)
+    if flip > 0.0:
+        mirrored = rng.random(d) < flip
+        if mirrored.any():
+            params[1 + n_angles : 1 + n_angles + d] *= np.where(mirrored, -1.0, 1.0)
+            params[0] = 1.0
+    return params
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
@@ -369,9 +380,10 @@ class AugmentedDataset(TorchDataset):
         seed: int,
         spatial_dims: int,
         normalization: Normalization | None = None,
+        flip: float = 0.0,
     ) -> None:
         self.base, self.seed, self.spatial_dims, self.epoch = base, seed, spatial_dims, 0
-        self.normalization = normalization
+        self.normalization, self.flip = normalization, flip
 
     def __len__(self) -> int:
         return len(self.base)
@@ -381,7 +393,7 @@ class AugmentedDataset(TorchDataset):
         image = sample["image"]
         sample["image"] = image.as_tensor() if isinstance(image, MetaTensor) else image
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index]))
-        params = draw_augmentation(rng, self.spatial_dims)
+        params = draw_augmentation(rng, self.spatial_dims, self.flip)
         n = self.normalization
         if n is not None:
             params = np.concatenate([params, [n.scale, n.mean, n.std]])
@@ -421,10 +433,11 @@ def make_dataset(
     cache: bool = True,
     persist_dir: Path | None = None,
     seed: int = 0,
+    flip: float = 0.0,
 ) -> Any:
     """CacheDataset runs the deterministic preset once. With ``train``, the samples carry
     augmentation parameters from (``seed``, epoch, index) (:class:`AugmentedDataset`), applied
-    per batch by :func:`augment_batch`.
+    per batch by :func:`augment_batch`; ``flip`` is the probability of mirroring each axis.
 
     ``persist_dir``: keep the deterministic head's outputs on disk across runs instead
     (MONAI's PersistentDataset) under ``persist_dir/<transform hash>/``, each file named by a
@@ -442,4 +455,4 @@ def make_dataset(
         base = Dataset(records, transform)
     if not train:
         return base
-    return AugmentedDataset(base, seed, spec.spatial_dims, spec.normalization)
+    return AugmentedDataset(base, seed, spec.spatial_dims, spec.normalization, flip)

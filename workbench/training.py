@@ -5,10 +5,12 @@ Recipe (2 CPU cores, the demo cohort)::
 
     workbench train --cohort demo --name chest-xray --epochs 12 --image-size 96
 
-The calibration split doubles as the validation split for early stopping (as in Guo et al.
-2017, where the validation set also fits the temperature); the test split is touched only once,
-after the model and its calibration are fixed. With ``--calibrate-per-site`` each site with
-enough calibration studies may get a map of its own beside the global one
+Early stopping reads a validation split held out from the training patients
+(``--validation-fraction``), so the calibrator is chosen on studies that did not choose the
+weights (with ``--ema-decay`` an exponential moving average of them is scored and kept); the
+test split is touched only once, after the model and its calibration are fixed. With
+``--calibrate-per-site`` each site with enough calibration studies may get a map of its own
+beside the global one
 (:func:`~workbench.calibration.fit_site_calibration`); the thresholds, conformal sets and test
 metrics are then computed on the per-site calibrated probabilities, as ``predict`` gives them.
 
@@ -27,7 +29,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -147,6 +149,8 @@ class TrainConfig:
     patience_steps: int | None = None  # steps without a better validation score (None: auto)
     warmup_steps: int | None = None  # linear learning-rate warm-up (None: auto)
     validation_fraction: float = 0.15  # training patients held out for early stopping
+    ema_decay: float = 0.0  # > 0: keep an average of the last ~1/(1-d) steps' weights
+    flip: float = 0.0  # training augmentation: the probability of mirroring each axis
     resume: bool = False
     checkpoint_every: int = 50  # optimiser steps between mid-epoch checkpoints (0: epochs only)
     init_from: str | None = None  # a bundle (NAME, NAME/vN, folder) or a weights file (.pt/.pth)
@@ -166,6 +170,8 @@ class TrainConfig:
 
 #: The step budget's cap when neither --epochs nor --max-steps is given.
 DEFAULT_MAX_STEPS = 2000
+#: The least early-stopping patience in steps (the default is this or 3 epochs, the larger).
+PATIENCE_STEPS = 400
 
 
 @dataclass
@@ -209,7 +215,10 @@ class Budget:
         horizon = max(1, cap)
         auto = cfg.warmup_steps is None
         warmup = _auto_warmup(horizon) if cfg.warmup_steps is None else cfg.warmup_steps
-        patience = cfg.patience_steps or max(150, 3 * steps_per_epoch)
+        # 400: on the recipe benchmark's 400-study multi-class task (36 validation studies,
+        # whose loss swung 0.66-1.46 between epochs late in training) 150 stopped at step 516
+        # with test AUROC 0.908; 400 ran to step 1284 and reached 0.951 (BENCHMARKS.md).
+        patience = cfg.patience_steps or max(PATIENCE_STEPS, 3 * steps_per_epoch)
         return cls(horizon, max(0, warmup), patience, warmup_auto=auto)
 
     def factor(self, step: int) -> float:
@@ -254,6 +263,36 @@ class Budget:
         self.horizon = max(step, min(self.cap, allowed))
         if self.warmup_auto and 5 <= step < self.warmup:  # a pace from five steps at least
             self.warmup = max(step + 1, _auto_warmup(self.horizon))
+
+
+def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics (Polyak
+    averaging, torch's ``AveragedModel``), or None when ``decay`` is 0.
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after n updates (the warm-up of
+    TensorFlow's and timm's EMA; written here because torch's ``get_ema_multi_avg_fn`` has a
+    fixed decay), so the average spans about the last tenth of a short run and at most
+    ``1 / (1 - decay)`` steps of a long one. On a small validation split the loss of the raw
+    weights swings from one evaluation to the next (0.80-1.80 on the recipe benchmark's
+    multi-class task), and early stopping then keeps whichever epoch happened to land low.
+    """
+    if not 0.0 <= decay < 1.0:
+        raise TrainingError(f"--ema-decay must be in [0, 1), not {decay}")
+    if decay == 0.0:
+        return None
+
+    @torch.no_grad()
+    def update(
+        averaged: Sequence[torch.Tensor], current: Sequence[torch.Tensor], n: torch.Tensor | int
+    ) -> None:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        for a, c in zip(averaged, current, strict=True):
+            if a.is_floating_point():
+                a.lerp_(c, 1.0 - d)
+            else:  # BatchNorm's batch counter
+                a.copy_(c)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def _auto_warmup(horizon: int) -> int:
@@ -522,7 +561,7 @@ def _fit(
     eval_precision = resolve_precision(cfg.precision, device, spatial_dims, training=False)
 
     records = {s: to_records(its, classes, target=problem.target) for s, its in by_split.items()}
-    train_ds = make_dataset(records["train"], spec, train=True, seed=cfg.seed)
+    train_ds = make_dataset(records["train"], spec, train=True, seed=cfg.seed, flip=cfg.flip)
     val_ds = make_dataset(records["validation"], spec, train=False)
     val_targets = np.stack([np.asarray(r["label"]) for r in records["validation"]])
     train_targets = [r["label"] for r in records["train"]]
@@ -554,6 +593,7 @@ def _fit(
     best_epoch, start_epoch, step = -1, 0, 0
     start_batch, epoch_losses = 0, []  # position inside a partly done epoch
     best_state: dict[str, torch.Tensor] | None = None
+    resumed_ema: dict[str, Any] | None = None
     if cfg.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
         if ckpt["config"]["cohort"] != cfg.cohort or tuple(ckpt["classes"]) != classes:
@@ -570,7 +610,7 @@ def _fit(
         budget, train_seconds = Budget(**ckpt["budget"]), ckpt["train_seconds"]
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         start_batch, epoch_losses = ckpt["batch"], list(ckpt["epoch_losses"])
-        best_state = ckpt["best_state"]
+        best_state, resumed_ema = ckpt["best_state"], ckpt.get("ema")
         if progress:
             print(f"resuming at epoch {start_epoch + 1}, batch {start_batch + 1} (step {step})")
 
@@ -586,6 +626,10 @@ def _fit(
     if cfg.compile:
         net = torch.compile(net)  # type: ignore[assignment]
     step_seconds: list[float] = []
+    ema = weight_average(model, cfg.ema_decay)
+    if ema is not None and resumed_ema is not None:
+        ema.load_state_dict(resumed_ema)
+    scored = model if ema is None else ema.module  # the weights validated and kept
 
     def checkpoint(epoch: int, batch: int, losses: list[float]) -> None:
         """Everything needed to continue exactly here, written atomically by rank 0."""
@@ -596,6 +640,7 @@ def _fit(
                 "config": asdict(cfg),
                 "classes": classes,
                 "model": model.state_dict(),
+                "ema": None if ema is None else ema.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "budget": asdict(budget),
@@ -641,6 +686,8 @@ def _fit(
         ) -> bool:
             nonlocal step, last_tick
             step += 1
+            if ema is not None:
+                ema.update_parameters(model)
             now = time.perf_counter()
             step_seconds.append(now - last_tick)
             last_tick = now
@@ -668,7 +715,7 @@ def _fit(
             world=world,
         )
         start_batch, epoch_losses = 0, []
-        val_logits = _forward_sharded(model, val_ds, device, eval_precision, spatial_dims, world)
+        val_logits = _forward_sharded(scored, val_ds, device, eval_precision, spatial_dims, world)
         val_loss = validation_loss(problem, val_logits, val_targets)
         val_auroc = _auroc(problem, val_logits, val_targets)
         train_seconds = float(broadcast(train_seconds + time.time() - epoch_started, world))
@@ -691,12 +738,14 @@ def _fit(
             )
         if budget.observe(step, val_auroc, val_loss):
             best_epoch = epoch + 1
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
         set_lr(step)  # a plateau may have lowered it
         checkpoint(epoch + 1, 0, [])
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    elif ema is not None:  # no validation ran (a budget spent inside the first epoch)
+        model.load_state_dict(scored.state_dict())
     model.eval()
     training = {
         **asdict(cfg),
@@ -1007,7 +1056,7 @@ def _label_randomized_model(ctx: _RunContext, epochs: int) -> nn.Module:
     optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     precision = ctx.training["precision"]  # the run's own (probed) precision
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
-    dataset = make_dataset(records, spec, train=True, seed=cfg.seed + 1)
+    dataset = make_dataset(records, spec, train=True, seed=cfg.seed + 1, flip=cfg.flip)
     for epoch in range(epochs):
         dataset.epoch = epoch
         batches = _epoch_batches(len(dataset), cfg.batch_size, cfg.seed + 1, epoch)
