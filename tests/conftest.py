@@ -114,7 +114,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
             epochs=2,
             image_size=64,
             batch_size=8,
-            precision="auto",  # bf16 autocast for training, fp32 for evaluation on the CPU
+            precision="auto",  # the probe's choice (fp32 on a CPU without bf16 units)
             device="cpu",
         ),
         progress=False,
