@@ -189,8 +189,9 @@ def saliency(
       overrides), stride half the window, ``internal_batch_size`` perturbations per
       forward pass (default 32 in 2D, 8 for volumes); the drop of the target logit, summed
       over channels.  Costs about 225 forward passes in 2D; volumes get windows ~1/4 of
-      each side, 343 passes.  Batching 32 rather than 8 images a pass gives the same map
-      about 1.5-3x faster on a CPU (BENCHMARKS.md, saliency).
+      each side, 343 passes.  Batching 32 rather than 8 windows a pass gives the same map
+      about 1.7x faster for DenseNet121 at 64 px on 2 CPU cores, little faster for the
+      compact network at 128 px (BENCHMARKS.md, the suite on 2 AVX2 cores).
     * ``gradient``: Captum ``Saliency``, |d logit / d pixel| summed over channels.
 
     ``precision``: "bf16" runs the passes under autocast (about 2.5x faster on this CPU at
