@@ -611,22 +611,13 @@ def run_task(
             settings, cohort, args.image_size, args.quick, overrides={field_name: value}
         )
         out["methods"][f"recipe {field_name}={value}"] = dataclasses.asdict(variant)
-    if "naive" not in args.methods:
-        return out
-    naive = run_naive(
-        problem,
-        items,
-        by_split["train"],
-        by_split["test"],
-        args.image_size,
-        args.naive_epochs,
-        seed,
-    )
-    out["methods"]["naive"] = dataclasses.asdict(naive)
-    if "logreg" not in args.methods:
-        return out
-    logreg = run_logreg(problem, items, by_split["train"], by_split["test"], args.image_size)
-    out["methods"]["logreg"] = dataclasses.asdict(logreg)
+    train, test = by_split["train"], by_split["test"]
+    if "naive" in args.methods:
+        naive = run_naive(problem, items, train, test, args.image_size, args.naive_epochs, seed)
+        out["methods"]["naive"] = dataclasses.asdict(naive)
+    if "logreg" in args.methods:
+        logreg = run_logreg(problem, items, train, test, args.image_size)
+        out["methods"]["logreg"] = dataclasses.asdict(logreg)
     return out
 
 
@@ -688,6 +679,10 @@ def main() -> None:
     args.image_size = args.image_size or (64 if args.quick else 96)
     args.naive_epochs = args.naive_epochs or (2 if args.quick else 10)
     args.methods = {m.strip() for m in args.methods.split(",") if m.strip()}
+    if args.methods - {"recipe", "naive", "logreg"}:
+        ap.error(
+            f"--methods: unknown {', '.join(sorted(args.methods - {'recipe', 'naive', 'logreg'}))}"
+        )
     args.variants = [variant_field(v, ap) for v in args.variant]
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
