@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` and `make test`.
 #   TORCH=torch==2.13.0   which torch to install when the venv has none (default: plain `torch`)
 #   NO_APP=1              `make demo` stops after the report instead of opening the app
+#   TEST_JOBS=2           pytest-xdist workers for `make test` (0: one process, no xdist)
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch
@@ -8,6 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+TEST_JOBS ?= 2
 
 .PHONY: demo test lint format bench install clean
 
@@ -23,8 +25,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/workbench demo $(if $(NO_APP),--no-app) $(DEMO_ARGS)
 
+# Two workers, one test file each at a time (the slow modules dealt first, tests/conftest.py).
+# OMP_WAIT_POLICY=PASSIVE: libgomp's threads otherwise spin while they wait for work, so two
+# torch processes on two cores slowed each other 5x (bench/omp_wait.py, 2 AVX2 cores: a
+# training step 0.28 s alone, 1.50 s each with two at once; passive 0.49 s alone, 0.56 s each
+# with two). Serially 21 min 11 s of pytest, with this 14 min 49 s (BENCHMARKS.md).
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

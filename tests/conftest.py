@@ -15,6 +15,29 @@ import pytest
 
 from workbench.config import Settings
 
+# Modules that take minutes run first: under `make test`'s two xdist workers (files are
+# dealt out in collection order) the longest one must not start last while the other worker
+# idles. The order is otherwise pytest's own.
+SLOW_MODULES_FIRST = (
+    "test_trust_model.py",  # a 5-minute module fixture
+    "test_degraded_site.py",
+    "test_training.py",
+    "test_app.py",  # the first to build the session's pipeline fixture
+    "test_demo.py",
+    "test_app_browser.py",
+    "test_precision.py",
+    "test_shapes.py",
+    "test_distributed.py",
+    "test_store_concurrency.py",
+    "test_problems.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
+
+
 TINY_COHORT = "tiny"
 TINY_MODEL = "tiny-model"
 
