@@ -604,12 +604,15 @@ def run_task(
     recheck_recipe(settings, recipe, bundle_path, problem, items, by_split["test"])
     out["methods"]["recipe"] = dataclasses.asdict(recipe)
     if args.small:  # the same recipe with the compact network, on the same split
-        small, _ = run_recipe(settings, cohort, args.image_size, args.quick, "densenet-small")
+        small, path = run_recipe(settings, cohort, args.image_size, args.quick, "densenet-small")
+        recheck_recipe(settings, small, path, problem, items, by_split["test"])
         out["methods"]["recipe-small"] = dataclasses.asdict(small)
     for field_name, value in args.variants:  # the recipe with one field changed, same split
-        variant, _ = run_recipe(
+        variant, path = run_recipe(
             settings, cohort, args.image_size, args.quick, overrides={field_name: value}
         )
+        # scored as the recipe is: the check, and for sigmoid problems per-label ECE CIs
+        recheck_recipe(settings, variant, path, problem, items, by_split["test"])
         out["methods"][f"recipe {field_name}={value}"] = dataclasses.asdict(variant)
     train, test = by_split["train"], by_split["test"]
     if "naive" in args.methods:
