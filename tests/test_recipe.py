@@ -12,7 +12,14 @@ import pytest
 from tests.conftest import Pipeline
 from workbench.calibration import TEMPERATURE_FLOOR, fit_calibration, softmax
 from workbench.catalog import cohort_items, holdout_patients
-from workbench.training import DEFAULT_MAX_STEPS, PATIENCE_STEPS, Budget, TrainConfig
+from workbench.training import (
+    DEFAULT_CAP_EPOCHS,
+    DEFAULT_MAX_STEPS,
+    PATIENCE_STEPS,
+    Budget,
+    TrainConfig,
+    _stop_reason,
+)
 
 
 def _budget(**kw: object) -> Budget:
@@ -26,6 +33,22 @@ def test_the_default_budget_is_capped_in_steps_not_epochs() -> None:
     assert _budget(epochs=4).horizon == 40  # a fixed number of epochs spreads the schedule
     assert _budget(epochs=4, max_steps=25).horizon == 25
     assert Budget.plan(TrainConfig(cohort="c", name="n"), steps_per_epoch=200).patience == 600
+
+
+def test_a_large_cohorts_default_cap_leaves_its_patience_room_to_stop_training() -> None:
+    # 750 steps an epoch (12,000 training images at batch 16): a fixed cap of 2,000 steps
+    # was under 3 epochs, less than the 3-epoch patience, so early stopping never fired.
+    big = Budget.plan(TrainConfig(cohort="c", name="n"), steps_per_epoch=750)
+    assert big.patience == 3 * 750 and big.horizon == DEFAULT_CAP_EPOCHS * 750
+    for step in range(0, 750 * 4, 750):  # the best score at the end of epoch 4 ...
+        big.observe(step, None, 1.0 - step / 10_000)
+    stop = next(s for s in range(big.horizon + 1) if big.should_stop(s))
+    assert stop < big.horizon  # ... and patience, not the cap, ends the run
+    assert "no better validation score" in _stop_reason(big, stop, TrainConfig("c", "n"))
+    # A small cohort keeps the 2,000-step cap; the cap follows --max-steps and --epochs.
+    assert Budget.plan(TrainConfig("c", "n"), steps_per_epoch=200).horizon == DEFAULT_MAX_STEPS
+    assert Budget.plan(TrainConfig("c", "n", max_steps=900), steps_per_epoch=750).horizon == 900
+    assert Budget.plan(TrainConfig("c", "n", epochs=2), steps_per_epoch=750).horizon == 1500
 
 
 def test_the_learning_rate_warms_up_then_follows_a_cosine_to_the_horizon() -> None:

@@ -126,7 +126,9 @@ def _parser() -> argparse.ArgumentParser:
         "held-out training patients, capped by --max-steps and --time-budget)",
     )
     s.add_argument(
-        "--max-steps", type=int, help="cap on optimiser steps (default 2000 without --epochs)"
+        "--max-steps",
+        type=int,
+        help="cap on optimiser steps (default without --epochs: 2000 or 10 epochs, the larger)",
     )
     s.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after")
     s.add_argument(

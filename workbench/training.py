@@ -144,7 +144,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    max_steps: int | None = None  # cap on optimiser steps (None: DEFAULT_MAX_STEPS)
+    max_steps: int | None = None  # cap on optimiser steps (None: see DEFAULT_MAX_STEPS)
     time_budget: float | None = None  # seconds of training before it stops (None: no limit)
     patience_steps: int | None = None  # steps without a better validation score (None: auto)
     warmup_steps: int | None = None  # linear learning-rate warm-up (None: auto)
@@ -168,8 +168,13 @@ class TrainConfig:
     site_min_studies: int = SITE_MIN_STUDIES  # calibration studies a site needs for its own map
 
 
-#: The step budget's cap when neither --epochs nor --max-steps is given.
+#: The step budget's cap when neither --epochs nor --max-steps is given: this many steps or
+#: DEFAULT_CAP_EPOCHS epochs, the larger. A fixed 2,000 was under 3 epochs on a cohort of
+#: 11,000 training images, below the 3-epoch patience, so early stopping could never fire
+#: there; 10 epochs leaves it room. Cohorts under 3,200 training images at batch 16 (every
+#: figure in BENCHMARKS.md) keep 2,000. Not yet measured on a large cohort.
 DEFAULT_MAX_STEPS = 2000
+DEFAULT_CAP_EPOCHS = 10
 #: The least early-stopping patience in steps (the default is this or 3 epochs, the larger).
 PATIENCE_STEPS = 400
 
@@ -209,7 +214,11 @@ class Budget:
 
     @classmethod
     def plan(cls, cfg: TrainConfig, steps_per_epoch: int) -> Budget:
-        cap = cfg.max_steps or (cfg.epochs * steps_per_epoch if cfg.epochs else DEFAULT_MAX_STEPS)
+        cap = cfg.max_steps or (
+            cfg.epochs * steps_per_epoch
+            if cfg.epochs
+            else max(DEFAULT_MAX_STEPS, DEFAULT_CAP_EPOCHS * steps_per_epoch)
+        )
         if cfg.epochs:
             cap = min(cap, cfg.epochs * steps_per_epoch)
         horizon = max(1, cap)
@@ -1099,11 +1108,7 @@ def _num(value: float | None) -> str:
 
 def _stop_reason(budget: Budget, step: int, cfg: TrainConfig) -> str:
     """Why training ended, in words for the experiment record."""
-    if (
-        cfg.time_budget is not None
-        and step >= budget.horizon
-        and budget.horizon < (cfg.max_steps or DEFAULT_MAX_STEPS)
-    ):
+    if cfg.time_budget is not None and step >= budget.horizon and budget.horizon < budget.cap:
         return f"time budget ({cfg.time_budget:.0f} s)"
     if step >= budget.horizon:
         return f"step cap ({budget.horizon})"
