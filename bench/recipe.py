@@ -682,10 +682,9 @@ def main() -> None:
     args.image_size = args.image_size or (64 if args.quick else 96)
     args.naive_epochs = args.naive_epochs or (2 if args.quick else 10)
     args.methods = {m.strip() for m in args.methods.split(",") if m.strip()}
-    if args.methods - {"recipe", "naive", "logreg"}:
-        ap.error(
-            f"--methods: unknown {', '.join(sorted(args.methods - {'recipe', 'naive', 'logreg'}))}"
-        )
+    unknown_methods = args.methods - {"recipe", "naive", "logreg"}
+    if unknown_methods:
+        ap.error(f"--methods: unknown {', '.join(sorted(unknown_methods))}")
     args.variants = [variant_field(v, ap) for v in args.variant]
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
