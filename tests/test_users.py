@@ -160,6 +160,54 @@ def test_a_deleted_audit_row_is_detected_at_the_next_one(settings: Settings) -> 
     assert auditlog.verify(settings).bad_id == 3
 
 
+def test_an_inserted_audit_row_is_detected_even_with_a_valid_hash_of_its_own(
+    settings: Settings,
+) -> None:
+    from workbench.store import GENESIS, AuditEvent, _event_hash, audit_fields, session_scope
+
+    users.add_user(settings, "admin", "grey", "clinician", TEST_PASSWORD)
+    users.authenticate(settings, "grey", TEST_PASSWORD)
+    users.record_sign_out(settings, "grey")
+    assert auditlog.verify(settings) == auditlog.Verification(3, None, None)
+    # Someone with the database file slips a sign-in in after event 1: the later rows move up
+    # one id, and the forged row is chained to event 1 with a hash that is right for its own
+    # fields (the algorithm is public). The row after it still names event 1's hash.
+    db = settings.database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as conn:
+        for row_id in (3, 2):
+            conn.execute("UPDATE audit_event SET id = id + 1 WHERE id = ?", (row_id,))
+    with session_scope(settings.database_url) as session:
+        first = session.get(AuditEvent, 1)
+        assert first is not None and first.prev_hash == GENESIS
+        forged = AuditEvent(
+            id=2,
+            at=first.at,
+            actor="grey",
+            action="auth.sign_in",
+            object_type="user",
+            object_id="grey",
+            reason="",
+            prev_hash=first.hash,
+            hash="",
+        )
+        forged.hash = _event_hash(first.hash, audit_fields(forged))
+        session.add(forged)
+    assert auditlog.verify(settings) == auditlog.Verification(4, 3, "auth.sign_in")
+    # A row appended at the end with a hash that is not its own is caught at that row.
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM audit_event WHERE id = 2")
+        for row_id in (3, 4):
+            conn.execute("UPDATE audit_event SET id = id - 1 WHERE id = ?", (row_id,))
+        last_hash = conn.execute("SELECT hash FROM audit_event WHERE id = 3").fetchone()[0]
+        conn.execute(
+            "INSERT INTO audit_event (id, at, actor, action, object_type, object_id, reason,"
+            " prev_hash, hash) VALUES (4, '2026-01-01 00:00:00', 'grey', 'auth.sign_in',"
+            " 'user', 'grey', '', ?, ?)",
+            (last_hash, last_hash),
+        )
+    assert auditlog.verify(settings) == auditlog.Verification(4, 4, "auth.sign_in")
+
+
 def test_audit_export_writes_csv_and_json(settings: Settings, tmp_path: Path) -> None:
     users.add_user(settings, "admin", "grey", "clinician", TEST_PASSWORD)
     users.authenticate(settings, "grey", TEST_PASSWORD)
