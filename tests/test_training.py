@@ -252,6 +252,32 @@ def test_fine_tuning_onto_one_more_class_keeps_the_backbone_and_trains_a_new_hea
     shutil.rmtree(result.bundle.parent)
 
 
+def test_a_backbone_lr_factor_of_zero_fine_tunes_the_head_alone(pipeline: Pipeline) -> None:
+    """``train --backbone-lr-factor 0`` from a bundle: every backbone parameter keeps its value
+    (BatchNorm's running statistics still follow the data) while the head learns."""
+    from tests.conftest import _env_for, run_cli
+
+    s = pipeline.settings
+    env = {k: v for k, v in _env_for(s).items() if k != "WORKBENCH_HOME"}
+    args = ["train", "--cohort", pipeline.cohort, "--name", "head-only", "--epochs", "1"]
+    args += ["--image-size", "64", "--batch-size", "8", "--init-from", pipeline.model]
+    args += ["--sanity-images", "0", "--label-randomization-epochs", "0", "--precision", "fp32"]
+    r = run_cli([*args, "--backbone-lr-factor", "0"], s.home, **env)
+    assert r.returncode == 0, r.stderr
+    source = torch.load(pipeline.bundle / "models" / "model.pt", weights_only=True)
+    bundle = s.models_dir / "head-only" / "v1"
+    tuned = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    params = {name for name, _ in create_network(2, 3).named_parameters()}
+    backbone = sorted(k for k in params if k.startswith("features."))
+    assert len(backbone) > 300
+    assert all(torch.equal(tuned[k], source[k]) for k in backbone)
+    assert not torch.equal(tuned["class_layers.out.weight"], source["class_layers.out.weight"])
+    stats = [k for k in tuned if k.endswith("running_mean")]
+    assert any(not torch.equal(tuned[k], source[k]) for k in stats)
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())["workbench"]
+    assert meta["training"]["backbone_lr_factor"] == 0.0
+
+
 def test_a_torchvision_layout_state_dict_loads_into_the_network(tmp_path: Path) -> None:
     from monai.networks.nets import DenseNet121
 
