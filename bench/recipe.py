@@ -607,13 +607,14 @@ def run_task(
         small, path = run_recipe(settings, cohort, args.image_size, args.quick, "densenet-small")
         recheck_recipe(settings, small, path, problem, items, by_split["test"])
         out["methods"]["recipe-small"] = dataclasses.asdict(small)
-    for field_name, value in args.variants:  # the recipe with one field changed, same split
+    for overrides in args.variants:  # the recipe with some fields changed, same split
         variant, path = run_recipe(
-            settings, cohort, args.image_size, args.quick, overrides={field_name: value}
+            settings, cohort, args.image_size, args.quick, overrides=overrides
         )
         # scored as the recipe is: the check, and for sigmoid problems per-label ECE CIs
         recheck_recipe(settings, variant, path, problem, items, by_split["test"])
-        out["methods"][f"recipe {field_name}={value}"] = dataclasses.asdict(variant)
+        label = ",".join(f"{k}={v}" for k, v in overrides.items())
+        out["methods"][f"recipe {label}"] = dataclasses.asdict(variant)
     train, test = by_split["train"], by_split["test"]
     if "naive" in args.methods:
         naive = run_naive(problem, items, train, test, args.image_size, args.naive_epochs, seed)
@@ -624,21 +625,23 @@ def run_task(
     return out
 
 
-def variant_field(text: str, ap: argparse.ArgumentParser) -> tuple[str, Any]:
-    """``FIELD=VALUE`` as a TrainConfig field and a value of that field's type."""
-    name, _, raw = text.partition("=")
+def variant_fields(text: str, ap: argparse.ArgumentParser) -> dict[str, Any]:
+    """``FIELD=VALUE[,FIELD=VALUE...]`` as TrainConfig fields and values of their types."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    if name not in fields or not raw:
-        ap.error(f"--variant {text!r}: expected FIELD=VALUE with a TrainConfig field")
-    kind = str(fields[name].type)  # the annotation's text (postponed annotations)
-    if raw == "None" and "None" in kind:
-        return name, None
-    if kind.startswith("bool"):
-        return name, raw.lower() in ("1", "true", "yes")
-    for number in (int, float):
-        if kind.startswith(number.__name__):
-            return name, number(raw)
-    return name, raw
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        name, _, raw = part.partition("=")
+        if name not in fields or not raw:
+            ap.error(f"--variant {text!r}: expected FIELD=VALUE with TrainConfig fields")
+        kind = str(fields[name].type)  # the annotation's text (postponed annotations)
+        if raw == "None" and "None" in kind:
+            out[name] = None
+        elif kind.startswith("bool"):
+            out[name] = raw.lower() in ("1", "true", "yes")
+        else:
+            number = next((n for n in (int, float) if kind.startswith(n.__name__)), None)
+            out[name] = number(raw) if number else raw
+    return out
 
 
 def main() -> None:
@@ -671,9 +674,10 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        metavar="FIELD=VALUE",
-        help="also the recipe with one TrainConfig field changed (repeatable), e.g. "
-        "ema_decay=0: an ablation measured on the same split in the same run",
+        metavar="FIELD=VALUE[,FIELD=VALUE]",
+        help="also the recipe with TrainConfig fields changed (repeatable), e.g. "
+        "ema_decay=0.995 or rotate=45,scale=0.15: an ablation measured on the same split in "
+        "the same run",
     )
     ap.add_argument("--workdir", type=Path, default=None, help="keep the work here")
     ap.add_argument("--out", type=Path, default=None, help="JSON path")
@@ -685,7 +689,7 @@ def main() -> None:
     unknown_methods = args.methods - {"recipe", "naive", "logreg"}
     if unknown_methods:
         ap.error(f"--methods: unknown {', '.join(sorted(unknown_methods))}")
-    args.variants = [variant_field(v, ap) for v in args.variant]
+    args.variants = [variant_fields(v, ap) for v in args.variant]
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
     if unknown:

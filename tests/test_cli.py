@@ -18,6 +18,14 @@ def test_an_unknown_cohort_prints_one_line_and_exits_non_zero(tmp_path: Path) ->
     assert "Traceback" not in r.stderr
 
 
+def test_an_augmentation_range_out_of_bounds_is_refused_in_one_line(tmp_path: Path) -> None:
+    r = run_cli(["train", "--cohort", "nope", "--name", "m", "--rotate", "200"], tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: --rotate must be in [0, 180] degrees, not 200.0"
+    ]
+
+
 def test_a_missing_source_folder_is_a_clear_error(tmp_path: Path, capsys) -> None:
     os.environ.pop("WORKBENCH_DEBUG", None)
     code = main(["ingest", str(tmp_path / "nowhere")])

@@ -107,6 +107,29 @@ def test_flip_mirrors_each_axis_at_its_rate_and_exactly() -> None:
     assert torch.allclose(out, x.flip(-1), atol=1e-5)
 
 
+def test_affine_ranges_widen_what_is_drawn_and_default_to_the_standard_draw() -> None:
+    import math
+
+    standard = data.AffineRanges.of(None, None, None)
+    assert standard == data.STANDARD_AFFINE
+    again = [data.draw_augmentation(np.random.default_rng(s), 2) for s in range(5)]
+    same = [data.draw_augmentation(np.random.default_rng(s), 2, affine=standard) for s in range(5)]
+    assert all(np.array_equal(a, b) for a, b in zip(again, same, strict=True))
+    wide = data.AffineRanges.of(45.0, 0.2, 0.15)
+    for d, n_angles in ((2, 1), (3, 3)):
+        rng = np.random.default_rng(1)
+        drawn = np.stack([data.draw_augmentation(rng, d, affine=wide) for _ in range(2000)])
+        angles = drawn[:, 1 : 1 + n_angles]
+        scales = drawn[:, 1 + n_angles : 1 + n_angles + d]
+        shifts = drawn[:, 1 + n_angles + d : 1 + n_angles + 2 * d]
+        assert np.abs(angles).max() <= math.pi / 4 and np.abs(angles).max() > 0.7
+        assert np.abs(scales - 1).max() <= 0.2 and np.abs(scales - 1).max() > 0.19
+        assert np.abs(shifts).max() <= 0.15 and np.abs(shifts).max() > 0.14
+    for bad in ((200.0, None, None), (None, 1.0, None), (None, None, 0.6), (-1.0, None, None)):
+        with pytest.raises(ValueError, match="must be in"):
+            data.AffineRanges.of(*bad)
+
+
 def test_a_samples_augmentation_depends_on_its_parameters_not_on_its_batch() -> None:
     # Resumed runs and runs split over ranks put an image in other batches: its augmented
     # pixels must not change (noise included).

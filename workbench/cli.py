@@ -152,6 +152,23 @@ def _parser() -> argparse.ArgumentParser:
         "left and right carry meaning in most anatomy; measure before turning it on)",
     )
     s.add_argument(
+        "--rotate",
+        type=float,
+        metavar="DEGREES",
+        help="training augmentation: largest rotation (default 8.6 in 2D, 5.7 about each axis "
+        "in 3D)",
+    )
+    s.add_argument(
+        "--scale",
+        type=float,
+        help="training augmentation: largest relative change of size (default 0.08)",
+    )
+    s.add_argument(
+        "--translate",
+        type=float,
+        help="training augmentation: largest shift, as a fraction of the side (default 0.05)",
+    )
+    s.add_argument(
         "--ema-decay",
         type=float,
         default=0.0,
@@ -639,6 +656,9 @@ def cmd_train(a: argparse.Namespace) -> None:
         validation_fraction=a.validation_fraction,
         ema_decay=a.ema_decay,
         flip=a.flip,
+        rotate=a.rotate,
+        scale=a.scale,
+        translate=a.translate,
         architecture=a.architecture,
         image_size=a.image_size,
         batch_size=a.batch_size,
@@ -994,6 +1014,9 @@ def cmd_demo(a: argparse.Namespace) -> None:
         validation_fraction=0.15,
         ema_decay=0.0,
         flip=0.0,
+        rotate=None,
+        scale=None,
+        translate=None,
         architecture=a.architecture,
         image_size=a.image_size,
         batch_size=16,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -239,24 +240,64 @@ AUG_P_BRIGHTNESS, AUG_BRIGHTNESS = 0.5, 0.05  # x + U(-0.05, 0.05)
 AUG_P_NOISE, AUG_NOISE_STD = 0.3, 0.02  # x + N(0, 0.02)
 
 
-def draw_augmentation(rng: np.random.Generator, spatial_dims: int, flip: float = 0.0) -> np.ndarray:
+@dataclass(frozen=True)
+class AffineRanges:
+    """The largest rotation (radians: in-plane in 2D, about each axis in 3D), relative scale
+    change and shift (a fraction of the side) that the training augmentation draws, each
+    uniformly in [-x, x]."""
+
+    rotate_2d: float = AUG_ROTATE_2D
+    rotate_3d: float = AUG_ROTATE_3D
+    scale: float = AUG_SCALE
+    translate: float = AUG_TRANSLATE
+
+    @classmethod
+    def of(
+        cls, rotate_degrees: float | None, scale: float | None, translate: float | None
+    ) -> AffineRanges:
+        """The standard ranges with the ones given replaced (``rotate_degrees`` for both 2D
+        and 3D); ``None`` keeps a standard range exactly."""
+        if rotate_degrees is not None and not 0.0 <= rotate_degrees <= 180.0:
+            raise ValueError(f"--rotate must be in [0, 180] degrees, not {rotate_degrees}")
+        if scale is not None and not 0.0 <= scale < 1.0:
+            raise ValueError(f"--scale must be in [0, 1), not {scale}")
+        if translate is not None and not 0.0 <= translate <= 0.5:
+            raise ValueError(f"--translate must be in [0, 0.5], not {translate}")
+        angle = None if rotate_degrees is None else math.radians(rotate_degrees)
+        return cls(
+            AUG_ROTATE_2D if angle is None else angle,
+            AUG_ROTATE_3D if angle is None else angle,
+            AUG_SCALE if scale is None else scale,
+            AUG_TRANSLATE if translate is None else translate,
+        )
+
+
+STANDARD_AFFINE = AffineRanges()
+
+
+def draw_augmentation(
+    rng: np.random.Generator,
+    spatial_dims: int,
+    flip: float = 0.0,
+    affine: AffineRanges = STANDARD_AFFINE,
+) -> np.ndarray:
     """One sample's augmentation parameters as a float64 vector (see :func:`augment_batch`):
     [affine?, rotation angles (1 in 2D, 3 in 3D), scales (per axis), shifts (fraction of the
     side, per axis), contrast?, factor, brightness?, offset, noise?, noise seed].
 
     ``flip``: the probability of mirroring each axis, drawn after the rest (so that 0 draws
     exactly what it drew before flips existed) and carried as a negative scale, which turns
-    the affine on.
+    the affine on. ``affine``: the ranges of rotation, scale and shift.
     """
     d = spatial_dims
-    angle = AUG_ROTATE_2D if d == 2 else AUG_ROTATE_3D
+    angle = affine.rotate_2d if d == 2 else affine.rotate_3d
     n_angles = 1 if d == 2 else 3
     params = np.concatenate(
         [
             [rng.random() < AUG_P_AFFINE],
             rng.uniform(-angle, angle, n_angles),
-            1.0 + rng.uniform(-AUG_SCALE, AUG_SCALE, d),
-            rng.uniform(-AUG_TRANSLATE, AUG_TRANSLATE, d),
+            1.0 + rng.uniform(-affine.scale, affine.scale, d),
+            rng.uniform(-affine.translate, affine.translate, d),
             [rng.random() < AUG_P_CONTRAST, rng.uniform(-AUG_CONTRAST, AUG_CONTRAST)],
             [rng.random() < AUG_P_BRIGHTNESS, rng.uniform(-AUG_BRIGHTNESS, AUG_BRIGHTNESS)],
             [rng.random() < AUG_P_NOISE, rng.integers(0, 2**31)],
@@ -381,9 +422,10 @@ class AugmentedDataset(TorchDataset):
         spatial_dims: int,
         normalization: Normalization | None = None,
         flip: float = 0.0,
+        affine: AffineRanges = STANDARD_AFFINE,
     ) -> None:
         self.base, self.seed, self.spatial_dims, self.epoch = base, seed, spatial_dims, 0
-        self.normalization, self.flip = normalization, flip
+        self.normalization, self.flip, self.affine = normalization, flip, affine
 
     def __len__(self) -> int:
         return len(self.base)
@@ -393,7 +435,7 @@ class AugmentedDataset(TorchDataset):
         image = sample["image"]
         sample["image"] = image.as_tensor() if isinstance(image, MetaTensor) else image
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index]))
-        params = draw_augmentation(rng, self.spatial_dims, self.flip)
+        params = draw_augmentation(rng, self.spatial_dims, self.flip, self.affine)
         n = self.normalization
         if n is not None:
             params = np.concatenate([params, [n.scale, n.mean, n.std]])
@@ -434,10 +476,12 @@ def make_dataset(
     persist_dir: Path | None = None,
     seed: int = 0,
     flip: float = 0.0,
+    affine: AffineRanges = STANDARD_AFFINE,
 ) -> Any:
     """CacheDataset runs the deterministic preset once. With ``train``, the samples carry
     augmentation parameters from (``seed``, epoch, index) (:class:`AugmentedDataset`), applied
-    per batch by :func:`augment_batch`; ``flip`` is the probability of mirroring each axis.
+    per batch by :func:`augment_batch`; ``flip`` is the probability of mirroring each axis,
+    ``affine`` the ranges of rotation, scale and shift.
 
     ``persist_dir``: keep the deterministic head's outputs on disk across runs instead
     (MONAI's PersistentDataset) under ``persist_dir/<transform hash>/``, each file named by a
@@ -455,4 +499,4 @@ def make_dataset(
         base = Dataset(records, transform)
     if not train:
         return base
-    return AugmentedDataset(base, seed, spec.spatial_dims, spec.normalization, flip)
+    return AugmentedDataset(base, seed, spec.spatial_dims, spec.normalization, flip, affine)

@@ -75,7 +75,14 @@ from workbench.catalog import (
     study_headers,
 )
 from workbench.config import Settings
-from workbench.data import InputSpec, augment_batch, make_dataset, study_error, to_records
+from workbench.data import (
+    AffineRanges,
+    InputSpec,
+    augment_batch,
+    make_dataset,
+    study_error,
+    to_records,
+)
 from workbench.distributed import (
     World,
     all_sum,
@@ -151,6 +158,9 @@ class TrainConfig:
     validation_fraction: float = 0.15  # training patients held out for early stopping
     ema_decay: float = 0.0  # > 0: keep an average of the last ~1/(1-d) steps' weights
     flip: float = 0.0  # training augmentation: the probability of mirroring each axis
+    rotate: float | None = None  # largest rotation, degrees (None: data.AUG_ROTATE_2D / _3D)
+    scale: float | None = None  # largest relative scale change (None: data.AUG_SCALE)
+    translate: float | None = None  # largest shift, fraction of the side (None: AUG_TRANSLATE)
     resume: bool = False
     checkpoint_every: int = 50  # optimiser steps between mid-epoch checkpoints (0: epochs only)
     init_from: str | None = None  # a bundle (NAME, NAME/vN, folder) or a weights file (.pt/.pth)
@@ -390,6 +400,14 @@ def hardware(device: torch.device, world: World) -> dict[str, Any]:
     }
 
 
+def affine_of(cfg: TrainConfig) -> AffineRanges:
+    """The augmentation's rotation, scale and shift ranges that ``cfg`` asks for."""
+    try:
+        return AffineRanges.of(cfg.rotate, cfg.scale, cfg.translate)
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
+
+
 def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Train, calibrate and bundle a model on ``cfg.cohort``.
 
@@ -402,6 +420,7 @@ def train(settings: Settings, cfg: TrainConfig, progress: bool = True) -> TrainR
         raise TrainingError(f"--balance must be one of {', '.join(BALANCE_MODES)}")
     if cfg.site_min_studies < 1:
         raise TrainingError("--site-min-studies must be at least 1")
+    affine_of(cfg)  # a bad range is refused before any work
     world, device = init_world(resolve_device(cfg.device))
     try:
         if cfg.folds >= 2:
@@ -572,7 +591,9 @@ def _fit(
     eval_precision = resolve_precision(cfg.precision, device, spatial_dims, training=False)
 
     records = {s: to_records(its, classes, target=problem.target) for s, its in by_split.items()}
-    train_ds = make_dataset(records["train"], spec, train=True, seed=cfg.seed, flip=cfg.flip)
+    train_ds = make_dataset(
+        records["train"], spec, train=True, seed=cfg.seed, flip=cfg.flip, affine=affine_of(cfg)
+    )
     val_ds = make_dataset(records["validation"], spec, train=False)
     val_targets = np.stack([np.asarray(r["label"]) for r in records["validation"]])
     train_targets = [r["label"] for r in records["train"]]
@@ -1067,7 +1088,9 @@ def _label_randomized_model(ctx: _RunContext, epochs: int) -> nn.Module:
     optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     precision = ctx.training["precision"]  # the run's own (probed) precision
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
-    dataset = make_dataset(records, spec, train=True, seed=cfg.seed + 1, flip=cfg.flip)
+    dataset = make_dataset(
+        records, spec, train=True, seed=cfg.seed + 1, flip=cfg.flip, affine=affine_of(cfg)
+    )
     for epoch in range(epochs):
         dataset.epoch = epoch
         batches = _epoch_batches(len(dataset), cfg.batch_size, cfg.seed + 1, epoch)
