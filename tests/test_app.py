@@ -520,6 +520,29 @@ def test_an_idle_session_is_signed_out(app_db: str) -> None:
         assert last is not None and (last.action, last.reason) == ("auth.sign_out", "idle")
 
 
+def test_a_disabled_users_open_session_ends_at_the_next_click(app_db: str) -> None:
+    at = sign_in("grey")
+    assert [t.value for t in at.title] == ["Worklist"]
+    users.disable_user(get_settings(), "bailey", "grey")  # what `workbench users disable` does
+    button(at, "Open study").click().run()  # the next click
+    assert not at.exception, at.exception
+    assert [t.value for t in at.title] == ["Clinician review workbench"]
+    assert any("changed by an administrator" in i.value for i in at.info)
+    assert auth.SESSION_KEY not in at.session_state
+    assert OPEN_PREDICTION not in at.session_state  # the click did not open the study
+    with session_scope(app_db) as session:
+        last = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc())).first()
+        assert last is not None
+        assert (last.actor, last.action, last.reason) == (
+            "grey",
+            "auth.sign_out",
+            "account changed",
+        )
+    # and the account cannot sign in again
+    again = sign_in("grey")
+    assert any("disabled" in e.value for e in again.error)
+
+
 def test_sign_in_and_sign_out_are_audited(app_db: str) -> None:
     at = sign_in("grey")
     assert "signin_password" not in at.session_state  # the typed password does not linger

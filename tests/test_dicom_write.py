@@ -221,10 +221,10 @@ def test_stow_with_a_wrong_password_says_the_credentials_were_refused(
 # --- through the CLI, on the trained pipeline -------------------------------------------------
 
 
-def test_send_stores_the_latest_prediction_of_a_study_and_audits_it(
+def test_send_stores_the_latest_prediction_audits_it_and_sending_again_adds_no_copies(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
-    from workbench.store import AuditEvent, Prediction, session_scope
+    from workbench.store import AuditEvent, Prediction, Study, session_scope
 
     settings = pipeline.settings
     with session_scope(settings.database_url) as session:
@@ -275,12 +275,43 @@ def test_send_stores_the_latest_prediction_of_a_study_and_audits_it(
         for name, obj in (("sr", sr), ("sc", sc)):
             lines = _dciodvfy(obj, tmp_path / f"cli-{name}.dcm")
             assert [line for line in lines if line.startswith("Error")] == [], name
+        first_send = {i["00080018"]["Value"][0] for i in found}
+
+        # --all sends every study this model predicted, the one above a second time
+        with session_scope(settings.database_url) as session:
+            predicted = set(
+                session.scalars(
+                    select(Study.study_key)
+                    .join(Prediction, Prediction.study_id == Study.id)
+                    .where(Prediction.model_name == pipeline.model)
+                )
+            )
+        assert key in predicted and len(predicted) > 1
+        again = run_cli(
+            ["send", "--dicomweb", server.dicomweb_url, "--all", "--model", pipeline.model],
+            settings.home,
+            WORKBENCH_DICOMWEB_PASSWORD=server.password,
+            **env,
+        )
+        assert again.returncode == 0, again.stderr
+        assert f"sent {len(predicted)} studies" in again.stdout
+        # sending again sent the same instances (UIDs derive from the prediction), not copies:
+        # the study holds exactly what the first send stored
+        resent = client.search_for_instances(study_instance_uid=study_uid)
+        assert {i["00080018"]["Value"][0] for i in resent} == first_send
+        every = client.search_for_instances()
+        srs = [i for i in every if i["00080016"]["Value"][0] == COMPREHENSIVE_3D_SR]
+        assert len(srs) == len(predicted)  # one SR per predicted study
     with session_scope(settings.database_url) as session:
         events = session.scalars(
-            select(AuditEvent).where(AuditEvent.action == "send_to_pacs")
+            select(AuditEvent).where(AuditEvent.action == "send_to_pacs").order_by(AuditEvent.id)
         ).all()
-    assert [e.actor for e in events] == ["cli"]
-    assert events[0].new_value is not None and events[0].new_value["study_key"] == key
+    assert [e.actor for e in events] == ["cli"] * (1 + len(predicted))
+    sent_keys = [e.new_value["study_key"] for e in events if e.new_value is not None]
+    assert sent_keys[0] == key and sorted(sent_keys[1:]) == sorted(predicted)
+    twice = [e.new_value for e in events if e.new_value and e.new_value["study_key"] == key]
+    assert twice[0]["sr_sop_instance_uid"] == twice[1]["sr_sop_instance_uid"]
+    assert twice[0]["sc_sop_instance_uids"] == twice[1]["sc_sop_instance_uids"]
     # the command names studies by key, never by patient identity
     source = pydicom.dcmread(next(pipeline.source.rglob("*.dcm")), stop_before_pixels=True)
     assert str(source.PatientName) not in done.stdout + done.stderr
