@@ -85,6 +85,7 @@ from workbench.config import Settings
 from workbench.data import InputSpec, eval_transforms, to_records
 from workbench.dicom.plant import PACKAGE_SOURCES, package_source, planted_cohort
 from workbench.dicom.synth import synthesize_cohort
+from workbench.errors import NotFoundError
 from workbench.metrics import classification_metrics, label_metrics
 from workbench.nets import create_network
 from workbench.problems import Problem, resolve_problem
@@ -168,7 +169,7 @@ def available_sources(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         try:
             package_source(name)
             kept.append(name)
-        except FileNotFoundError as err:
+        except NotFoundError as err:
             missing[name] = str(err)
     return kept, missing
 

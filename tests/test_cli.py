@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
+from workbench import cli
 from workbench.cli import main
+from workbench.errors import WorkbenchError
 
 
 def test_an_unknown_cohort_prints_one_line_and_exits_non_zero(tmp_path: Path) -> None:
@@ -32,6 +37,44 @@ def test_a_missing_source_folder_is_a_clear_error(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert err.startswith("error: no such file or folder") and "\n" not in err
+
+
+def _failing_command(monkeypatch: pytest.MonkeyPatch, err: Exception) -> None:
+    def fail(_: argparse.Namespace) -> None:
+        raise err
+
+    monkeypatch.setitem(cli.COMMANDS, "models", fail)
+    monkeypatch.delenv("WORKBENCH_DEBUG", raising=False)
+
+
+def test_a_users_error_is_one_line_and_exit_status_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _failing_command(monkeypatch, WorkbenchError("the cohort has no labels\nsecond line"))
+    assert main(["models"]) == 1
+    assert capsys.readouterr().err == "error: the cohort has no labels\n"
+
+
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _failing_command(monkeypatch, KeyError("calibration"))
+    assert main(["models"]) == cli.EXIT_BUG
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):")
+    assert "KeyError: 'calibration'" in err
+    assert err.rstrip().endswith(f"error: {cli.BUG_LINE}")
+
+
+def test_an_unreachable_database_is_the_users_error_not_a_bug(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    r = run_cli(
+        ["quarantine"],
+        tmp_path,
+        WORKBENCH_DATABASE_URL=f"sqlite:///{tmp_path / 'a-file' / 'workbench.db'}",
+    )
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_synth_then_ingest_from_the_command_line(tmp_path: Path) -> None:

@@ -12,8 +12,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from workbench.errors import WorkbenchError
 
-class BundleError(Exception):
+
+class BundleError(WorkbenchError):
     """A bundle that is missing, incomplete or inconsistent."""
 
 

@@ -51,6 +51,7 @@ from workbench.dicom.read import (
     check_series_geometry,
     read_header,
 )
+from workbench.errors import WorkbenchError
 from workbench.store import (
     Cohort,
     CohortMember,
@@ -74,7 +75,7 @@ SIDECAR_SUFFIXES = frozenset({".csv", ".json", ".md", ".txt.labels"})
 COMMIT_EVERY = 64
 
 
-class CatalogError(Exception):
+class CatalogError(WorkbenchError):
     """A user-facing problem with the catalog (unknown cohort, bad labels file...)."""
 
 

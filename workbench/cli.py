@@ -13,9 +13,12 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from workbench.errors import NotFoundError, UsageError, WorkbenchError
 
 DEMO_COHORT = "demo"
 DEMO_MODEL = "chest-xray"
@@ -491,7 +494,7 @@ def cmd_ingest(a: argparse.Namespace) -> None:
         from workbench.dicom.deid import DeidConfig, export_deidentified
 
         if not src.exists():
-            raise FileNotFoundError(f"no such file or folder: {src}")
+            raise NotFoundError(f"no such file or folder: {src}")
         config = DeidConfig(
             key=pseudonym_key(settings),
             keep_dates=a.keep_dates,
@@ -543,7 +546,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     settings = _settings()
     with session_scope(settings.database_url) as session:
         if session.get(Cohort, a.cohort) is None:
-            raise LookupError(f"no cohort named {a.cohort!r}")
+            raise NotFoundError(f"no cohort named {a.cohort!r}")
         paths = [
             Path(p)
             for p in session.scalars(
@@ -722,7 +725,7 @@ def _predict_target(a: argparse.Namespace) -> tuple[str, Path | None]:
     model: str | None = getattr(a, "model_opt", None) or getattr(a, "model", None)
     src: Path | None = getattr(a, "src", None)
     if len(targets) > 2:
-        raise ValueError("predict takes at most MODEL and SRC")
+        raise UsageError("predict takes at most MODEL and SRC")
     if len(targets) == 2:
         model, src = targets[0], Path(targets[1])
     elif len(targets) == 1:
@@ -734,11 +737,11 @@ def _predict_target(a: argparse.Namespace) -> tuple[str, Path | None]:
             src = Path(t)
     sources = [bool(a.cohort), src is not None, bool(getattr(a, "dicomweb", None))]
     if sum(sources) != 1:
-        raise ValueError("give one of --cohort NAME, a folder of DICOM files or --dicomweb URL")
+        raise UsageError("give one of --cohort NAME, a folder of DICOM files or --dicomweb URL")
     if model is None:
         model = promoted_model(_settings(), getattr(a, "task", None))
         if model is None:
-            raise ValueError("no model given and none promoted (see `workbench promote`)")
+            raise NotFoundError("no model given and none promoted (see `workbench promote`)")
     return model, src
 
 
@@ -855,7 +858,7 @@ def cmd_send(a: argparse.Namespace) -> None:
     if summary.failed:
         for failure in summary.failed:
             print(f"  not sent: {failure}", file=sys.stderr)
-        raise RuntimeError(f"{len(summary.failed)} studies were not sent")
+        raise WorkbenchError(f"{len(summary.failed)} studies were not sent")
 
 
 def _streamlit_cmd(port: int, address: str) -> list[str]:
@@ -909,7 +912,7 @@ def _new_password(username: str) -> str:
         return env
     first = getpass.getpass(f"New password for {username}: ")
     if getpass.getpass("Repeat it: ") != first:
-        raise ValueError("the two passwords differ")
+        raise UsageError("the two passwords differ")
     return first
 
 
@@ -941,7 +944,7 @@ def cmd_audit(a: argparse.Namespace) -> None:
     if a.audit_command == "verify":
         result = auditlog.verify(settings)
         if result.bad_id is not None:
-            raise RuntimeError(
+            raise WorkbenchError(
                 f"audit chain broken at event {result.bad_id} ({result.bad_action}): the row "
                 "was changed, or a row before it was inserted or deleted"
             )
@@ -1088,13 +1091,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - the CLI's contract: one clear line, no traceback
+    except Exception as err:  # noqa: BLE001 - sorted below: the user's error or a bug
         if os.environ.get("WORKBENCH_DEBUG"):
             raise
+        if not _users_error(err):
+            traceback.print_exc()
+            print(f"error: {BUG_LINE}", file=sys.stderr)
+            return EXIT_BUG
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1
     return 0
+
+
+#: The exit status of a bug (sysexits' EX_SOFTWARE), apart from the user's errors' 1.
+EXIT_BUG = 70
+BUG_LINE = (
+    "this is a bug in the workbench, not a problem with your input: please report it with "
+    "the traceback above (remove any patient identifiers in file names before you share it)"
+)
+
+
+def _users_error(err: BaseException) -> bool:
+    """An error the user can act on: the workbench's own, or the environment's (a missing or
+    unwritable file, a full disk, a database that cannot be reached)."""
+    from sqlalchemy.exc import OperationalError
+
+    return isinstance(err, WorkbenchError | OSError | OperationalError)
 
 
 if __name__ == "__main__":

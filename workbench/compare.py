@@ -32,6 +32,7 @@ import numpy as np
 from workbench.bundle import Bundle, load_bundle
 from workbench.catalog import CatalogError, CohortItem, cohort_items
 from workbench.config import Settings
+from workbench.errors import WorkbenchError
 from workbench.metrics import bootstrap_ci, macro_auroc
 from workbench.report import AGE_BANDS, UNKNOWN, age_band, manufacturers, normalise, view_group
 
@@ -39,7 +40,7 @@ SUBGROUP_ATTRS: tuple[str, ...] = ("site", "manufacturer", "sex", "age_band", "v
 DEFAULT_MARGIN = 0.02
 
 
-class CompareError(Exception):
+class CompareError(WorkbenchError):
     """Two bundles that cannot be compared (different classes, no test split...)."""
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from workbench.errors import UsageError
+
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -57,13 +59,13 @@ def get_settings() -> Settings:
     device = os.environ.get("WORKBENCH_DEVICE", "auto")
     precision = os.environ.get("WORKBENCH_PRECISION", "auto")
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"WORKBENCH_DEVICE must be auto, cpu or cuda, not {device!r}")
+        raise UsageError(f"WORKBENCH_DEVICE must be auto, cpu or cuda, not {device!r}")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ValueError(f"WORKBENCH_PRECISION must be auto, bf16, fp16 or fp32, not {precision!r}")
+        raise UsageError(f"WORKBENCH_PRECISION must be auto, bf16, fp16 or fp32, not {precision!r}")
     try:
         max_pixel_mb = int(os.environ.get("WORKBENCH_MAX_PIXEL_MB", "512"))
     except ValueError as err:
-        raise ValueError("WORKBENCH_MAX_PIXEL_MB must be a whole number of MiB") from err
+        raise UsageError("WORKBENCH_MAX_PIXEL_MB must be a whole number of MiB") from err
     frames = os.environ.get("WORKBENCH_FRAMES", "volume")
     check_frames(frames)
     try:
@@ -71,7 +73,7 @@ def get_settings() -> Settings:
         lockout = float(os.environ.get("WORKBENCH_LOCKOUT_MINUTES", "15"))
         idle = float(os.environ.get("WORKBENCH_IDLE_MINUTES", "30"))
     except ValueError as err:
-        raise ValueError(
+        raise UsageError(
             "WORKBENCH_MAX_FAILED_SIGNINS, WORKBENCH_LOCKOUT_MINUTES and WORKBENCH_IDLE_MINUTES "
             "must be numbers"
         ) from err
@@ -94,7 +96,7 @@ def check_frames(frames: str) -> str:
     """``frames`` if it is "volume", "first" or a frame index; otherwise ValueError."""
     if frames in ("volume", "first") or (frames.isdigit() and frames.isascii()):
         return frames
-    raise ValueError(f"frames must be volume, first or a 0-based frame index, not {frames!r}")
+    raise UsageError(f"frames must be volume, first or a 0-based frame index, not {frames!r}")
 
 
 def _secret_file(path: Path) -> bytes:

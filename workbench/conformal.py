@@ -33,6 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from workbench.errors import UsageError
+
 Method = Literal["aps", "raps"]
 DEFAULT_COVERAGE = 0.9
 
@@ -158,7 +160,7 @@ def fit_conformal(
         u: one uniform number per row (see :func:`study_uniform`); default 0.5 for all.
     """
     if not 0 < coverage < 1:
-        raise ValueError(f"coverage must be between 0 and 1, not {coverage}")
+        raise UsageError(f"coverage must be between 0 and 1, not {coverage}")
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     u = np.full(len(probs), 0.5) if u is None else np.asarray(u, dtype=np.float64)

@@ -36,6 +36,7 @@ import torch
 from workbench.bundle import Bundle, code_version, load_bundle
 from workbench.catalog import CohortItem, cohort_items
 from workbench.config import Settings
+from workbench.errors import WorkbenchError
 
 RETEST_FORMAT = 1
 DEFAULT_MAX_SALIENCY = 16  # saliency maps are the expensive part: at most this many studies
@@ -44,7 +45,7 @@ INTENSITY = 0.05
 ROTATION_DEG = 3.0
 
 
-class ConsistencyError(Exception):
+class ConsistencyError(WorkbenchError):
     """Test-retest that cannot be run (no studies in scope...)."""
 
 

@@ -30,6 +30,7 @@ from monai.transforms import (
 from torch.utils.data import Dataset as TorchDataset
 
 from workbench.catalog import MIN_VOLUME_SLICES, CohortItem
+from workbench.errors import UsageError, WorkbenchError
 
 PRESET_VERSION = 1
 
@@ -170,7 +171,7 @@ class LoadCachedd(MapTransform):
         return d
 
 
-class StudyInputError(Exception):
+class StudyInputError(WorkbenchError):
     """A study's input failed in a transform or the network: the message names the study."""
 
 
@@ -258,11 +259,11 @@ class AffineRanges:
         """The standard ranges with the ones given replaced (``rotate_degrees`` for both 2D
         and 3D); ``None`` keeps a standard range exactly."""
         if rotate_degrees is not None and not 0.0 <= rotate_degrees <= 180.0:
-            raise ValueError(f"--rotate must be in [0, 180] degrees, not {rotate_degrees}")
+            raise UsageError(f"--rotate must be in [0, 180] degrees, not {rotate_degrees}")
         if scale is not None and not 0.0 <= scale < 1.0:
-            raise ValueError(f"--scale must be in [0, 1), not {scale}")
+            raise UsageError(f"--scale must be in [0, 1), not {scale}")
         if translate is not None and not 0.0 <= translate <= 0.5:
-            raise ValueError(f"--translate must be in [0, 0.5], not {translate}")
+            raise UsageError(f"--translate must be in [0, 0.5], not {translate}")
         angle = None if rotate_degrees is None else math.radians(rotate_degrees)
         return cls(
             AUG_ROTATE_2D if angle is None else angle,

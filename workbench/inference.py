@@ -26,6 +26,7 @@ from workbench.calibration import sigmoid, softmax
 from workbench.catalog import CohortItem, study_headers
 from workbench.config import Settings
 from workbench.data import eval_transforms
+from workbench.errors import UsageError
 from workbench.explain import saliency
 from workbench.nets import embed
 from workbench.ood import StudyHeader
@@ -90,7 +91,7 @@ def predict_study(
     ``header``: the study's header facts for the OOD check (read from the catalog if None).
     """
     if explain not in EXPLAIN_METHODS:
-        raise ValueError(f"--explain must be one of {', '.join(EXPLAIN_METHODS)}")
+        raise UsageError(f"--explain must be one of {', '.join(EXPLAIN_METHODS)}")
     if item.spatial_dims != bundle.spec.spatial_dims:
         return _refused(bundle, item)
     model = bundle.network

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from workbench.distributed import World, all_sum
+from workbench.errors import WorkbenchError
 
 PROBLEMS: tuple[str, ...] = ("auto", "binary", "multiclass", "ovr", "multilabel")
 SIGMOID_PROBLEMS = frozenset({"ovr", "multilabel"})
@@ -30,7 +31,7 @@ NEGATIVE_NAMES = ("normal", "no_lesion", "negative", "no_finding")
 LABEL_SEPARATOR = ";"
 
 
-class ProblemError(ValueError):
+class ProblemError(WorkbenchError, ValueError):
     """Labels that do not fit the asked problem (e.g. two findings in a multi-class run)."""
 
 

@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from workbench.config import Settings
+from workbench.errors import WorkbenchError
 
 REGISTRY = "promoted.json"
 DEFAULT_MARGIN = 0.02
 
 
-class PromotionError(Exception):
+class PromotionError(WorkbenchError):
     """A promotion that cannot be done (unknown model, no task...)."""
 
 

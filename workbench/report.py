@@ -41,6 +41,7 @@ from workbench.bundle import BundleError, BundleInfo, code_version, read_bundle_
 from workbench.calibration import brier_score, expected_calibration_error, reliability_curve
 from workbench.catalog import CatalogError, CohortItem, cohort_hash, cohort_items
 from workbench.config import Settings
+from workbench.errors import WorkbenchError
 from workbench.inference import latest_predictions
 from workbench.metrics import classification_metrics, kappa, macro_auroc
 from workbench.store import Prediction, Review, new_session
@@ -81,7 +82,7 @@ DECIMALS = 6
 LIBRARIES = ("torch", "monai", "scikit-learn", "pydicom", "captum", "numpy", "workbench")
 
 
-class ReportError(Exception):
+class ReportError(WorkbenchError):
     """A report that cannot be built (unknown model or cohort, nothing predicted...)."""
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from sqlalchemy import distinct, func, select
 
 from workbench.config import Settings
+from workbench.errors import WorkbenchError
 from workbench.store import (
     Prediction,
     Review,
@@ -33,7 +34,7 @@ ADJUDICATE_ACTION = "review.adjudicate"
 REVIEW_ROLES = {"read": frozenset({"clinician", "admin"}), "adjudication": frozenset({"admin"})}
 
 
-class ReviewError(ValueError):
+class ReviewError(WorkbenchError, ValueError):
     """A review that cannot be stored as given (unknown prediction, label not a class...)."""
 
 

@@ -17,6 +17,7 @@ import torch
 from monai.data import DataLoader, Dataset, MetaTensor
 from torch import nn
 
+from workbench.errors import UsageError
 from workbench.nets import embed
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -34,16 +35,16 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available")
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
     return torch.device(device)
 
 
 def check_precision(precision: str, device: torch.device) -> str:
     """``precision`` if it names one this device can run (fp16 autocast needs CUDA)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, not {precision!r}")
+        raise UsageError(f"precision must be auto, bf16, fp16 or fp32, not {precision!r}")
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 autocast needs a CUDA device; use bf16 or fp32 on the CPU")
+        raise UsageError("fp16 autocast needs a CUDA device; use bf16 or fp32 on the CPU")
     return precision
 
 

@@ -41,6 +41,7 @@ from workbench.dicom.write import (
     build_overlay_image,
     derived_uid,
 )
+from workbench.errors import NotFoundError, WorkbenchError
 from workbench.results import probability_text
 from workbench.store import Instance, Prediction, Series, Study, record_audit, session_scope
 
@@ -51,7 +52,7 @@ ACTION = "send_to_pacs"
 OVERLAY_ALPHA = 0.4  # the review app's default
 
 
-class SendError(Exception):
+class SendError(WorkbenchError):
     """A study's result cannot be built (missing source files, cache or saliency)."""
 
 
@@ -104,7 +105,7 @@ def _jobs(settings: Settings, study_keys: Sequence[str] | None, model: str | Non
             wanted = set(study_keys)
             known = set(session.scalars(select(Study.study_key).where(Study.study_key.in_(wanted))))
             if wanted - known:
-                raise LookupError(f"no study with key {', '.join(sorted(wanted - known))}")
+                raise NotFoundError(f"no study with key {', '.join(sorted(wanted - known))}")
             latest = latest.where(Study.study_key.in_(wanted))
         ids = list(session.scalars(latest.group_by(Prediction.study_id)))
         jobs = []
@@ -264,7 +265,7 @@ def send_results(
     """
     jobs = _jobs(settings, study_keys, model)
     if not jobs:
-        raise LookupError("no stored predictions match: run `workbench predict` first")
+        raise NotFoundError("no stored predictions match: run `workbench predict` first")
     client = connect(url, credentials, timeout=timeout)
     sent: list[str] = []
     failed: list[str] = []

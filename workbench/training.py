@@ -93,6 +93,7 @@ from workbench.distributed import (
     shard,
     sync_batchnorm,
 )
+from workbench.errors import WorkbenchError
 from workbench.metrics import classification_metrics, label_metrics
 from workbench.nets import (
     ARCHITECTURES,
@@ -131,7 +132,7 @@ __all__ = ["NEGATIVE_NAMES", "TrainConfig", "TrainResult", "TrainingError", "tra
 BALANCE_MODES: tuple[str, ...] = ("weights", "sampler", "none")
 
 
-class TrainingError(Exception):
+class TrainingError(WorkbenchError):
     """A user-facing training problem (empty cohort, one class only, diverged loss...)."""
 
 

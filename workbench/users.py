@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from workbench.config import Settings
+from workbench.errors import WorkbenchError
 from workbench.store import UserAccount, record_audit, session_scope, utcnow
 
 Role = Literal["clinician", "researcher", "auditor", "admin"]
@@ -32,11 +33,11 @@ _HASHER = PasswordHasher()  # argon2id with the library's current recommended pa
 _DUMMY_HASH = _HASHER.hash("not-a-real-password-just-timing")
 
 
-class AccountError(ValueError):
+class AccountError(WorkbenchError, ValueError):
     """An account operation that cannot be done; the message is safe to show."""
 
 
-class SignInError(ValueError):
+class SignInError(WorkbenchError, ValueError):
     """A refused sign-in. The message never says whether the user exists."""
 
 

@@ -48,6 +48,7 @@ from workbench.bundle_info import BundleError, resolve_bundle_path
 from workbench.cache import file_sha256
 from workbench.config import Settings
 from workbench.data import Normalization
+from workbench.errors import WorkbenchError
 from workbench.nets import create_network, monai_key, sum_input_channels
 
 FORMATS: tuple[str, ...] = ("torchvision", "torchxrayvision", "timm", "monai-bundle")
@@ -64,7 +65,7 @@ XRV_CONVERT = (
 )
 
 
-class WeightsError(Exception):
+class WeightsError(WorkbenchError):
     """A user-facing problem with imported weights (unsafe, unreadable, tampered...)."""
 
 

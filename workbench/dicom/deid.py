@@ -68,6 +68,7 @@ from workbench.dicom.deid_profile import (
     RETAIN_DATES_EXCLUDED,
     RETAIN_DEVICE_IDENTITY,
 )
+from workbench.errors import UsageError, WorkbenchError
 
 __all__ = [
     "REFUSAL_REASONS",
@@ -160,7 +161,7 @@ class DeidConfig:
     allow_burned_in: bool = False
 
 
-class BurnedInAnnotationError(Exception):
+class BurnedInAnnotationError(WorkbenchError):
     """An image that says (or may, by its modality) carry identifying text in its pixels."""
 
 
@@ -531,11 +532,11 @@ def deidentify_file(src: Path, dst: Path, config: DeidConfig) -> None:
     """
     src, dst = Path(src), Path(dst)
     if dst.exists() and dst.resolve() == src.resolve():
-        raise ValueError("refusing to write the de-identified copy over its source")
+        raise UsageError("refusing to write the de-identified copy over its source")
     try:
         ds = _read(src)
     except _Unreadable as err:
-        raise ValueError(f"{src.name}: {err.reason}") from err
+        raise WorkbenchError(f"{src.name}: {err.reason}") from err
     _write(deidentify(ds, config), dst)
 
 

@@ -29,6 +29,8 @@ from dicomweb_client.api import DICOMwebClient
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from workbench.errors import WorkbenchError
+
 logger = logging.getLogger(__name__)
 
 ENV_USER = "WORKBENCH_DICOMWEB_USER"
@@ -49,7 +51,7 @@ _N_STUDY_INSTANCES = "00201208"
 _MODALITIES_IN_STUDY = "00080061"
 
 
-class DicomwebError(Exception):
+class DicomwebError(WorkbenchError):
     """A user-facing DICOMweb problem, in one line without PHI or secrets.
 
     ``status`` is the HTTP status when the server answered one.

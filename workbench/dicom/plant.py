@@ -33,6 +33,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from workbench.errors import NotFoundError, UsageError
+
 Task = Literal["binary", "multiclass", "multilabel"]
 
 #: pydicom's public test images of real anatomy (one slice each), by name.
@@ -54,7 +56,7 @@ def package_source(name: str) -> Path:
 
     path = pydicom.data.get_testdata_file(name, download=False)  # never from the network
     if path is None:
-        raise FileNotFoundError(f"{name} is not bundled with this pydicom")
+        raise NotFoundError(f"{name} is not bundled with this pydicom")
     return Path(path)
 
 
@@ -116,7 +118,7 @@ def planted_cohort(
         source = pydicom.dcmread(path)
         px = source.pixel_array.astype(np.float64)
         if px.ndim != 2:
-            raise ValueError(f"{path.name}: a single-frame grayscale image is needed")
+            raise UsageError(f"{path.name}: a single-frame grayscale image is needed")
         lo, hi = np.percentile(px, [1, 99])
         bases.append((source, px, float(hi - lo)))
     rows: list[tuple[str, str]] = []

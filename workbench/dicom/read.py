@@ -83,6 +83,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from workbench.errors import WorkbenchError
+
 __all__ = [
     "DEFAULT_MAX_PIXEL_BYTES",
     "QUARANTINE_REASONS",
@@ -148,7 +150,7 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
-class UnreadableDicomError(Exception):
+class UnreadableDicomError(WorkbenchError):
     """A file that cannot be used; ``reason`` is one of :data:`QUARANTINE_REASONS`."""
 
     def __init__(self, reason: str, detail: str) -> None:

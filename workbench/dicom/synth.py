@@ -58,6 +58,8 @@ from pydicom.uid import (
 )
 from scipy import ndimage
 
+from workbench.errors import UsageError
+
 __all__ = [
     "CT_CLASSES",
     "DX_CLASSES",
@@ -846,16 +848,16 @@ def synthesize_cohort(
     ``effusion;nodule``; without it the cohort is exactly as before.
     ``degrade_site``: a site name or institution whose images are made worse on purpose."""
     if modality not in ("DX", "CT"):
-        raise ValueError(f"modality must be 'DX' or 'CT', not {modality!r}")
+        raise UsageError(f"modality must be 'DX' or 'CT', not {modality!r}")
     if n_studies < 1:
-        raise ValueError("n_studies must be at least 1")
+        raise UsageError("n_studies must be at least 1")
     if image_size < 32:
-        raise ValueError("image_size must be at least 32")
+        raise UsageError("image_size must be at least 32")
     if degrade_site is not None and not any(
         degrade_site in (site.name, site.institution) for site in SITES
     ):
         names = ", ".join(site.name for site in SITES)
-        raise ValueError(f"degrade_site must be one of {names} (or its institution name)")
+        raise UsageError(f"degrade_site must be one of {names} (or its institution name)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -33,6 +33,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from workbench.errors import WorkbenchError
+
 SCHEME = "99WBENCH"
 MANUFACTURER = "workbench"
 NOT_FOR_DIAGNOSIS = "not for diagnostic use until verified"
@@ -51,7 +53,7 @@ ALGORITHM_NAME, ALGORITHM_VERSION = "111001", "111003"  # DCM codes of TID 4019'
 MIN_SC_WIDTH = 512
 
 
-class DicomWriteError(ValueError):
+class DicomWriteError(WorkbenchError, ValueError):
     """The inputs cannot make a valid object (no sources, probabilities not matching classes...)."""
 
 
