@@ -90,7 +90,8 @@ from workbench.metrics import classification_metrics, label_metrics
 from workbench.nets import create_network
 from workbench.problems import Problem, resolve_problem
 from workbench.runtime import forward_dataset, hardware_of, mean_by_study
-from workbench.training import TrainConfig, train
+from workbench.train_config import TrainConfig
+from workbench.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 #: pydicom test files of real anatomy beyond :data:`PACKAGE_SOURCES` that fit a planted cohort

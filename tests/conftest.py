@@ -122,7 +122,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     from workbench.catalog import cohort_items, ingest
     from workbench.dicom.synth import synthesize_cohort
     from workbench.inference import predict_items
-    from workbench.training import TrainConfig, train
+    from workbench.train_config import TrainConfig
+    from workbench.training import train
 
     root = tmp_path_factory.mktemp("pipeline")
     settings = make_settings(root / "home")

@@ -101,7 +101,8 @@ def build_demo_home(home: Path) -> None:
         synthesize_cohort,
     )
     from workbench.inference import predict_items
-    from workbench.training import TrainConfig, train
+    from workbench.train_config import TrainConfig
+    from workbench.training import train
 
     settings = make_settings(home)
     src = home / "studies" / "demo"

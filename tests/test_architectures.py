@@ -17,7 +17,8 @@ from workbench.catalog import cohort_items, ingest
 from workbench.dicom.plant import planted_cohort
 from workbench.inference import latest_predictions, predict_items
 from workbench.runtime import training_precision
-from workbench.training import TrainConfig, TrainingError, train
+from workbench.train_config import TrainConfig
+from workbench.training import TrainingError, train
 
 SMALL = {"image_size": 32, "batch_size": 4, "sanity_images": 0, "label_randomization_epochs": 0}
 

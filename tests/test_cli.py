@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import pytest
 from tests.conftest import run_cli
 from workbench import cli
 from workbench.cli import main
-from workbench.errors import WorkbenchError
+from workbench.config import get_settings
+from workbench.errors import UsageError, WorkbenchError
+from workbench.train_config import LITERAL_FIELDS, NOT_ON_COMMAND_LINE, TrainConfig
 
 
 def test_an_unknown_cohort_prints_one_line_and_exits_non_zero(tmp_path: Path) -> None:
@@ -37,6 +40,42 @@ def test_a_missing_source_folder_is_a_clear_error(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert err.startswith("error: no such file or folder") and "\n" not in err
+
+
+def _train_options() -> dict[str, argparse.Action]:
+    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train = sub.choices["train"]
+    return {a.dest: a for a in train._actions if a.dest != "help"}
+
+
+def test_every_train_option_is_a_config_field_and_every_field_an_option() -> None:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = _train_options()
+    assert set(options) <= fields, set(options) - fields
+    assert fields - set(options) == NOT_ON_COMMAND_LINE
+    for name, action in options.items():
+        assert action.option_strings[0] == "--" + name.replace("_", "-")
+        if name in LITERAL_FIELDS:
+            assert tuple(action.choices or ()) == LITERAL_FIELDS[name], name
+
+
+def test_train_without_options_gives_the_configs_defaults_and_the_environments_precision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORKBENCH_PRECISION", "fp32")
+    monkeypatch.delenv("WORKBENCH_DEVICE", raising=False)
+    settings = get_settings()
+    a = cli._parser().parse_args(["train", "--cohort", "c", "--name", "n"])
+    assert cli._train_config(a, settings) == TrainConfig("c", "n", precision="fp32")
+    a = cli._parser().parse_args(
+        ["train", "--cohort", "c", "--name", "n", "--precision", "bf16", "--lr", "3e-4"]
+    )
+    assert cli._train_config(a, settings) == TrainConfig("c", "n", precision="bf16", lr=3e-4)
+
+
+def test_a_config_value_outside_its_choices_is_refused_by_name() -> None:
+    with pytest.raises(UsageError, match="--balance must be one of weights, sampler, none"):
+        TrainConfig("c", "n", balance="oversample")  # type: ignore[arg-type]
 
 
 def _failing_command(monkeypatch: pytest.MonkeyPatch, err: Exception) -> None:

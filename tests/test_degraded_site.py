@@ -57,7 +57,8 @@ def test_the_report_flags_the_degraded_site(tmp_path: Path) -> None:
     from workbench.catalog import cohort_items, ingest
     from workbench.inference import predict_items
     from workbench.report import build_report
-    from workbench.training import TrainConfig, train
+    from workbench.train_config import TrainConfig
+    from workbench.training import train
 
     t0 = time.perf_counter()
     settings = make_settings(tmp_path / "home")

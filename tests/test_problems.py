@@ -25,7 +25,8 @@ from workbench.problems import (
     resolve_problem,
     sample_weights,
 )
-from workbench.training import TrainConfig, _epoch_batches, train
+from workbench.train_config import TrainConfig
+from workbench.training import _epoch_batches, train
 
 
 @pytest.fixture(scope="module")

@@ -247,7 +247,7 @@ def test_site_calibration_round_trips_through_a_bundle_as_plain_json(tmp_path: P
 
 def test_the_cli_flag_turns_per_site_calibration_on_and_is_off_by_default() -> None:
     from workbench.cli import _parser
-    from workbench.training import TrainConfig
+    from workbench.train_config import TrainConfig
 
     base = ["train", "--cohort", "c", "--name", "m"]
     off = _parser().parse_args(base)
@@ -277,7 +277,8 @@ def test_train_and_predict_apply_the_studys_site_map_and_record_which(tmp_path: 
     from workbench.dicom.synth import synthesize_cohort
     from workbench.inference import predict_items, predict_study, write_csv
     from workbench.store import Prediction, new_session
-    from workbench.training import TrainConfig, train
+    from workbench.train_config import TrainConfig
+    from workbench.training import train
 
     settings = make_settings(tmp_path / "home")
     src = tmp_path / "studies"

@@ -43,7 +43,8 @@ from workbench.dicom.synth import synthesize_cohort
 from workbench.explain import gradcam_layer_for, saliency
 from workbench.inference import _to_native, latest_predictions, predict_items
 from workbench.store import Instance, Prediction, Study, session_scope
-from workbench.training import TrainConfig, train
+from workbench.train_config import TrainConfig
+from workbench.training import train
 
 # The fixture trains a real model (about 5 minutes on 2 idle cores): room for a busy machine.
 pytestmark = pytest.mark.timeout(1800)

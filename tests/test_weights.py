@@ -40,7 +40,8 @@ from workbench.data import (
     make_dataset,
 )
 from workbench.nets import create_network
-from workbench.training import TrainConfig, prepare_network
+from workbench.train_config import TrainConfig
+from workbench.training import prepare_network
 from workbench.weights import (
     WeightsError,
     import_weights,

@@ -37,6 +37,8 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.metrics import brier_score_loss, log_loss
 from sklearn.model_selection import StratifiedKFold
 
+from workbench.config import SITE_MIN_STUDIES
+
 Method = Literal["none", "temperature", "sigmoid", "isotonic"]
 
 _METHODS: tuple[str, ...] = get_args(Method)
@@ -680,7 +682,6 @@ CalibrationMap = Calibration | LabelCalibration
 # A site gets a map of its own only with at least this many calibration studies, and at least
 # SITE_MIN_PER_CLASS studies of every class (sigmoid models: positives and negatives of every
 # label), the fewest that still allow a held-out estimate; below that it uses the global map.
-SITE_MIN_STUDIES = 30
 SITE_MIN_PER_CLASS = 2
 GLOBAL_MAP = "global"
 

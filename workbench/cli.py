@@ -16,9 +16,21 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from workbench.config import Settings, get_settings
 from workbench.errors import NotFoundError, UsageError, WorkbenchError
+from workbench.train_config import (
+    ARCHITECTURES,
+    DEFAULTS,
+    LITERAL_FIELDS,
+    NOT_ON_COMMAND_LINE,
+    TrainConfig,
+)
+
+if TYPE_CHECKING:
+    from workbench.bundle import Bundle
+    from workbench.catalog import CohortItem
 
 DEMO_COHORT = "demo"
 DEMO_MODEL = "chest-xray"
@@ -27,8 +39,26 @@ DEMO_TIME_BUDGET = 240.0  # seconds of training: the demo finishes in minutes on
 # The demo's network: the compact DenseNet takes about three times the steps of DenseNet121 in
 # the same seconds on a CPU (nets.py), so the demo's model converges within its budget.
 DEMO_ARCHITECTURE = "densenet-small"
-ARCHITECTURES = ("densenet121", "densenet-small")  # nets.ARCHITECTURES (the CLI imports no torch)
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _train_option_defaults() -> dict[str, object]:
+    """`train`'s option defaults, taken from :class:`TrainConfig` (precision and device: None,
+    which :func:`_train_config` reads as the environment's setting)."""
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    skip = NOT_ON_COMMAND_LINE | {"cohort", "name", "precision", "device"}
+    return {name: getattr(DEFAULTS, name) for name in fields if name not in skip}
+
+
+def _train_config(a: argparse.Namespace, settings: Settings) -> TrainConfig:
+    """The training record from `train`'s options: every field the options name, the rest the
+    dataclass's defaults. A flag wins for precision and device; otherwise WORKBENCH_PRECISION /
+    WORKBENCH_DEVICE, as every command."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(a).items() if k in fields}
+    values["precision"] = a.precision or settings.precision
+    values["device"] = a.device or settings.device
+    return TrainConfig(**values)
 
 
 def _add_qido_filters(s: argparse.ArgumentParser) -> None:
@@ -144,14 +174,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--validation-fraction",
         type=float,
-        default=0.15,
         help="training patients held out for early stopping (never the calibration split)",
     )
     s.add_argument(
         "--flip",
         type=float,
-        default=0.0,
-        help="training augmentation: probability of mirroring each image axis (default 0: "
+        help="training augmentation: probability of mirroring each image axis (default "
+        "%(default)s: "
         "left and right carry meaning in most anatomy; measure before turning it on)",
     )
     s.add_argument(
@@ -174,34 +203,31 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--ema-decay",
         type=float,
-        default=0.0,
         help="validate and keep an exponential moving average of the weights over about the "
-        "last 1/(1-d) steps, e.g. 0.995 (default 0: the raw weights; on the recipe benchmark "
-        "it did not raise AUROC, see BENCHMARKS.md)",
+        "last 1/(1-d) steps, e.g. 0.995 (default %(default)s: the raw weights; on the recipe "
+        "benchmark it did not raise AUROC, see BENCHMARKS.md)",
     )
     s.add_argument(
         "--architecture",
         choices=ARCHITECTURES,
-        default="densenet121",
         help="the network: MONAI's DenseNet121 (default; what imported weights fit) or "
         "densenet-small, the same design at 0.77 M parameters, about 3x faster a step on a CPU",
     )
-    s.add_argument("--image-size", type=int, default=96)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
     s.add_argument(
         "--precision",
-        choices=["auto", "bf16", "fp16", "fp32"],
+        choices=LITERAL_FIELDS["precision"],
         help="default: WORKBENCH_PRECISION, else auto (a timed probe; never slower than fp32)",
     )
     s.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], help="default: WORKBENCH_DEVICE, else auto"
+        "--device", choices=LITERAL_FIELDS["device"], help="default: WORKBENCH_DEVICE, else auto"
     )
     s.add_argument(
         "--spatial-dims",
-        choices=["auto", "2", "3"],
-        default="auto",
+        choices=LITERAL_FIELDS["spatial_dims"],
         help="2D images or 3D volumes; auto: the cohort's one shape (a study is 3D when an "
         "input has at least 8 slices; a mixed cohort is refused with the counts)",
     )
@@ -209,7 +235,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--checkpoint-every",
         type=int,
-        default=50,
         help="optimiser steps between mid-epoch checkpoints (0: at epoch ends only)",
     )
     s.add_argument(
@@ -219,41 +244,34 @@ def _parser() -> argparse.ArgumentParser:
         "an ImageNet DenseNet121 state dict in torchvision's layout (nothing is downloaded), "
         "or weights:NAME from `workbench weights import` (with their input normalization)",
     )
-    s.add_argument("--freeze-blocks", type=int, default=0, help="freeze the first N dense blocks")
-    s.add_argument("--backbone-lr-factor", type=float, default=1.0, help="backbone lr = lr x this")
+    s.add_argument("--freeze-blocks", type=int, help="freeze the first N dense blocks")
+    s.add_argument("--backbone-lr-factor", type=float, help="backbone lr = lr x this")
     s.add_argument(
         "--problem",
-        choices=["auto", "binary", "multiclass", "ovr", "multilabel"],
-        default="auto",
+        choices=LITERAL_FIELDS["problem"],
         help="auto: multilabel when a study has several labels ('a;b'), else multi-class",
     )
     s.add_argument(
         "--balance",
-        choices=["weights", "sampler", "none"],
-        default="weights",
+        choices=LITERAL_FIELDS["balance"],
         help="class imbalance: weighted loss, class-balanced sampling, or nothing",
     )
-    s.add_argument(
-        "--folds", type=int, default=0, help="K >= 2: patient-level K-fold cross-validation"
-    )
+    s.add_argument("--folds", type=int, help="K >= 2: patient-level K-fold cross-validation")
     s.add_argument("--compile", action="store_true", help="torch.compile the network")
     s.add_argument(
         "--coverage",
         type=float,
-        default=0.9,
-        help="target coverage of the conformal prediction sets (default 0.9)",
+        help="target coverage of the conformal prediction sets (default %(default)s)",
     )
     s.add_argument(
         "--label-randomization-epochs",
         type=int,
-        default=2,
         help="epochs of the shuffled-label model for the saliency data-randomisation check "
         "(0: skip it)",
     )
     s.add_argument(
         "--sanity-images",
         type=int,
-        default=4,
         help="test images for the saliency sanity checks stored with the bundle (0: skip)",
     )
     s.add_argument(
@@ -265,8 +283,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--site-min-studies",
         type=int,
-        help="calibration studies a site needs for a map of its own (default 30)",
+        help="calibration studies a site needs for a map of its own (default %(default)s)",
     )
+    # One source of defaults: the dataclass (precision and device stay None here, meaning
+    # WORKBENCH_PRECISION / WORKBENCH_DEVICE, then the dataclass's "auto").
+    s.set_defaults(**_train_option_defaults())
 
     s = sub.add_parser(
         "predict",
@@ -432,9 +453,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings():  # noqa: ANN202 - imported lazily so `--help` stays fast
-    from workbench.config import get_settings
-
+def _settings() -> Settings:
     return get_settings()
 
 
@@ -645,48 +664,13 @@ def model_line(ref: str, wb: dict) -> str:  # type: ignore[type-arg]
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from workbench.training import TrainConfig, train
-
     settings = _settings()
-    cfg = TrainConfig(
-        cohort=a.cohort,
-        name=a.name,
-        epochs=a.epochs,
-        max_steps=a.max_steps,
-        time_budget=a.time_budget,
-        patience_steps=a.patience_steps,
-        warmup_steps=a.warmup_steps,
-        validation_fraction=a.validation_fraction,
-        ema_decay=a.ema_decay,
-        flip=a.flip,
-        rotate=a.rotate,
-        scale=a.scale,
-        translate=a.translate,
-        architecture=a.architecture,
-        image_size=a.image_size,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        seed=a.seed,
-        # A flag wins; otherwise WORKBENCH_PRECISION / WORKBENCH_DEVICE, as every command.
-        precision=a.precision or settings.precision,
-        device=a.device or settings.device,
-        resume=a.resume,
-        spatial_dims=a.spatial_dims,
-        checkpoint_every=a.checkpoint_every,
-        init_from=a.init_from,
-        freeze_blocks=a.freeze_blocks,
-        backbone_lr_factor=a.backbone_lr_factor,
-        problem=a.problem,
-        balance=a.balance,
-        folds=a.folds,
-        compile=a.compile,
-        coverage=a.coverage,
-        sanity_images=a.sanity_images,
-        label_randomization_epochs=a.label_randomization_epochs,
-        calibrate_per_site=a.calibrate_per_site,
-        # None: the library's default (calibration.SITE_MIN_STUDIES); the CLI loads no sklearn
-        **({} if a.site_min_studies is None else {"site_min_studies": a.site_min_studies}),
-    )
+    _train_and_report(settings, _train_config(a, settings))
+
+
+def _train_and_report(settings: Settings, cfg: TrainConfig) -> None:
+    from workbench.training import train
+
     # Under torchrun only rank 0 reports (every rank returns the same result).
     main_rank = os.environ.get("RANK", "0") == "0"
     res = train(settings, cfg, progress=main_rank)
@@ -748,7 +732,6 @@ def _predict_target(a: argparse.Namespace) -> tuple[str, Path | None]:
 def cmd_predict(a: argparse.Namespace) -> None:
     from workbench.bundle import load_bundle
     from workbench.catalog import cohort_items, ingest, items_for_studies
-    from workbench.inference import latest_predictions, predict_items, write_csv
     from workbench.runtime import resolve_device
 
     settings = _settings()
@@ -765,25 +748,35 @@ def cmd_predict(a: argparse.Namespace) -> None:
         summary = ingest(settings, src)
         print(summary.line())
         items = items_for_studies(settings, summary.study_ids)
+    _predict_and_report(
+        settings, bundle, items, a.explain, a.out, a.force, getattr(a, "max_studies", None)
+    )
+
+
+def _predict_and_report(
+    settings: Settings,
+    bundle: Bundle,
+    items: Sequence[CohortItem],
+    explain: str,
+    out: Path | None,
+    force: bool = False,
+    limit: int | None = None,
+) -> None:
+    from workbench.inference import latest_predictions, predict_items, write_csv
+
     new = predict_items(
-        settings,
-        bundle,
-        items,
-        a.explain,
-        settings.precision,
-        force=a.force,
-        limit=getattr(a, "max_studies", None),
+        settings, bundle, items, explain, settings.precision, force=force, limit=limit
     )
     rows = latest_predictions(settings, bundle.bundle_hash, [i.study_id for i in items])
-    if a.out:
-        write_csv(a.out, bundle, [rows[i.study_id] for i in items if i.study_id in rows])
+    if out:
+        write_csv(out, bundle, [rows[i.study_id] for i in items if i.study_id in rows])
     left = sum(1 for i in items if i.study_id not in rows and i.images)
     print(
         f"predicted {len(new)} studies with {bundle.name}/{bundle.version} "
         f"({len(rows) - len(new)} already done"
         + (f", {left} left: run again to continue" if left else "")
         + ")"
-        + (f"; CSV in {a.out}" if a.out else "")
+        + (f"; CSV in {out}" if out else "")
     )
 
 
@@ -978,7 +971,7 @@ def cmd_weights(a: argparse.Namespace) -> None:
     print(f"{len(entries)} weights in {weights.weights_dir(settings)}")
 
 
-def _demo_account(settings) -> None:  # noqa: ANN001 - Settings, imported lazily
+def _demo_account(settings: Settings) -> None:
     """A demo clinician to sign in with: WORKBENCH_DEMO_PASSWORD, or a random password printed
     once (an existing demo account is left alone)."""
     import secrets
@@ -995,9 +988,11 @@ def _demo_account(settings) -> None:  # noqa: ANN001 - Settings, imported lazily
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    from workbench.catalog import ingest
+    from workbench.bundle import load_bundle
+    from workbench.catalog import cohort_items, ingest
     from workbench.dicom.synth import DEMO_IMAGE_SIZE, synthesize_cohort
     from workbench.report import build_report
+    from workbench.runtime import resolve_device
 
     settings = _settings()
     t0 = time.time()
@@ -1006,54 +1001,27 @@ def cmd_demo(a: argparse.Namespace) -> None:
         s = synthesize_cohort(out, a.studies, a.seed, "DX", DEMO_IMAGE_SIZE, progress=True)
         print(f"[demo] synthesised {s.n_studies} studies ({s.n_files} files) in {out}")
     print("[demo] " + ingest(settings, out, out / "labels.csv", DEMO_COHORT).line())
-    ns = argparse.Namespace(
-        cohort=DEMO_COHORT,
-        name=DEMO_MODEL,
-        epochs=a.epochs,
-        max_steps=None,
-        time_budget=a.time_budget,
-        patience_steps=None,
-        warmup_steps=None,
-        validation_fraction=0.15,
-        ema_decay=0.0,
-        flip=0.0,
-        rotate=None,
-        scale=None,
-        translate=None,
-        architecture=a.architecture,
-        image_size=a.image_size,
-        batch_size=16,
-        lr=1e-3,
-        seed=a.seed,
-        precision=settings.precision,
-        device=settings.device,
-        resume=False,
-        spatial_dims="auto",
-        checkpoint_every=50,
-        init_from=None,
-        freeze_blocks=0,
-        backbone_lr_factor=1.0,
-        problem="auto",
-        balance="weights",
-        folds=0,
-        compile=False,
-        coverage=0.9,
-        sanity_images=4,
-        label_randomization_epochs=2,
-        calibrate_per_site=False,
-        site_min_studies=None,
-    )
-    cmd_train(ns)
-    cmd_predict(
-        argparse.Namespace(
-            model=DEMO_MODEL,
+    _train_and_report(
+        settings,
+        TrainConfig(
             cohort=DEMO_COHORT,
-            src=None,
-            split="test",
-            explain="gradcam",
-            out=settings.home / "reports" / "demo" / "predictions.csv",
-            force=False,
-        )
+            name=DEMO_MODEL,
+            epochs=a.epochs,
+            time_budget=a.time_budget,
+            architecture=a.architecture,
+            image_size=a.image_size,
+            seed=a.seed,
+            precision=settings.precision,
+            device=settings.device,
+        ),
+    )
+    bundle = load_bundle(settings.models_dir, DEMO_MODEL, resolve_device(settings.device))
+    _predict_and_report(
+        settings,
+        bundle,
+        cohort_items(settings, DEMO_COHORT, "test"),
+        "gradcam",
+        settings.home / "reports" / "demo" / "predictions.csv",
     )
     paths = build_report(settings, DEMO_MODEL, DEMO_COHORT, settings.home / "reports" / "demo")
     print(f"[demo] report: {paths[0]}")

@@ -17,6 +17,10 @@ from workbench.errors import UsageError
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
+#: A site gets a calibration map of its own only with at least this many calibration studies
+#: (see calibration.fit_site_calibration); `train --site-min-studies` changes it.
+SITE_MIN_STUDIES = 30
+
 
 @dataclass(frozen=True)
 class Settings:

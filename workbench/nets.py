@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 from monai.networks.nets import DenseNet, DenseNet121
 from torch import nn
 
-Architecture = Literal["densenet121", "densenet-small"]
-ARCHITECTURES: tuple[str, ...] = ("densenet121", "densenet-small")
+from workbench.train_config import ARCHITECTURES
+
 #: The architecture whose key layout imported weights and weights files must have.
 PRETRAINED_ARCHITECTURE = "densenet121"
 

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import monai
 import numpy as np
@@ -47,7 +47,6 @@ from tqdm import tqdm
 from workbench.bundle import hash_bundle, resolve_bundle_path, save_bundle
 from workbench.calibration import (
     ECE_TARGET,
-    SITE_MIN_STUDIES,
     Calibration,
     LabelCalibration,
     SiteCalibration,
@@ -122,6 +121,7 @@ from workbench.runtime import (
     to_device,
     training_precision,
 )
+from workbench.train_config import Balance, TrainConfig
 from workbench.trust import INDEX_FILE, SplitOutputs, fit_trust, index_bytes, saliency_checks
 from workbench.weights import WEIGHTS_PREFIX, input_normalization, load_weights
 
@@ -129,54 +129,11 @@ T = TypeVar("T")
 __all__ = ["NEGATIVE_NAMES", "TrainConfig", "TrainResult", "TrainingError", "train"]
 
 
-BALANCE_MODES: tuple[str, ...] = ("weights", "sampler", "none")
+BALANCE_MODES: tuple[str, ...] = get_args(Balance)
 
 
 class TrainingError(WorkbenchError):
     """A user-facing training problem (empty cohort, one class only, diverged loss...)."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    cohort: str
-    name: str
-    # None: the step budget below (early stopping, capped by max_steps and time_budget);
-    # a number: exactly that many epochs at most, the schedule spread over them.
-    epochs: int | None = None
-    architecture: str = "densenet121"  # one of nets.ARCHITECTURES
-    image_size: int = 96
-    batch_size: int = 16  # the global batch: split over ranks under torchrun
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    precision: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    max_steps: int | None = None  # cap on optimiser steps (None: see DEFAULT_MAX_STEPS)
-    time_budget: float | None = None  # seconds of training before it stops (None: no limit)
-    patience_steps: int | None = None  # steps without a better validation score (None: auto)
-    warmup_steps: int | None = None  # linear learning-rate warm-up (None: auto)
-    validation_fraction: float = 0.15  # training patients held out for early stopping
-    ema_decay: float = 0.0  # > 0: keep an average of the last ~1/(1-d) steps' weights
-    flip: float = 0.0  # training augmentation: the probability of mirroring each axis
-    rotate: float | None = None  # largest rotation, degrees (None: data.AUG_ROTATE_2D / _3D)
-    scale: float | None = None  # largest relative scale change (None: data.AUG_SCALE)
-    translate: float | None = None  # largest shift, fraction of the side (None: AUG_TRANSLATE)
-    resume: bool = False
-    checkpoint_every: int = 50  # optimiser steps between mid-epoch checkpoints (0: epochs only)
-    init_from: str | None = None  # a bundle (NAME, NAME/vN, folder) or a weights file (.pt/.pth)
-    freeze_blocks: int = 0  # freeze the stem and this many early dense blocks
-    backbone_lr_factor: float = 1.0  # backbone learning rate = lr x this
-    problem: str = "auto"  # auto | binary | multiclass | ovr | multilabel
-    balance: str = "weights"  # weights (loss) | sampler (class-balanced draw) | none
-    folds: int = 0  # K >= 2: patient-level K-fold cross-validation, one bundle per fold
-    compile: bool = False  # torch.compile the training forward pass
-    coverage: float = 0.9  # target coverage of the conformal prediction sets
-    sanity_images: int = 4  # test images for the saliency sanity checks (0: skip them)
-    label_randomization_epochs: int = 2  # epochs of the shuffled-label model (0: skip it)
-    spatial_dims: str = "auto"  # auto | 2 | 3: the shape of study trained on (select_shape)
-    calibrate_per_site: bool = False  # also fit a calibration map per site (see calibration.py)
-    site_min_studies: int = SITE_MIN_STUDIES  # calibration studies a site needs for its own map
 
 
 #: The step budget's cap when neither --epochs nor --max-steps is given: this many steps or
