@@ -37,6 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy workbench
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .

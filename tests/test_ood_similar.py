@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workbench.ood import HeaderProfile, OODDetector, StudyHeader, false_flag_rate
+from workbench.ood import HeaderProfile, OODDetector, false_flag_rate
+from workbench.records import StudyHeader
 from workbench.similar import QUANTILES, EmbeddingIndex, precision_at_k
 
 CLASSES = ("normal", "nodule", "effusion")

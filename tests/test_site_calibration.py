@@ -140,7 +140,7 @@ def test_sites_miscalibrated_alike_keep_the_global_map() -> None:
 
 
 def _split(z: np.ndarray, y: np.ndarray, sites: list[str], offset: int):  # -> SplitOutputs
-    from workbench.ood import StudyHeader
+    from workbench.records import StudyHeader
     from workbench.trust import SplitOutputs
 
     n = len(y)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from workbench.calibration import Calibration
-from workbench.ood import StudyHeader
+from workbench.records import StudyHeader
 from workbench.trust import (
     INDEX_FILE,
     SplitOutputs,

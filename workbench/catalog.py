@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from multiprocessing.context import BaseContext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import numpy as np
 from sqlalchemy import delete, insert, select
@@ -52,6 +52,7 @@ from workbench.dicom.read import (
     read_header,
 )
 from workbench.errors import WorkbenchError
+from workbench.records import StudyHeader
 from workbench.store import (
     Cohort,
     CohortMember,
@@ -63,9 +64,6 @@ from workbench.store import (
     new_session,
     session_scope,
 )
-
-if TYPE_CHECKING:  # ood imports scikit-learn, which ingest does not need
-    from workbench.ood import StudyHeader
 
 SPLITS = ("train", "calibration", "test")
 VOLUMETRIC = frozenset({"CT", "MR", "PT"})
@@ -836,8 +834,6 @@ def quarantine_report(settings: Settings) -> tuple[list[QuarantineEntry], list[S
 def study_headers(settings: Settings, study_ids: Sequence[int]) -> dict[int, StudyHeader]:
     """The header facts each study's out-of-distribution check compares (see
     :class:`workbench.ood.HeaderProfile`), read from the catalog."""
-    from workbench.ood import StudyHeader
-
     out: dict[int, StudyHeader] = {}
     with session_scope(settings.database_url) as session:
         studies = session.scalars(select(Study).where(Study.id.in_(list(study_ids)))).all()

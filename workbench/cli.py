@@ -782,7 +782,7 @@ def _predict_and_report(
 
 def cmd_compare(a: argparse.Namespace) -> None:
     from workbench.compare import compare_bundles, format_table
-    from workbench.report import dump_json
+    from workbench.jsonout import dump_json
 
     data = compare_bundles(_settings(), a.old, a.new, a.cohort, a.resamples, a.seed)
     print(format_table(data))
@@ -794,8 +794,8 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
 def cmd_promote(a: argparse.Namespace) -> None:
     from workbench.compare import format_table
+    from workbench.jsonout import dump_json
     from workbench.promotion import PromotionRefused, promote
-    from workbench.report import dump_json
 
     try:
         decision = promote(

@@ -16,7 +16,7 @@ What it reports (one plain dict, written as JSON by the CLI)::
                  sensitivity; the threshold on each model's probability that reaches that
                  sensitivity, and NEW's specificity there
     subgroups    per site, manufacturer, sex, age band and view: n, AUROC / accuracy of each
-                 model, the difference and the flip rate (report.py's grouping)
+                 model, the difference and the flip rate (subgroups.py's grouping, as the report's)
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from workbench.bundle import Bundle, load_bundle
 from workbench.catalog import CatalogError, CohortItem, cohort_items
 from workbench.config import Settings
 from workbench.errors import WorkbenchError
+from workbench.jsonout import normalise
 from workbench.metrics import bootstrap_ci, macro_auroc
-from workbench.report import AGE_BANDS, UNKNOWN, age_band, manufacturers, normalise, view_group
+from workbench.subgroups import AGE_BANDS, UNKNOWN, age_band, manufacturers, view_group
 
 SUBGROUP_ATTRS: tuple[str, ...] = ("site", "manufacturer", "sex", "age_band", "view")
 DEFAULT_MARGIN = 0.02

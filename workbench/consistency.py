@@ -157,7 +157,7 @@ def compute_retest(
     max_studies: int | None = None,
 ) -> dict[str, Any]:
     """Run the repeat and perturbation checks; returns the JSON-ready dict (not written)."""
-    from workbench.report import normalise
+    from workbench.jsonout import normalise
     from workbench.runtime import resolve_device
 
     bundle = load_bundle(settings.models_dir, model, resolve_device(settings.device))
@@ -238,7 +238,7 @@ def compute_retest(
 def write_retest(settings: Settings, model: str, cohort: str, **kwargs: Any) -> Path:
     """Compute test-retest and write it atomically beside the bundle; returns the path."""
     from workbench.bundle import resolve_bundle_path
-    from workbench.report import dump_json
+    from workbench.jsonout import dump_json
 
     data = compute_retest(settings, model, cohort, **kwargs)
     path = retest_path(resolve_bundle_path(settings.models_dir, model), cohort)

@@ -29,8 +29,8 @@ from workbench.data import eval_transforms
 from workbench.errors import UsageError
 from workbench.explain import saliency
 from workbench.nets import embed
-from workbench.ood import StudyHeader
 from workbench.problems import Problem
+from workbench.records import StudyHeader
 from workbench.results import (  # noqa: F401  (re-exported)
     EXPLAIN_METHODS,
     latest_predictions,

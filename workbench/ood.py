@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from sklearn.covariance import LedoitWolf
 
+from workbench.records import StudyHeader
 from workbench.similar import EmbeddingIndex, normalise
 
 Method = Literal["knn", "mahalanobis"]
@@ -34,18 +35,6 @@ DEFAULT_QUANTILE = 0.99
 DEFAULT_K = 5
 # An image up to this factor smaller or larger than any training image still counts as seen.
 SIZE_FACTOR = 2.0
-
-
-@dataclass(frozen=True)
-class StudyHeader:
-    """The header facts of one study that the profile compares (from the catalog)."""
-
-    modality: str | None
-    body_parts: tuple[str, ...] = ()
-    photometrics: tuple[str, ...] = ()
-    spatial_dims: int = 2
-    # (rows, columns) of each image
-    sizes: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,6 @@ import base64
 import csv
 import hashlib
 import io
-import json
-import math
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -43,8 +41,10 @@ from workbench.catalog import CatalogError, CohortItem, cohort_hash, cohort_item
 from workbench.config import Settings
 from workbench.errors import WorkbenchError
 from workbench.inference import latest_predictions
+from workbench.jsonout import DECIMALS, dump_json, normalise
 from workbench.metrics import classification_metrics, kappa, macro_auroc
 from workbench.store import Prediction, Review, new_session
+from workbench.subgroups import AGE_BANDS, UNKNOWN, age_band, manufacturers, view_group
 
 TEMPLATE = "report.html.j2"
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -68,17 +68,9 @@ SUBGROUP_ATTRS: tuple[tuple[str, str], ...] = (
 # A perturbation that flips more than this share of top-1 labels is worth a warning.
 RETEST_FLIP_WARN = 0.10
 # (lower bound inclusive, upper bound exclusive, label); None is open.
-AGE_BANDS: tuple[tuple[int | None, int | None, str], ...] = (
-    (None, 40, "<40"),
-    (40, 60, "40-59"),
-    (60, 80, "60-79"),
-    (80, None, "80+"),
-)
-UNKNOWN = "unknown"
 # Recomputed vs recorded-at-training metrics on the same test split may differ by this much
 # (forward passes in bf16 are not bit-identical between batch and per-study inference).
 CONSISTENCY_TOLERANCE = 0.01
-DECIMALS = 6
 LIBRARIES = ("torch", "monai", "scikit-learn", "pydicom", "captum", "numpy", "workbench")
 
 
@@ -249,25 +241,6 @@ def compute_report(
     return normalise(data), cases
 
 
-def manufacturers(settings: Settings, study_ids: Sequence[int]) -> dict[int, str]:
-    """study id → manufacturer of its series ('+'-joined when they differ), from the catalog."""
-    from workbench.store import Series
-
-    found: dict[int, set[str]] = defaultdict(set)
-    if not study_ids:
-        return {}
-    with new_session(settings.database_url) as session:
-        q = select(Series.study_id, Series.manufacturer).where(Series.study_id.in_(list(study_ids)))
-        for sid, maker in session.execute(q):
-            found[sid].add(maker or UNKNOWN)
-    return {sid: "+".join(sorted(v)) for sid, v in found.items()}
-
-
-def view_group(views: Sequence[str]) -> str:
-    """A study's views as one group name: sorted, '+'-joined ("LL+PA")."""
-    return "+".join(sorted({v or UNKNOWN for v in views})) or UNKNOWN
-
-
 def _case(
     item: CohortItem,
     pred: Prediction,
@@ -311,16 +284,6 @@ def ood_flag(pred: Prediction) -> bool | None:
     """Whether a stored prediction was flagged out-of-distribution; None when the bundle that
     made it ships no detector (see :mod:`workbench.trust`)."""
     return pred.ood_flag
-
-
-def age_band(age: int | None) -> str:
-    """The band of an age in years (``AGE_BANDS``), or ``unknown``."""
-    if age is None:
-        return UNKNOWN
-    for lo, hi, name in AGE_BANDS:
-        if (lo is None or age >= lo) and (hi is None or age < hi):
-            return name
-    return UNKNOWN
 
 
 def _latest_reviews(
@@ -801,27 +764,6 @@ def _warnings(data: Mapping[str, Any]) -> list[str]:
 
 
 # --- normalising and looking up ------------------------------------------------------------
-
-
-def normalise(value: Any, decimals: int = DECIMALS) -> Any:
-    """JSON-ready: floats rounded to ``decimals``, NaN / inf as None, tuples and arrays as
-    lists, numpy scalars as Python numbers."""
-    if isinstance(value, Mapping):
-        return {str(k): normalise(v, decimals) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [normalise(v, decimals) for v in value]
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        v = float(value)
-        return round(v, decimals) if math.isfinite(v) else None
-    return value
-
-
-def dump_json(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def _escape(segment: str) -> str:

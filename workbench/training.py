@@ -102,7 +102,6 @@ from workbench.nets import (
     keep_frozen_in_eval,
     load_initial_weights,
 )
-from workbench.ood import StudyHeader
 from workbench.problems import (
     NEGATIVE_NAMES,
     Problem,
@@ -112,6 +111,7 @@ from workbench.problems import (
     sample_weights,
     validation_loss,
 )
+from workbench.records import StudyHeader
 from workbench.runtime import (
     autocast,
     forward_dataset,
@@ -934,7 +934,7 @@ def _study_split(
     ctx: _RunContext, split: str, out: dict[str, Any], headers: dict[int, StudyHeader]
 ) -> SplitOutputs:
     """A split's forward pass at study level, with each study's key, subgroups and header."""
-    from workbench.report import age_band  # the report's bands, so the subgroups match
+    from workbench.subgroups import age_band  # the report's bands, so the subgroups match
 
     ids, logits = mean_by_study(out["study_ids"], out["logits"])
     _, emb = mean_by_study(out["study_ids"], out["embeddings"])

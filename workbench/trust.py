@@ -34,7 +34,8 @@ from workbench.conformal import (
     study_uniform,
 )
 from workbench.explain import gradcam_layer_for, sanity_checks
-from workbench.ood import HeaderProfile, OODDetector, StudyHeader, false_flag_rate
+from workbench.ood import HeaderProfile, OODDetector, false_flag_rate
+from workbench.records import StudyHeader
 from workbench.similar import NEIGHBOURS, EmbeddingIndex, precision_at_k
 
 DEFAULT_TARGET_SENSITIVITY = 0.9

@@ -1,0 +1,20 @@
+"""The architecture is a contract the suite checks: import-linter's contracts in
+pyproject.toml (layers run downward only; the catalog, the database, DICOM I/O and the metrics
+never import torch; no import cycles)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_import_contracts_of_pyproject_are_kept() -> None:
+    lint_imports = Path(sys.executable).parent / "lint-imports"
+    r = subprocess.run(
+        [str(lint_imports), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "3 kept, 0 broken" in r.stdout
