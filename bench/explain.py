@@ -13,18 +13,21 @@ Usage: ``python bench/explain.py [--size 224] [--repeats 3]``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from workbench.explain import saliency
+from workbench.explain import ExplainMethod, saliency
 from workbench.nets import create_network
 
-METHODS = {
+METHODS: dict[ExplainMethod, dict[str, Any]] = {
     "gradcam": {},
     "ig": {"ig_steps": 50, "internal_batch_size": 10},
     "occlusion": {"internal_batch_size": 32},
@@ -32,7 +35,7 @@ METHODS = {
 }
 
 
-def timed(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def timed(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up: oneDNN picks its kernels on the first call
     times = []
     for _ in range(repeats):
@@ -53,7 +56,8 @@ def main() -> None:
     model = create_network(2, 3).eval()
     image = torch.rand(1, 1, args.size, args.size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fast_model = create_network(2, 3).eval().to(device, memory_format=torch.channels_last)
+    fast_model = create_network(2, 3).eval().to(device)
+    fast_model = fast_model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     fast_model.load_state_dict(model.state_dict())
     fast_image = image.to(device).contiguous(memory_format=torch.channels_last)
     results: dict[str, object] = {
@@ -64,9 +68,9 @@ def main() -> None:
         "size": args.size,
     }
     for method, kw in METHODS.items():
-        base = timed(lambda m=method, k=kw: saliency(model, image, 1, m, **k), args.repeats)  # type: ignore[misc]
+        base = timed(functools.partial(saliency, model, image, 1, method, **kw), args.repeats)
         ours = timed(
-            lambda m=method, k=kw: saliency(fast_model, fast_image, 1, m, precision="bf16", **k),  # type: ignore[misc]
+            functools.partial(saliency, fast_model, fast_image, 1, method, precision="bf16", **kw),
             args.repeats,
         )
         results[method] = {

@@ -90,7 +90,7 @@ from workbench.metrics import classification_metrics, label_metrics
 from workbench.nets import create_network
 from workbench.problems import Problem, resolve_problem
 from workbench.runtime import forward_dataset, hardware_of, mean_by_study
-from workbench.train_config import TrainConfig
+from workbench.train_config import Architecture, TrainConfig
 from workbench.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,7 +299,7 @@ def run_recipe(
     cohort: str,
     image_size: int,
     quick: bool,
-    architecture: str = "densenet121",
+    architecture: Architecture = "densenet121",
     overrides: dict[str, Any] | None = None,
 ) -> tuple[Scores, Path]:
     """The default recipe (with ``architecture`` and ``overrides``, TrainConfig fields, its

@@ -132,7 +132,7 @@ def _fit_sklearn(logits: np.ndarray, labels: np.ndarray, method: str) -> Calibra
     n = logits.shape[0]
     idx = np.arange(n)
     est = FrozenEstimator(_LogitsClassifier(k).fit())
-    cal = CalibratedClassifierCV(est, method=method, cv=[(idx, idx)])  # type: ignore[arg-type]
+    cal = CalibratedClassifierCV(est, method=method, cv=[(idx, idx)])
     cal.fit(logits, labels)
     return cal
 

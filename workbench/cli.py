@@ -639,7 +639,7 @@ def _num(value: object, fmt: str = ".3f") -> str:
     return format(value, fmt) if isinstance(value, int | float) else "n/a"
 
 
-def model_line(ref: str, wb: dict) -> str:  # type: ignore[type-arg]
+def model_line(ref: str, wb: dict[str, Any]) -> str:
     """One bundle's experiment record in a line: problem, test AUROC and ECE, epochs,
     duration, hardware."""
     test = wb.get("metrics", {}).get("test", {})

@@ -189,7 +189,7 @@ class StudyCompose(Compose):
     """MONAI's Compose whose errors name the record's study (its ``study_key``) and the cause,
     in one line; the original exception is kept as ``__cause__`` (``WORKBENCH_DEBUG=1``)."""
 
-    def __call__(  # type: ignore[override]  # Compose's own signature, as MONAI declares it
+    def __call__(  # Compose's own signature, as MONAI declares it
         self,
         input_: Any,
         start: int = 0,

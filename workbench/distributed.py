@@ -102,7 +102,7 @@ def broadcast(obj: T, world: World) -> T:
         return obj
     box: list[Any] = [obj]
     dist.broadcast_object_list(box, src=0)
-    return box[0]  # type: ignore[no-any-return]
+    return box[0]
 
 
 def gather(obj: T, world: World) -> list[T]:

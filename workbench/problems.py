@@ -178,7 +178,7 @@ def make_objective(
         pw = (len(y) - pos) / np.maximum(pos, 1.0)
         pos_weight = torch.tensor(pw, dtype=torch.float) if balance == "weights" else None
         return Objective(problem, pos_weight=pos_weight, world=world)
-    counts = np.bincount([int(t) for t in targets], minlength=k)  # type: ignore[arg-type]
+    counts = np.bincount([int(t) for t in targets], minlength=k)
     cw = counts.sum() / np.maximum(counts, 1) / k
     class_weight = torch.tensor(cw, dtype=torch.float) if balance == "weights" else None
     return Objective(problem, class_weight=class_weight, world=world)

@@ -332,7 +332,7 @@ def _on_main(world: World, fn: Callable[[], T]) -> T:
     value, error = broadcast((value, error), world)
     if error is not None:
         raise TrainingError(f"rank 0 failed: {error}")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def hardware(device: torch.device, world: World) -> dict[str, Any]:

@@ -57,6 +57,8 @@ def styled(frame: pd.DataFrame, columns: Sequence[str] = ("Probability",)) -> St
     their numbers, so that a column still sorts by value. Show it with a ``NumberColumn``
     without a format (a format, or a progress bar's label, would replace this text and round
     0.9996 to "100%")."""
-    return frame.style.format(
-        {c: probability_text for c in columns if c in frame.columns}, na_rep=""
-    )
+
+    def text(p: object) -> str:
+        return probability_text(float(p) if isinstance(p, int | float) else None)
+
+    return frame.style.format({c: text for c in columns if c in frame.columns}, na_rep="")
