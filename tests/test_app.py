@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
+from workbench import reviews as review_store
 from workbench import users
 from workbench.config import get_settings
 from workbench.results import probability_text
@@ -183,7 +184,7 @@ def test_a_review_is_stored_with_its_audit_event(app_db: str) -> None:
         )
         assert review.comment == "Opacity is a positioning artefact."
         events = session.scalars(
-            select(AuditEvent).where(AuditEvent.action == data.REVIEW_ACTION)
+            select(AuditEvent).where(AuditEvent.action == review_store.REVIEW_ACTION)
         ).all()
         assert len(events) == 1
         ev = events[0]
@@ -231,7 +232,7 @@ def test_a_review_survives_a_database_error(app_db: str, monkeypatch: pytest.Mon
         raise OperationalError("INSERT INTO review", {}, Exception("database is locked"))
 
     with monkeypatch.context() as m:
-        m.setattr(data, "save_review", locked)
+        m.setattr(review_store, "save_review", locked)
         at.radio(key=f"review_{pid}_assessment").set_value("Agree")
         at.text_area(key=f"review_{pid}_comment").input("Clear lungs.")
         button(at, "Submit review").click().run()
@@ -488,8 +489,8 @@ def test_an_auditor_cannot_submit_a_review(app_db: str) -> None:
     assert [e.value for e in at.error] == ["This page is not open to the auditor role."]
     assert not [b for b in at.button if "review" in b.label.lower()]
     # The data layer refuses too, whatever page calls it.
-    with pytest.raises(data.ReviewError, match="auditor role cannot"):
-        data.save_review(get_settings(), "audrey", pid, True, label, "", role="auditor")
+    with pytest.raises(review_store.ReviewError, match="auditor role cannot"):
+        review_store.save_review(get_settings(), "audrey", pid, True, label, "", role="auditor")
     with session_scope(app_db) as session:
         assert session.scalars(select(Review)).all() == []
 
@@ -613,7 +614,7 @@ def test_an_edit_adds_a_version_and_keeps_the_first(app_db: str) -> None:
         assert rows[1].reason == "Second look at the lateral view."
         assert rows[0].confidence == 3 and rows[0].seconds_spent is not None
         acts = list(session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)))
-        assert acts[-2:] == [data.REVIEW_ACTION, data.REVISE_ACTION]
+        assert acts[-2:] == [review_store.REVIEW_ACTION, review_store.REVISE_ACTION]
         assert verify_audit(session) is None
 
 
@@ -664,7 +665,7 @@ def test_a_second_read_is_blind_and_a_disagreement_goes_to_adjudication(app_db: 
         adj = session.scalars(select(Review).where(Review.kind == "adjudication")).one()
         assert (adj.reviewer, adj.label, adj.agree) == ("bailey", other, False)
         assert verify_audit(session) is None
-    assert data.disputes(get_settings()) == []
+    assert review_store.disputes(get_settings()) == []
 
 
 # --- trust outputs on the study page and the worklist ------------------------------------

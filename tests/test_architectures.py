@@ -15,7 +15,8 @@ from workbench import cli, nets
 from workbench.bundle import load_bundle
 from workbench.catalog import cohort_items, ingest
 from workbench.dicom.plant import planted_cohort
-from workbench.inference import latest_predictions, predict_items
+from workbench.inference import predict_items
+from workbench.results import latest_predictions
 from workbench.runtime import training_precision
 from workbench.train_config import TrainConfig
 from workbench.training import TrainingError, train

@@ -10,7 +10,8 @@ from sqlalchemy import select
 from tests.conftest import Pipeline
 from workbench.bundle import load_bundle
 from workbench.catalog import cache_path, cohort_items
-from workbench.inference import latest_predictions, write_csv
+from workbench.inference import write_csv
+from workbench.results import latest_predictions
 from workbench.store import Prediction, session_scope
 
 

@@ -16,7 +16,7 @@ from workbench.catalog import cohort_items, ingest, patient_folds
 from workbench.config import Settings
 from workbench.dicom.synth import synthesize_cohort
 from workbench.distributed import World
-from workbench.inference import latest_predictions, predict_items
+from workbench.inference import predict_items
 from workbench.problems import (
     Problem,
     ProblemError,
@@ -25,6 +25,7 @@ from workbench.problems import (
     resolve_problem,
     sample_weights,
 )
+from workbench.results import latest_predictions
 from workbench.train_config import TrainConfig
 from workbench.training import _epoch_batches, train
 

@@ -12,12 +12,12 @@ import pytest
 from tests.conftest import Pipeline
 from workbench.calibration import TEMPERATURE_FLOOR, fit_calibration, softmax
 from workbench.catalog import cohort_items, holdout_patients
+from workbench.train_config import TrainConfig
 from workbench.training import (
     DEFAULT_CAP_EPOCHS,
     DEFAULT_MAX_STEPS,
     PATIENCE_STEPS,
     Budget,
-    TrainConfig,
     _stop_reason,
 )
 

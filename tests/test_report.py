@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from workbench.bundle import hash_bundle
+from workbench.bundle_info import hash_bundle
 from workbench.catalog import cohort_items
 from workbench.config import Settings
-from workbench.inference import latest_predictions
 from workbench.report import SECTION_TITLES, ReportError, build_report, format_number, lookup
+from workbench.results import latest_predictions
 from workbench.store import Cohort, CohortMember, Review, Study, session_scope, utcnow
 
 N_RESAMPLES = 100  # enough for intervals to exist; keeps each build to a few seconds on 2 cores
@@ -427,7 +427,7 @@ def test_conformal_coverage_and_ood_rate_per_subgroup_when_the_model_provides_th
 ) -> None:
     import numpy as np
 
-    from workbench.bundle import BundleInfo
+    from workbench.bundle_info import BundleInfo
     from workbench.conformal import ConformalSets
     from workbench.report import _conformal, _ood, ood_flag
     from workbench.store import Prediction

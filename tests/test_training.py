@@ -11,20 +11,17 @@ import torch
 from torch import nn
 
 from tests.conftest import Pipeline
-from workbench.bundle import hash_bundle, load_bundle
+from workbench.bundle import load_bundle
+from workbench.bundle_info import hash_bundle
 from workbench.catalog import CatalogError, cache_path, cohort_items, ingest
 from workbench.config import Settings
 from workbench.dicom.synth import synthesize_cohort
-from workbench.inference import latest_predictions, predict_study
+from workbench.inference import predict_study
 from workbench.nets import create_network, load_initial_weights
+from workbench.results import latest_predictions
 from workbench.runtime import choose_precision, resolve_precision
-from workbench.training import (
-    TrainConfig,
-    TrainingError,
-    prepare_network,
-    train,
-    train_epoch,
-)
+from workbench.train_config import TrainConfig
+from workbench.training import TrainingError, prepare_network, train, train_epoch
 
 
 def test_a_few_steps_in_this_cpus_training_precision_lower_the_loss() -> None:

@@ -41,7 +41,8 @@ from workbench.conformal import coverage_summary, fit_conformal, study_uniform
 from workbench.data import eval_transforms
 from workbench.dicom.synth import synthesize_cohort
 from workbench.explain import gradcam_layer_for, saliency
-from workbench.inference import _to_native, latest_predictions, predict_items
+from workbench.inference import _to_native, predict_items
+from workbench.results import latest_predictions
 from workbench.store import Instance, Prediction, Study, session_scope
 from workbench.train_config import TrainConfig
 from workbench.training import train

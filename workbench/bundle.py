@@ -35,13 +35,9 @@ import torch
 from torch import nn
 
 import workbench
-from workbench.bundle_info import (  # noqa: F401  (re-exported: the public names)
+from workbench.bundle_info import (
     BundleError,
-    BundleInfo,
-    hash_bundle,
-    list_bundles,
     read_bundle_info,
-    resolve_bundle_path,
     version_number,
 )
 from workbench.calibration import (

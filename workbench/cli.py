@@ -627,7 +627,7 @@ def cmd_cohort(a: argparse.Namespace) -> None:
 
 
 def cmd_models(a: argparse.Namespace) -> None:
-    from workbench.bundle import list_bundles
+    from workbench.bundle_info import list_bundles
 
     bundles = list_bundles(_settings().models_dir)
     for b in bundles:
@@ -762,7 +762,8 @@ def _predict_and_report(
     force: bool = False,
     limit: int | None = None,
 ) -> None:
-    from workbench.inference import latest_predictions, predict_items, write_csv
+    from workbench.inference import predict_items, write_csv
+    from workbench.results import latest_predictions
 
     new = predict_items(
         settings, bundle, items, explain, settings.precision, force=force, limit=limit

@@ -237,7 +237,7 @@ def compute_retest(
 
 def write_retest(settings: Settings, model: str, cohort: str, **kwargs: Any) -> Path:
     """Compute test-retest and write it atomically beside the bundle; returns the path."""
-    from workbench.bundle import resolve_bundle_path
+    from workbench.bundle_info import resolve_bundle_path
     from workbench.jsonout import dump_json
 
     data = compute_retest(settings, model, cohort, **kwargs)

@@ -31,9 +31,8 @@ from workbench.explain import saliency
 from workbench.nets import embed
 from workbench.problems import Problem
 from workbench.records import StudyHeader
-from workbench.results import (  # noqa: F401  (re-exported)
+from workbench.results import (
     EXPLAIN_METHODS,
-    latest_predictions,
     saliency_path,
 )
 from workbench.runtime import autocast, resolve_precision, to_device

@@ -166,7 +166,7 @@ def promote(
     """
     import getpass
 
-    from workbench.bundle import BundleError, read_bundle_info
+    from workbench.bundle_info import BundleError, read_bundle_info
     from workbench.store import record_audit, session_scope
 
     try:

@@ -35,14 +35,15 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from workbench.bundle import BundleError, BundleInfo, code_version, read_bundle_info
+from workbench.bundle import code_version
+from workbench.bundle_info import BundleError, BundleInfo, read_bundle_info
 from workbench.calibration import brier_score, expected_calibration_error, reliability_curve
 from workbench.catalog import CatalogError, CohortItem, cohort_hash, cohort_items
 from workbench.config import Settings
 from workbench.errors import WorkbenchError
-from workbench.inference import latest_predictions
 from workbench.jsonout import DECIMALS, dump_json, normalise
 from workbench.metrics import classification_metrics, kappa, macro_auroc
+from workbench.results import latest_predictions
 from workbench.store import Prediction, Review, new_session
 from workbench.subgroups import AGE_BANDS, UNKNOWN, age_band, manufacturers, view_group
 

@@ -44,7 +44,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from workbench.bundle import hash_bundle, resolve_bundle_path, save_bundle
+from workbench.bundle import save_bundle
+from workbench.bundle_info import hash_bundle, resolve_bundle_path
 from workbench.calibration import (
     ECE_TARGET,
     Calibration,
@@ -126,7 +127,7 @@ from workbench.trust import INDEX_FILE, SplitOutputs, fit_trust, index_bytes, sa
 from workbench.weights import WEIGHTS_PREFIX, input_normalization, load_weights
 
 T = TypeVar("T")
-__all__ = ["NEGATIVE_NAMES", "TrainConfig", "TrainResult", "TrainingError", "train"]
+__all__ = ["NEGATIVE_NAMES", "TrainResult", "TrainingError", "train"]
 
 
 BALANCE_MODES: tuple[str, ...] = get_args(Balance)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from workbench.ui import data
+from workbench import reviews as review_store
 from workbench.ui.auth import require_page
 from workbench.ui.common import settings
 
@@ -17,7 +17,7 @@ def main() -> None:
     st.title("Adjudication")
     if st.session_state.get("adjudicated"):
         st.success(f"Adjudication #{st.session_state['adjudicated']} saved.")
-    disputes = data.disputes(s)
+    disputes = review_store.disputes(s)
     if not disputes:
         st.success("No disagreements between readers are waiting for adjudication.")
         return
@@ -49,7 +49,7 @@ def main() -> None:
                 if not reason.strip():
                     st.error("Give the reason for the final label.")
                     continue
-                saved = data.save_review(
+                saved = review_store.save_review(
                     s,
                     reviewer.name,
                     d.prediction_id,

@@ -26,22 +26,10 @@ from workbench.results import (
     probability_text,
     saliency_path,
 )
-
-# Reviews live in workbench.reviews; the pages reach them through this module.
-from workbench.reviews import (  # noqa: F401
-    ADJUDICATE_ACTION,
-    REVIEW_ACTION,
-    REVISE_ACTION,
-    Dispute,
-    ReviewError,
-    ReviewRecord,
+from workbench.reviews import (
     ReviewStatus,
     current_reads,
-    disputes,
-    other_readers,
     review_status,
-    reviews_for,
-    save_review,
 )
 from workbench.store import (
     Cohort,

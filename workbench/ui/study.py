@@ -13,6 +13,7 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
+from workbench import reviews as review_store
 from workbench.config import Settings
 from workbench.results import probability_text
 from workbench.ui import data, imaging
@@ -512,10 +513,10 @@ def validate(assessment: str | None, label: str, comment: str, predicted: str) -
 
 def review_form(s: Settings, reviewer: Reviewer, detail: data.PredictionDetail) -> None:
     key = f"review_{detail.prediction_id}"
-    mine = data.reviews_for(s, detail.prediction_id, reviewer=reviewer.name)
+    mine = review_store.reviews_for(s, detail.prediction_id, reviewer=reviewer.name)
     current = mine[0] if mine else None
     st.subheader("Your review" if current is None else f"Your review (version {current.version})")
-    others = data.other_readers(s, detail.prediction_id, reviewer.name)
+    others = review_store.other_readers(s, detail.prediction_id, reviewer.name)
     if others and reviewer.role == "clinician":
         st.info(
             "Second read: another clinician has read this study. Their read is hidden from you "
@@ -577,7 +578,7 @@ def review_form(s: Settings, reviewer: Reviewer, detail: data.PredictionDetail) 
             st.error(problem)
         else:
             try:
-                saved = data.save_review(
+                saved = review_store.save_review(
                     s,
                     reviewer.name,
                     detail.prediction_id,
@@ -589,7 +590,7 @@ def review_form(s: Settings, reviewer: Reviewer, detail: data.PredictionDetail) 
                     reason=reason,
                     seconds_spent=round(time.time() - float(opened), 1),
                 )
-            except data.ReviewError as err:
+            except review_store.ReviewError as err:
                 st.error(f"The review was not saved: {err}. Your entries are kept above.")
             except (SQLAlchemyError, OSError) as err:
                 log.warning("review of prediction %s not saved: %s", detail.prediction_id, err)
@@ -610,7 +611,7 @@ def review_form(s: Settings, reviewer: Reviewer, detail: data.PredictionDetail) 
 def history(s: Settings, reviewer: Reviewer, detail: data.PredictionDetail) -> None:
     """Every version of the reviews; a clinician sees only their own (reads are blind)."""
     viewer = blind_viewer(reviewer)
-    reviews = data.reviews_for(s, detail.prediction_id, reviewer=viewer)
+    reviews = review_store.reviews_for(s, detail.prediction_id, reviewer=viewer)
     if not reviews:
         return
     title = "Your reviews" if viewer else "Reviews of this prediction"
