@@ -34,7 +34,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_cli_offers_the_architectures_the_network_factory_builds() -> None:
-    assert cli.ARCHITECTURES == nets.ARCHITECTURES
+    assert tuple(nets.NETWORKS) == cli.ARCHITECTURES
     a = cli._parser().parse_args(["train", "--cohort", "c", "--name", "m"])
     assert a.architecture == "densenet121"  # train's default
     assert cli._parser().parse_args(["demo"]).architecture == cli.DEMO_ARCHITECTURE
@@ -45,7 +45,9 @@ def test_the_cli_offers_the_architectures_the_network_factory_builds() -> None:
 
 
 def test_the_compact_densenet_is_a_tenth_of_densenet121_with_the_same_modules() -> None:
-    small, big = (nets.create_network(2, 3, architecture=a) for a in nets.ARCHITECTURES[::-1])
+    small, big = (
+        nets.create_network(2, 3, architecture=a) for a in ("densenet-small", "densenet121")
+    )
     n_small, n_big = (sum(p.numel() for p in m.parameters()) for m in (small, big))
     assert n_small < n_big / 8
     logits, emb = nets.embed(small, torch.rand(2, 1, 64, 64))
@@ -53,6 +55,57 @@ def test_the_compact_densenet_is_a_tenth_of_densenet121_with_the_same_modules() 
     assert nets.freeze_early_blocks(small, 1)  # the same block names as DenseNet121
     with pytest.raises(ValueError, match="unknown architecture"):
         nets.create_network(2, 3, architecture="resnet50")
+
+
+@pytest.mark.parametrize("name", list(nets.NETWORKS))
+def test_each_registered_network_names_its_parts_for_training_embedding_and_grad_cam(
+    name: str,
+) -> None:
+    entry = nets.NETWORKS[name]
+    model = nets.create_network(2, 3, architecture=name)
+    assert nets.network_of(model) is entry
+    backbone_params = {id(p) for p in entry.backbone(model).parameters()}
+    head_params = {id(p) for p in entry.head(model).parameters()}
+    assert backbone_params and head_params and not backbone_params & head_params
+    everything = {id(p) for p in model.parameters()}
+    assert backbone_params | head_params == everything
+    assert any(m is entry.gradcam_layer(model) for m in entry.backbone(model).modules())
+    x = torch.rand(2, 1, 64, 64)
+    logits, emb = nets.embed(model.eval(), x)
+    assert logits.shape == (2, 3) and emb.shape == (2, entry.embedding_size)
+    assert torch.allclose(logits, model(x), atol=1e-5)  # the embedding pass is the forward pass
+
+
+def test_a_second_architecture_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny DenseNet registered under a new name: built, embedded, frozen and explained by
+    the same code, with nothing else changed."""
+    from monai.networks.nets import DenseNet
+
+    def tiny(
+        spatial_dims: int, n_classes: int, in_channels: int, dropout: float
+    ) -> torch.nn.Module:
+        return DenseNet(
+            spatial_dims,
+            in_channels,
+            n_classes,
+            init_features=8,
+            growth_rate=4,
+            block_config=(2, 2),
+            dropout_prob=dropout,
+        )
+
+    monkeypatch.setitem(nets.NETWORKS, "tiny", nets.Network("tiny", tiny, 16, False))
+    model = nets.create_network(2, 2, architecture="tiny").eval()
+    x = torch.rand(1, 1, 64, 64)
+    logits, emb = nets.embed(model, x)
+    assert torch.allclose(logits, model(x), atol=1e-6) and emb.shape == (1, 16)
+    assert nets.freeze_early_blocks(model, 1)
+    from workbench.explain import gradcam_layer_for, saliency
+
+    layer, grid = gradcam_layer_for(model, x)
+    assert any(m is layer for m in model.features.children())
+    heat = saliency(model, x, 1, "gradcam")
+    assert heat.shape == (64, 64)
 
 
 def test_a_compact_densenet_trains_is_rebuilt_from_its_bundle_and_explains(home: Path) -> None:

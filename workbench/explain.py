@@ -39,6 +39,7 @@ from captum.attr import (
 )
 from scipy.stats import spearmanr
 
+from workbench.nets import network_of
 from workbench.runtime import autocast
 
 ExplainMethod = Literal["gradcam", "ig", "occlusion", "gradient"]
@@ -71,20 +72,22 @@ def gradcam_layer(model: torch.nn.Module) -> torch.nn.Module:
     ``denseblock4``'s output differs from it by a per-channel affine map, which shifts the
     pre-ReLU Grad-CAM map by a spatial constant: the two agree wherever that map is
     positive, and on a toy "bright square" task norm5 concentrated more of the map on the
-    square (about 0.94 vs 0.89 of the mass in the square's half).  Other models must
+    square (about 0.94 vs 0.89 of the mass in the square's half).  Each network of the
+    registry names this layer itself (``nets.Network.gradcam_layer``); other models must
     expose a ``.features`` module whose output is the final convolutional feature map;
     it is returned as is.
     """
+    try:
+        return network_of(model).gradcam_layer(model)
+    except (ValueError, AttributeError):
+        pass
     features = getattr(model, "features", None)
-    if isinstance(features, torch.nn.Module):
-        # every MONAI DenseNet (121/169/201/264, any spatial_dims) ends its features with
-        # norm5; recognised by structure so that importing monai is not needed here
-        norm5 = getattr(features, "norm5", None)
-        return norm5 if isinstance(norm5, torch.nn.Module) else features
+    if isinstance(features, torch.nn.Module):  # not from the registry: its last feature map
+        return features
     raise ValueError(
-        f"cannot choose a Grad-CAM layer for {type(model).__name__}: expected a MONAI "
-        "DenseNet or a model exposing a `.features` module (its last convolutional "
-        "feature map); pass `layer=` explicitly"
+        f"cannot choose a Grad-CAM layer for {type(model).__name__}: expected a network of "
+        "the registry (nets.NETWORKS) or a model exposing a `.features` module (its last "
+        "convolutional feature map); pass `layer=` explicitly"
     )
 
 
@@ -280,7 +283,10 @@ def gradcam_layer_for(
     if key in known:
         return known[key]
     chosen = gradcam_layer(model)
-    features = getattr(model, "features", None)
+    try:
+        features: object = network_of(model).backbone(model)
+    except (ValueError, AttributeError):
+        features = getattr(model, "features", None)
     blocks = list(features.children()) if isinstance(features, torch.nn.Module) else []
     if not any(mod is chosen for mod in blocks):  # not a child of model.features: only itself
         blocks = [chosen]

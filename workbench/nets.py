@@ -1,9 +1,10 @@
-"""Network factory: MONAI DenseNets in 2D or 3D, and the embedding they carry.
+"""Network registry: MONAI DenseNets in 2D or 3D, and where each network's parts are.
 
 The model's contract (classes, input size, spatial dims, architecture) lives in the bundle,
-not here; this module only builds networks from that contract. Two architectures, both MONAI's
-``DenseNet`` class (so Grad-CAM, the embedding and freezing find the same ``features`` /
-``class_layers`` modules in each):
+not here; this module only builds networks from that contract. Each architecture is one entry
+of :data:`NETWORKS` (as timm registers its models), which names its backbone, head, embedding
+and Grad-CAM layer for training, similar-case search and saliency. Two architectures, both
+MONAI's ``DenseNet`` class:
 
 * ``densenet121`` (the default): MONAI's DenseNet121, 7.0 M parameters, the network that
   published chest X-ray classifiers and the importable weights (``workbench weights``) use.
@@ -20,16 +21,92 @@ not here; this module only builds networks from that contract. Two architectures
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from monai.networks.nets import DenseNet, DenseNet121
 from torch import nn
 
-from workbench.train_config import ARCHITECTURES
-
 #: The architecture whose key layout imported weights and weights files must have.
 PRETRAINED_ARCHITECTURE = "densenet121"
+
+
+def _densenet121(spatial_dims: int, n_classes: int, in_channels: int, dropout: float) -> nn.Module:
+    return DenseNet121(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=n_classes,
+        dropout_prob=dropout,
+    )
+
+
+def _densenet_small(
+    spatial_dims: int, n_classes: int, in_channels: int, dropout: float
+) -> nn.Module:
+    return DenseNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=n_classes,
+        init_features=32,
+        growth_rate=16,
+        block_config=(6, 12, 16),
+        dropout_prob=dropout,
+    )
+
+
+def _features(model: nn.Module) -> nn.Module:
+    return model.features  # type: ignore[return-value]
+
+
+def _class_layers(model: nn.Module) -> nn.Module:
+    return model.class_layers  # type: ignore[return-value]
+
+
+def _norm5(model: nn.Module) -> nn.Module:
+    # the batch norm that closes the last dense block and feeds the head (see
+    # explain.gradcam_layer for why it, not the block, is what Grad-CAM explains)
+    return model.features.norm5  # type: ignore[union-attr,return-value]
+
+
+def _densenet_embed(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # class_layers = relu -> adaptive pool -> flatten -> out (linear)
+    layers: nn.Sequential = model.class_layers  # type: ignore[assignment]
+    pooled = layers[:-1](_features(model)(x))
+    return layers[-1](pooled), pooled
+
+
+@dataclass(frozen=True)
+class Network:
+    """One architecture: how to build it and where its parts are, so that training (freezing,
+    the backbone's learning rate), the embedding and Grad-CAM find them without knowing the
+    class. A second architecture is one more entry in :data:`NETWORKS` (and its name in
+    ``train_config.Architecture``, which the command line offers).
+
+    ``build(spatial_dims, n_classes, in_channels, dropout)``; ``backbone(model)``: the module
+    whose children are the feature blocks in order (frozen from the first; Grad-CAM's
+    candidate layers); ``head(model)``: the classifier after it; ``gradcam_layer(model)``: the
+    last convolutional feature map, inside the backbone; ``embed(model, x)``: logits and the
+    pooled feature vector (``embedding_size`` numbers) in one pass. ``pretrained_layout``:
+    whether DenseNet121 weights files (``--init-from``, ``workbench weights``) fit it.
+    """
+
+    name: str
+    build: Callable[[int, int, int, float], nn.Module]
+    embedding_size: int
+    pretrained_layout: bool
+    backbone: Callable[[nn.Module], nn.Module] = _features
+    head: Callable[[nn.Module], nn.Module] = _class_layers
+    gradcam_layer: Callable[[nn.Module], nn.Module] = _norm5
+    embed: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = _densenet_embed
+
+
+NETWORKS: dict[str, Network] = {
+    "densenet121": Network("densenet121", _densenet121, 1024, pretrained_layout=True),
+    "densenet-small": Network("densenet-small", _densenet_small, 384, pretrained_layout=False),
+}
+#: The attribute a built model carries its architecture's name in (see :func:`network_of`).
+_TAG = "workbench_architecture"
 
 
 def create_network(
@@ -40,41 +117,36 @@ def create_network(
     dropout: float = 0.0,
 ) -> nn.Module:
     """Build an untrained network. Only known architectures: a bundle never names code to run."""
-    if architecture not in ARCHITECTURES:
-        raise ValueError(
-            f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}"
-        )
+    if architecture not in NETWORKS:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(NETWORKS)}")
     if spatial_dims not in (2, 3):
         raise ValueError("spatial_dims must be 2 or 3")
-    if architecture == "densenet-small":
-        return DenseNet(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=n_classes,
-            init_features=32,
-            growth_rate=16,
-            block_config=(6, 12, 16),
-            dropout_prob=dropout,
-        )
-    return DenseNet121(
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=n_classes,
-        dropout_prob=dropout,
-    )
+    model = NETWORKS[architecture].build(spatial_dims, n_classes, in_channels, dropout)
+    setattr(model, _TAG, architecture)
+    return model
+
+
+def network_of(model: nn.Module) -> Network:
+    """The registry entry of a model :func:`create_network` built (through DDP's or
+    torch.compile's wrapper too). A MONAI DenseNet built elsewhere has DenseNet121's parts."""
+    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
+    name = getattr(inner, _TAG, None)
+    if isinstance(name, str) and name in NETWORKS:
+        return NETWORKS[name]
+    if isinstance(getattr(inner, "features", None), nn.Module) and isinstance(
+        getattr(inner, "class_layers", None), nn.Sequential
+    ):
+        return NETWORKS["densenet121"]
+    raise ValueError(f"{type(inner).__name__} is not a network of the registry (nets.NETWORKS)")
 
 
 def embed(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and the pooled feature vector before the classifier, in one forward pass.
 
-    x: (B, C, H, W) or (B, C, D, H, W) -> logits (B, K), embedding (B, F): F = 1024 for
-    DenseNet121, 384 for densenet-small.
+    x: (B, C, H, W) or (B, C, D, H, W) -> logits (B, K), embedding (B, F), F the
+    architecture's ``embedding_size`` (1,024 for DenseNet121, 384 for densenet-small).
     """
-    features: nn.Module = model.features  # type: ignore[assignment]
-    layers: nn.Sequential = model.class_layers  # type: ignore[assignment]
-    # class_layers = relu -> adaptive pool -> flatten -> out (linear)
-    pooled = layers[:-1](features(x))
-    return layers[-1](pooled), pooled
+    return network_of(model).embed(model, x)
 
 
 # torchvision's DenseNet keys -> MONAI's: MONAI wraps each dense layer's modules in `.layers`.
@@ -144,7 +216,7 @@ def freeze_early_blocks(model: nn.Module, blocks: int) -> list[str]:
     if blocks <= 0:
         return []
     frozen = []
-    for name, module in model.features.named_children():  # type: ignore[union-attr]
+    for name, module in network_of(model).backbone(model).named_children():
         m = re.search(r"(\d+)$", name)
         index = int(m.group(1)) if m else 0
         if index <= blocks and not name.startswith("norm5"):
@@ -157,7 +229,7 @@ def freeze_early_blocks(model: nn.Module, blocks: int) -> list[str]:
 def keep_frozen_in_eval(model: nn.Module) -> None:
     """After ``model.train()``: put modules without trainable parameters back in eval mode,
     so a frozen block's BatchNorm statistics do not drift."""
-    for module in model.features.children():  # type: ignore[union-attr]
+    for module in network_of(model).backbone(model).children():
         params = list(module.parameters())
         if params and not any(p.requires_grad for p in params):
             module.eval()

@@ -96,12 +96,13 @@ from workbench.distributed import (
 from workbench.errors import WorkbenchError
 from workbench.metrics import classification_metrics, label_metrics
 from workbench.nets import (
-    ARCHITECTURES,
+    NETWORKS,
     PRETRAINED_ARCHITECTURE,
     create_network,
     freeze_early_blocks,
     keep_frozen_in_eval,
     load_initial_weights,
+    network_of,
 )
 from workbench.problems import (
     NEGATIVE_NAMES,
@@ -565,8 +566,9 @@ def _fit(
     # Imbalance: class weights / pos_weight in the loss, or a balanced sampler (--balance).
     loss_fn = make_objective(problem, train_targets, cfg.balance, world).to(device)
     # A lower learning rate for the (pretrained) backbone than for the head, when asked.
-    backbone = [p for p in model.features.parameters() if p.requires_grad]  # type: ignore[union-attr]
-    head = [p for p in model.class_layers.parameters() if p.requires_grad]  # type: ignore[union-attr]
+    parts = network_of(model)
+    backbone = [p for p in parts.backbone(model).parameters() if p.requires_grad]
+    head = [p for p in parts.head(model).parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = [
         {"params": backbone, "lr": cfg.lr * cfg.backbone_lr_factor},
         {"params": head},
@@ -1277,9 +1279,9 @@ def prepare_network(
     ``workbench weights import``; its head is never kept). Returns the network and what was
     loaded and frozen.
     """
-    if cfg.architecture not in ARCHITECTURES:
+    if cfg.architecture not in NETWORKS:
         raise TrainingError(
-            f"--architecture {cfg.architecture}: unknown; known: {', '.join(ARCHITECTURES)}"
+            f"--architecture {cfg.architecture}: unknown; known: {', '.join(NETWORKS)}"
         )
     model = create_network(spatial_dims, n_classes, architecture=cfg.architecture)
     report: dict[str, Any] = {"from": None, "loaded": 0, "skipped": [], "frozen": []}
@@ -1287,7 +1289,7 @@ def prepare_network(
         source = Path(cfg.init_from)
         state: Any  # checked below: a dict of tensors
         from_bundle = not cfg.init_from.startswith(WEIGHTS_PREFIX) and not source.is_file()
-        if not from_bundle and cfg.architecture != PRETRAINED_ARCHITECTURE:
+        if not from_bundle and not NETWORKS[cfg.architecture].pretrained_layout:
             raise TrainingError(
                 f"--init-from {cfg.init_from}: weights files and imported weights are "
                 f"{PRETRAINED_ARCHITECTURE}'s; train with --architecture "
