@@ -18,3 +18,25 @@ def test_the_import_contracts_of_pyproject_are_kept() -> None:
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "3 kept, 0 broken" in r.stdout
+
+
+def test_only_the_configuration_module_reads_the_environment() -> None:
+    import re
+
+    readers = re.compile(r"os\.environ|os\.getenv|getenv\(")
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted((ROOT / "workbench").rglob("*.py"))
+        if path.name != "config.py" or path.parent.name != "workbench"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if readers.search(line)
+    ]
+    assert found == []
+
+
+def test_every_workbench_environment_variable_is_in_the_readme() -> None:
+    from workbench.config import ENVIRONMENT
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [n for n in ENVIRONMENT if n.startswith("WORKBENCH_") and n not in readme]
+    assert missing == []

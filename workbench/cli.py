@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import subprocess
 import sys
 import time
@@ -18,7 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workbench.config import Settings, get_settings
+from workbench.config import (
+    Settings,
+    child_environment,
+    debug_enabled,
+    environment_value,
+    environment_values,
+    get_settings,
+)
 from workbench.errors import NotFoundError, UsageError, WorkbenchError
 from workbench.train_config import (
     ARCHITECTURES,
@@ -31,6 +37,7 @@ from workbench.train_config import (
 if TYPE_CHECKING:
     from workbench.bundle import Bundle
     from workbench.catalog import CohortItem
+    from workbench.dicom.dicomweb import Credentials
 
 DEMO_COHORT = "demo"
 DEMO_MODEL = "chest-xray"
@@ -453,6 +460,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _credentials() -> Credentials | None:
+    from workbench.dicom.dicomweb import CREDENTIAL_ENV, load_credentials
+
+    return load_credentials(environment_values(*CREDENTIAL_ENV))
+
+
 def _settings() -> Settings:
     return get_settings()
 
@@ -476,13 +489,12 @@ def _pull(
 ) -> Any:
     """``--dicomweb URL`` with its QIDO filters (ingest and predict): credentials from the
     environment or a file, never from the command line."""
-    from workbench.dicom.dicomweb import load_credentials
     from workbench.pull import pull_dicomweb
 
     return pull_dicomweb(
         settings,
         a.dicomweb,
-        load_credentials(),
+        _credentials(),
         patient_id=a.patient,
         study_uid=a.study,
         modality=a.modality,
@@ -672,7 +684,7 @@ def _train_and_report(settings: Settings, cfg: TrainConfig) -> None:
     from workbench.training import train
 
     # Under torchrun only rank 0 reports (every rank returns the same result).
-    main_rank = os.environ.get("RANK", "0") == "0"
+    main_rank = (environment_value("RANK") or "0") == "0"
     res = train(settings, cfg, progress=main_rank)
     if not main_rank:
         return
@@ -838,13 +850,12 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_send(a: argparse.Namespace) -> None:
-    from workbench.dicom.dicomweb import load_credentials
     from workbench.send import send_results
 
     summary = send_results(
         _settings(),
         a.dicomweb,
-        load_credentials(),
+        _credentials(),
         study_keys=None if a.all else a.study,
         model=a.model,
     )
@@ -885,7 +896,7 @@ def cmd_app(a: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     # The cookie secret goes through the environment, not argv (argv is visible in `ps`).
-    env = {**os.environ, "STREAMLIT_SERVER_COOKIE_SECRET": cookie_secret(settings)}
+    env = child_environment(STREAMLIT_SERVER_COOKIE_SECRET=cookie_secret(settings))
     print(f"review app on http://{a.address}:{a.port} (Ctrl-C to stop)")
     subprocess.run(_streamlit_cmd(a.port, a.address), check=False, env=env)
 
@@ -901,7 +912,7 @@ def _new_password(username: str) -> str:
     """A new password from WORKBENCH_NEW_PASSWORD, or typed twice at a prompt (never argv)."""
     import getpass
 
-    env = os.environ.get("WORKBENCH_NEW_PASSWORD")
+    env = environment_value("WORKBENCH_NEW_PASSWORD")
     if env:
         return env
     first = getpass.getpass(f"New password for {username}: ")
@@ -982,9 +993,10 @@ def _demo_account(settings: Settings) -> None:
     if users.get_account(settings, DEMO_USER) is not None:
         print(f"[demo] sign in as {DEMO_USER!r} (its password was printed when it was created)")
         return
-    password = os.environ.get("WORKBENCH_DEMO_PASSWORD") or secrets.token_urlsafe(12)
+    given = environment_value("WORKBENCH_DEMO_PASSWORD")
+    password = given or secrets.token_urlsafe(12)
     users.add_user(settings, _actor(), DEMO_USER, "clinician", password)
-    shown = "from WORKBENCH_DEMO_PASSWORD" if "WORKBENCH_DEMO_PASSWORD" in os.environ else password
+    shown = "from WORKBENCH_DEMO_PASSWORD" if given else password
     print(f"[demo] clinician account {DEMO_USER!r}, password {shown} (shown once)")
 
 
@@ -1061,7 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: run the same command again to continue", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - sorted below: the user's error or a bug
-        if os.environ.get("WORKBENCH_DEBUG"):
+        if debug_enabled():
             raise
         if not _users_error(err):
             traceback.print_exc()

@@ -17,6 +17,56 @@ from workbench.errors import UsageError
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
+#: Every environment variable the workbench reads, and what for. Only this module reads the
+#: environment (tests/test_cli.py checks that no other module does): Settings here, the
+#: secrets and switches below through :func:`environment_value`.
+ENVIRONMENT: dict[str, str] = {
+    "WORKBENCH_HOME": "the home folder (catalog, cache, pseudonym key, models)",
+    "WORKBENCH_DATABASE_URL": "the catalog database (default: SQLite in the home)",
+    "WORKBENCH_MODELS": "the model bundles' folder",
+    "WORKBENCH_CACHE": "the decoded-pixel cache's folder",
+    "WORKBENCH_DEVICE": "auto | cpu | cuda",
+    "WORKBENCH_PRECISION": "auto | bf16 | fp16 | fp32",
+    "WORKBENCH_MAX_PIXEL_MB": "quarantine files declaring more pixel data than this",
+    "WORKBENCH_FRAMES": "multi-frame files: volume | first | a frame index",
+    "WORKBENCH_MAX_FAILED_SIGNINS": "wrong passwords in a row that lock an account",
+    "WORKBENCH_LOCKOUT_MINUTES": "how long a locked account stays locked",
+    "WORKBENCH_IDLE_MINUTES": "an idle app session is signed out after this",
+    "WORKBENCH_PSEUDONYM_KEY": "the pseudonymisation key (default: a file in the home)",
+    "WORKBENCH_DEBUG": "show the traceback of every error",
+    "WORKBENCH_NEW_PASSWORD": "`workbench users add / reset-password` without a prompt",
+    "WORKBENCH_DEMO_PASSWORD": "the demo account's password (default: a random one)",
+    "WORKBENCH_DICOMWEB_USER": "DICOMweb basic-auth user",
+    "WORKBENCH_DICOMWEB_PASSWORD": "DICOMweb basic-auth password",
+    "WORKBENCH_DICOMWEB_CREDENTIALS": "a private file holding user:password for DICOMweb",
+    "RANK": "set by torchrun: this process's rank",
+    "LOCAL_RANK": "set by torchrun: this process's rank on its machine",
+    "WORLD_SIZE": "set by torchrun: the number of processes",
+}
+
+
+def environment_value(name: str) -> str | None:
+    """The value of one of the :data:`ENVIRONMENT` variables, or None when it is not set."""
+    if name not in ENVIRONMENT:
+        raise KeyError(f"{name} is not one of the workbench's environment variables")
+    return os.environ.get(name)
+
+
+def environment_values(*names: str) -> dict[str, str]:
+    """The :data:`ENVIRONMENT` variables among ``names`` that are set."""
+    return {n: v for n in names if (v := environment_value(n)) is not None}
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """The environment to start a child process with (this one's, plus ``extra``)."""
+    return {**os.environ, **extra}
+
+
+def debug_enabled() -> bool:
+    """WORKBENCH_DEBUG is set: errors show their traceback."""
+    return bool(environment_value("WORKBENCH_DEBUG"))
+
+
 #: A site gets a calibration map of its own only with at least this many calibration studies
 #: (see calibration.fit_site_calibration); `train --site-min-studies` changes it.
 SITE_MIN_STUDIES = 30

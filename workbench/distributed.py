@@ -19,7 +19,6 @@ Two nodes (run on each, with HOST:PORT reachable from both)::
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -27,6 +26,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from workbench.config import environment_value
 
 T = TypeVar("T")
 
@@ -55,10 +56,11 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
     nccl on CUDA (one GPU per local rank), gloo on the CPU. Returns the world and the device
     this rank computes on. Without torchrun's variables: a world of one, ``device`` unchanged.
     """
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = int(environment_value("WORLD_SIZE") or "1")
     if size <= 1:
         return World(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank = int(environment_value("RANK") or "0")
+    local_rank = int(environment_value("LOCAL_RANK") or "0")
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

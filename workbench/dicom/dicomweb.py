@@ -86,9 +86,13 @@ class StudyRef:
 
 # --- credentials ----------------------------------------------------------------------------
 
+#: The environment variables credentials come from (read by workbench.config).
+CREDENTIAL_ENV = (ENV_USER, ENV_PASSWORD, ENV_CREDENTIALS_FILE)
 
-def load_credentials(env: Mapping[str, str] = os.environ) -> Credentials | None:
-    """Credentials from the environment, or None when none are configured.
+
+def load_credentials(env: Mapping[str, str]) -> Credentials | None:
+    """Credentials from the environment (``env``: ``config.environment_values(*CREDENTIAL_ENV)``),
+    or None when none are configured.
 
     ``WORKBENCH_DICOMWEB_USER`` + ``WORKBENCH_DICOMWEB_PASSWORD`` win; otherwise
     ``WORKBENCH_DICOMWEB_CREDENTIALS`` names a file whose first line is ``user:password`` and
