@@ -13,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.dicom.read import FrameSelection, HeaderFacts, UnreadableDicomError, read_image
+from workbench.dicom.read import (
+    DEFAULT_MAX_PIXEL_BYTES,
+    FrameSelection,
+    HeaderFacts,
+    UnreadableDicomError,
+    read_image,
+)
 
 
 def cache_path(cache_dir: Path, cache_key: str) -> Path:
@@ -118,7 +124,7 @@ def decode_file(
     path: str,
     cache_dir: str,
     allow_burned_in: bool,
-    max_pixel_bytes: int = 512 * 2**20,
+    max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES,
     frames: str = "volume",
 ) -> Decoded:
     """Read one file once: header facts, display pixels into the cache (and for CT, its

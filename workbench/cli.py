@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.config import (
+    DEFAULT_MAX_PIXEL_MB,
     Settings,
     child_environment,
     debug_enabled,
@@ -114,8 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-pixel-mb",
         type=int,
-        help="quarantine files declaring more pixel data than this (default 512, "
-        "or WORKBENCH_MAX_PIXEL_MB)",
+        help=f"quarantine files declaring more pixel data than this (default "
+        f"{DEFAULT_MAX_PIXEL_MB}, or WORKBENCH_MAX_PIXEL_MB)",
     )
     s.add_argument(
         "--allow-burned-in",

@@ -67,6 +67,9 @@ def debug_enabled() -> bool:
     return bool(environment_value("WORKBENCH_DEBUG"))
 
 
+#: Ceiling on one file's declared pixel data, MiB (WORKBENCH_MAX_PIXEL_MB, --max-pixel-mb).
+DEFAULT_MAX_PIXEL_MB = 512
+
 #: A site gets a calibration map of its own only with at least this many calibration studies
 #: (see calibration.fit_site_calibration); `train --site-min-studies` changes it.
 SITE_MIN_STUDIES = 30
@@ -84,7 +87,7 @@ class Settings:
     precision: Precision = "auto"
     # Ceiling on one file's declared pixel data: larger files are quarantined (too_large)
     # before anything is allocated for them.
-    max_pixel_mb: int = 512
+    max_pixel_mb: int = DEFAULT_MAX_PIXEL_MB
     # Multi-frame files at ingest: "volume" (every frame, one 3D array), "first", or a 0-based
     # frame index as text ("12"); a file without that frame is quarantined.
     frames: str = "volume"
@@ -117,7 +120,7 @@ def get_settings() -> Settings:
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UsageError(f"WORKBENCH_PRECISION must be auto, bf16, fp16 or fp32, not {precision!r}")
     try:
-        max_pixel_mb = int(os.environ.get("WORKBENCH_MAX_PIXEL_MB", "512"))
+        max_pixel_mb = int(os.environ.get("WORKBENCH_MAX_PIXEL_MB", DEFAULT_MAX_PIXEL_MB))
     except ValueError as err:
         raise UsageError("WORKBENCH_MAX_PIXEL_MB must be a whole number of MiB") from err
     frames = os.environ.get("WORKBENCH_FRAMES", "volume")

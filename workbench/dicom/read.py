@@ -83,6 +83,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from workbench.config import DEFAULT_MAX_PIXEL_MB
 from workbench.errors import WorkbenchError
 
 __all__ = [
@@ -133,7 +134,7 @@ REQUIRED_ATTRIBUTES: tuple[str, ...] = (
 )
 
 #: The default ceiling on the declared pixel data of one file.
-DEFAULT_MAX_PIXEL_BYTES = 512 * 2**20
+DEFAULT_MAX_PIXEL_BYTES = DEFAULT_MAX_PIXEL_MB * 2**20
 
 #: ``read_image(frames=...)``: the whole (multi-frame) image, its first frame, or frame ``i``.
 FrameSelection = Literal["volume", "first"] | int
