@@ -169,6 +169,6 @@ def test_two_fold_cross_validation_reports_each_fold_and_mean_and_sd(
         np.mean([f["accuracy"] for f in record["per_fold"]])
     )
     for k in (1, 2):
-        wb = load_bundle(s.models_dir, f"cv-fold{k}").workbench
+        wb = load_bundle(s.models_dir, f"cv-fold{k}").contract.to_dict()
         test_patients = {i.patient for i in items if folds[i.patient] == k - 1}
         assert wb["split"]["patients"]["test"] == len(test_patients)

@@ -303,7 +303,7 @@ def test_train_and_predict_apply_the_studys_site_map_and_record_which(tmp_path: 
             progress=False,
         )
     bundle = load_bundle(settings.models_dir, "sited")
-    wb = bundle.workbench
+    wb = bundle.contract.to_dict()
     fit = wb["calibration_fit"]["per_site"]
     cal_items = cohort_items(settings, "sites", "calibration")
     test_items = cohort_items(settings, "sites", "test")

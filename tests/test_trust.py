@@ -88,7 +88,7 @@ def test_each_similar_case_carries_its_closeness_also_from_an_older_bundle(
     probs = np.full(3, 1 / 3)
     found = []
     for bundle in (new, old):
-        loaded = load_trust(bundle, {"trust": meta})
+        loaded = load_trust(bundle, meta)
         assert loaded is not None
         found.append(
             loaded.assess(CLASSES, test.study_keys[0], probs, test.embeddings[0], DX)["similar"]

@@ -153,25 +153,29 @@ def _train_and_predict(root: Path) -> Trained:
 
 
 def _trust(trained: Trained) -> dict[str, Any]:
-    return dict(trained.bundle.workbench["trust"])
+    return dict(trained.bundle.contract.to_dict()["trust"])
 
 
 def test_the_shipped_calibration_keeps_the_test_ece_within_target(trained: Trained) -> None:
-    m = trained.bundle.workbench["metrics"]["test"]
+    m = trained.bundle.contract.to_dict()["metrics"]["test"]
     _record(
         "calibration",
         {
-            "method": trained.bundle.workbench["calibration"]["method"],
-            "held_out_log_loss": trained.bundle.workbench["calibration_fit"]["held_out_log_loss"],
+            "method": trained.bundle.contract.to_dict()["calibration"]["method"],
+            "held_out_log_loss": trained.bundle.contract.to_dict()["calibration_fit"][
+                "held_out_log_loss"
+            ],
             "ece_before": m["ece_before"],
             "ece_after": m["ece_after"],
             "accuracy": m["accuracy"],
             "auroc_macro": m["auroc_macro"],
             "n_test": len(trained.test_ids),
-            "with_intervals": trained.bundle.workbench["metrics"]["test_detail"]["calibration"],
+            "with_intervals": trained.bundle.contract.to_dict()["metrics"]["test_detail"][
+                "calibration"
+            ],
         },
     )
-    detail = trained.bundle.workbench["metrics"]["test_detail"]["calibration"]
+    detail = trained.bundle.contract.to_dict()["metrics"]["test_detail"]["calibration"]
     for stage in ("before", "after"):
         for name in ("ece", "ece_adaptive", "mce", "brier", "log_loss"):
             r = detail[stage][name]
@@ -411,7 +415,7 @@ def test_similar_cases_share_the_label_well_above_chance(trained: Trained) -> No
 def test_bundle_lists_the_index_file_by_hash(trained: Trained) -> None:
     import hashlib
 
-    files = trained.bundle.workbench["data_files"]
+    files = trained.bundle.contract.to_dict()["data_files"]
     index = trained.bundle.path / "models" / "similar_index.npz"
     assert files["similar_index.npz"] == hashlib.sha256(index.read_bytes()).hexdigest()
     assert cache_path(trained.settings, "ab" * 32).name.endswith(".npy")

@@ -47,6 +47,7 @@ from workbench.calibration import (
     SiteCalibration,
     calibration_from_dict,
 )
+from workbench.contract import CONTRACT_VERSION, ContractError, ModelContract
 from workbench.data import InputSpec, Normalization
 from workbench.nets import create_network
 
@@ -63,7 +64,7 @@ class Bundle:
     spec: InputSpec
     calibration: Calibration | LabelCalibration
     negative_class: str | None
-    metadata: dict[str, Any]
+    contract: ModelContract
     bundle_hash: str
     # per-site maps beside ``calibration`` (the global map); None when trained without them
     site_calibration: SiteCalibration | None = None
@@ -76,19 +77,14 @@ class Bundle:
         return self.site_calibration.map_for(site)
 
     @property
-    def workbench(self) -> dict[str, Any]:
-        return dict(self.metadata["workbench"])
-
-    @property
     def problem(self) -> str:
         """binary, multiclass, ovr or multilabel (bundles from before problems: softmax)."""
-        return str(self.metadata["workbench"].get("problem") or "multiclass")
+        return self.contract.problem
 
     @property
     def thresholds(self) -> list[float] | None:
         """Per-label decision thresholds of a sigmoid (ovr / multilabel) model, in class order."""
-        t = self.metadata["workbench"].get("thresholds")
-        return [float(t[c]) for c in self.classes] if t else None
+        return self.contract.threshold_list()
 
 
 def code_version() -> str:
@@ -155,6 +151,36 @@ def save_bundle(
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     in_shape = [1] + [spec.image_size] * spec.spatial_dims
     architecture = str(extra.get("training", {}).get("architecture", "densenet121"))
+    try:
+        contract = ModelContract.from_dict(
+            {
+                "architecture": architecture,
+                "classes": list(classes),
+                "negative_class": negative_class,
+                "image_size": spec.image_size,
+                "spatial_dims": spec.spatial_dims,
+                "intensity_window": {
+                    "source": "DICOM display pipeline (VOI window or LUT), output in [0, 1]",
+                    "range": [0.0, 1.0],
+                },
+                # x' = (x * scale - mean) / std on display pixels, applied by the eval preset
+                # (imported weights; see workbench.weights); null: display pixels as they are
+                "normalization": spec.normalization.to_dict() if spec.normalization else None,
+                "transform_hash": spec.transform_hash(),
+                "calibration": calibration.to_dict(),
+                "created": now,
+                "code_version": code_version(),
+                "platform": platform.platform(),
+                **extra,
+                "data_files": {
+                    Path(n).name: hashlib.sha256(d).hexdigest()
+                    for n, d in (data_files or {}).items()
+                },
+                "contract_version": CONTRACT_VERSION,
+            }
+        )
+    except ContractError as err:
+        raise BundleError(f"model {name}: {err}") from None
     metadata = {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
         "0.8.1/meta_schema_20240725.json",
@@ -201,29 +227,7 @@ def save_bundle(
                 }
             },
         },
-        "workbench": {
-            "architecture": architecture,
-            "classes": list(classes),
-            "negative_class": negative_class,
-            "image_size": spec.image_size,
-            "spatial_dims": spec.spatial_dims,
-            "intensity_window": {
-                "source": "DICOM display pipeline (VOI window or LUT), output in [0, 1]",
-                "range": [0.0, 1.0],
-            },
-            # x' = (x * scale - mean) / std on display pixels, applied by the eval preset
-            # (imported weights; see workbench.weights); null: display pixels as they are
-            "normalization": spec.normalization.to_dict() if spec.normalization else None,
-            "transform_hash": spec.transform_hash(),
-            "calibration": calibration.to_dict(),
-            "created": now,
-            "code_version": code_version(),
-            "platform": platform.platform(),
-            **extra,
-            "data_files": {
-                Path(n).name: hashlib.sha256(d).hexdigest() for n, d in (data_files or {}).items()
-            },
-        },
+        "workbench": contract.to_dict(),
     }
     (tmp / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2, default=float))
     inference = {
@@ -236,7 +240,7 @@ def save_bundle(
         "network": "$@network_def",
     }
     (tmp / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
-    (tmp / "docs" / "README.md").write_text(_model_card(name, version, metadata))
+    (tmp / "docs" / "README.md").write_text(_model_card(name, version, metadata, contract))
     for file_name, data in (figures or {}).items():
         (tmp / "docs" / Path(file_name).name).write_bytes(data)
     for file_name, data in (data_files or {}).items():
@@ -246,9 +250,8 @@ def save_bundle(
     return final
 
 
-def _model_card(name: str, version: str, metadata: dict[str, Any]) -> str:
-    wb = metadata["workbench"]
-    metrics = wb.get("metrics", {}).get("test", {})
+def _model_card(name: str, version: str, metadata: dict[str, Any], c: ModelContract) -> str:
+    metrics = c.test_metrics
     lines = [
         f"# {name} {version}",
         "",
@@ -256,31 +259,31 @@ def _model_card(name: str, version: str, metadata: dict[str, Any]) -> str:
         "",
         f"Intended use: {metadata['intended_use']}",
         "",
-        f"- input: {wb['spatial_dims']}D, {wb['image_size']} px, display pixels in [0, 1]"
-        + _normalization_note(wb),
-        f"- training cohort: {wb.get('cohort')} (hash {str(wb.get('cohort_hash'))[:16]})",
-        f"- calibration: {wb['calibration']['method']}{_site_maps(wb)}",
-        f"- code: {wb['code_version']}",
+        f"- input: {c.spatial_dims}D, {c.image_size} px, display pixels in [0, 1]"
+        + _normalization_note(c),
+        f"- training cohort: {c.cohort} (hash {str(c.cohort_hash)[:16]})",
+        f"- calibration: {c.calibration_method}{_site_maps(c)}",
+        f"- code: {c.code_version}",
         "- training curves: training.png beside this file",
     ]
     lines += [f"- test {k}: {v:.3f}" for k, v in metrics.items() if isinstance(v, float)]
-    warning = wb.get("calibration_fit", {}).get("check", {}).get("warning")
+    warning = c.calibration_warning
     if warning:
         lines += ["", f"**Warning: {warning}.**"]
     return "\n".join(lines) + "\n"
 
 
-def _normalization_note(wb: dict[str, Any]) -> str:
+def _normalization_note(c: ModelContract) -> str:
     """The model card's note on the input normalization (empty without one)."""
-    n = wb.get("normalization")
+    n = c.normalization
     if not n:
         return ""
     return f", normalised as (x * {n['scale']:g} - {n['mean']:g}) / {n['std']:g}"
 
 
-def _site_maps(wb: dict[str, Any]) -> str:
+def _site_maps(c: ModelContract) -> str:
     """The model card's note on per-site calibration maps (empty without them)."""
-    per_site = wb.get("site_calibration")
+    per_site = c.site_calibration
     if not per_site:
         return ""
     own = ", ".join(f"{site} ({m['method']})" for site, m in per_site["sites"].items())
@@ -291,21 +294,20 @@ def _site_maps(wb: dict[str, Any]) -> str:
 def load_bundle(models_dir: Path, model: str, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle for inference: weights only, network built by our factory, eval mode."""
     info = read_bundle_info(models_dir, model)
-    path, metadata = info.path, info.metadata
+    path, c = info.path, info.contract
     try:
-        wb = metadata["workbench"]
-        classes = tuple(wb["classes"])
+        classes = c.classes
         spec = InputSpec(
-            image_size=int(wb["image_size"]),
-            spatial_dims=int(wb["spatial_dims"]),
+            image_size=c.image_size,
+            spatial_dims=c.spatial_dims,
             # absent in bundles from before imported weights: display pixels as they are
-            normalization=Normalization.from_dict(wb.get("normalization")),
+            normalization=Normalization.from_dict(c.normalization),
         )
-        network = create_network(spec.spatial_dims, len(classes), architecture=wb["architecture"])
+        network = create_network(spec.spatial_dims, len(classes), architecture=c.architecture)
         state = torch.load(path / "models" / "model.pt", map_location="cpu", weights_only=True)
         network.load_state_dict(state)
-        calibration = calibration_from_dict(wb["calibration"])
-        per_site = wb.get("site_calibration")  # absent in bundles trained without per-site maps
+        calibration = calibration_from_dict(c.calibration)
+        per_site = c.site_calibration  # absent in bundles trained without per-site maps
         site_calibration = SiteCalibration.from_dict(per_site, calibration) if per_site else None
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise BundleError(f"bundle {path} is unreadable: {err}") from err
@@ -318,8 +320,8 @@ def load_bundle(models_dir: Path, model: str, device: str | torch.device = "cpu"
         classes=classes,
         spec=spec,
         calibration=calibration,
-        negative_class=wb.get("negative_class"),
-        metadata=metadata,
+        negative_class=c.negative_class,
+        contract=c,
         bundle_hash=info.bundle_hash,
         site_calibration=site_calibration,
     )

@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
+from workbench.contract import ContractError, ModelContract
 from workbench.errors import WorkbenchError
 
 
@@ -39,24 +39,20 @@ def version_number(version: str) -> int:
 
 @dataclass(frozen=True)
 class BundleInfo:
-    """A model bundle's identity and its metadata (read as JSON; no weights are loaded)."""
+    """A model bundle's identity and its contract (read as JSON; no weights are loaded)."""
 
     name: str
     version: str
     path: Path
-    metadata: dict[str, Any]
+    contract: ModelContract
 
     @property
     def ref(self) -> str:
         return f"{self.name}/{self.version}"
 
     @property
-    def workbench(self) -> dict[str, Any]:
-        return dict(self.metadata.get("workbench", {}))
-
-    @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(self.workbench.get("classes", ()))
+        return self.contract.classes
 
     @cached_property
     def bundle_hash(self) -> str:
@@ -64,12 +60,15 @@ class BundleInfo:
 
 
 def _info(path: Path) -> BundleInfo:
-    """A bundle's metadata, read as JSON (no weights); BundleError when unreadable."""
+    """A bundle's metadata, read as JSON (no weights) and validated against the model
+    contract; BundleError when unreadable or not a contract this workbench reads."""
     try:
         metadata = json.loads((path / "configs" / "metadata.json").read_text())
-    except (OSError, ValueError) as err:
+        contract = ModelContract.from_dict(metadata.get("workbench"))
+    except (OSError, ValueError, ContractError) as err:
         raise BundleError(f"bundle {path} is unreadable: {err}") from err
-    return BundleInfo(str(metadata.get("name") or path.parent.name), path.name, path, metadata)
+    name = str(metadata.get("name") or path.parent.name)
+    return BundleInfo(name, path.name, path, contract)
 
 
 def read_bundle_info(models_dir: Path, model: str) -> BundleInfo:

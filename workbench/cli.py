@@ -38,6 +38,7 @@ from workbench.train_config import (
 if TYPE_CHECKING:
     from workbench.bundle import Bundle
     from workbench.catalog import CohortItem
+    from workbench.contract import ModelContract
     from workbench.dicom.dicomweb import Credentials
 
 DEMO_COHORT = "demo"
@@ -644,7 +645,7 @@ def cmd_models(a: argparse.Namespace) -> None:
 
     bundles = list_bundles(_settings().models_dir)
     for b in bundles:
-        print(model_line(b.ref, b.workbench))
+        print(model_line(b.ref, b.contract))
     print(f"{len(bundles)} model bundles")
 
 
@@ -652,11 +653,11 @@ def _num(value: object, fmt: str = ".3f") -> str:
     return format(value, fmt) if isinstance(value, int | float) else "n/a"
 
 
-def model_line(ref: str, wb: dict[str, Any]) -> str:
+def model_line(ref: str, wb: ModelContract) -> str:
     """One bundle's experiment record in a line: problem, test AUROC and ECE, epochs,
     duration, hardware."""
-    test = wb.get("metrics", {}).get("test", {})
-    tr = wb.get("training", {})
+    test = wb.test_metrics
+    tr = wb.training
     hw = tr.get("hardware") or {}
     where = hw.get("gpu") or hw.get("cpu") or tr.get("device", "?")
     if hw.get("processes", 1) > 1:
@@ -667,12 +668,12 @@ def model_line(ref: str, wb: dict[str, Any]) -> str:
         f" ({choice['reason']})" if choice.get("reason") else ""
     )
     return (
-        f"{ref}  {wb.get('architecture', 'densenet121')}  {wb.get('problem', 'multiclass')}  "
-        f"cohort {wb.get('cohort')}  "
-        f"classes {','.join(wb.get('classes', []))}  AUROC {_num(test.get('auroc_macro'))}  "
+        f"{ref}  {wb.architecture}  {wb.problem}  "
+        f"cohort {wb.cohort}  "
+        f"classes {','.join(wb.classes)}  AUROC {_num(test.get('auroc_macro'))}  "
         f"ECE {_num(test.get('ece_after'))}  epochs {epochs}  "
         f"{_num(tr.get('seconds'), '.0f')} s  on {where}  precision {precision}  "
-        f"created {wb.get('created')}"
+        f"created {wb.created}"
     )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,22 +109,19 @@ def compare_bundles(
         items,
         b_old.classes,
         b_old.negative_class,
-        thresholds=_stored_thresholds(b_old.workbench, b_old.classes),
+        thresholds=_stored_thresholds(b_old.contract.thresholds, b_old.classes),
         cohort=cohort,
         n_resamples=n_resamples,
         seed=seed,
     )
 
 
-def _stored_thresholds(wb: dict[str, Any], classes: Sequence[str]) -> dict[str, float] | None:
-    """Per-class operating thresholds if the bundle records them (``thresholds`` or
-    ``operating_point.thresholds``: class -> probability); None means argmax."""
-    raw = wb.get("thresholds")
-    if raw is None and isinstance(wb.get("operating_point"), dict):
-        raw = wb["operating_point"].get("thresholds")
-    if not isinstance(raw, dict):
-        return None
-    out = {c: float(raw[c]) for c in classes if isinstance(raw.get(c), int | float)}
+def _stored_thresholds(
+    raw: Mapping[str, float] | None, classes: Sequence[str]
+) -> dict[str, float] | None:
+    """Per-class operating thresholds if the bundle records them (class -> probability; the
+    contract upgrades older bundles' ``operating_point``); None means argmax."""
+    out = {c: float(raw[c]) for c in classes if raw and c in raw}
     return out or None
 
 

@@ -161,7 +161,7 @@ def compute_retest(
     from workbench.runtime import resolve_device
 
     bundle = load_bundle(settings.models_dir, model, resolve_device(settings.device))
-    items = scope_items(cohort_items(settings, cohort), bundle.workbench.get("cohort"), cohort)
+    items = scope_items(cohort_items(settings, cohort), bundle.contract.cohort, cohort)
     if max_studies is not None:
         items = items[:max_studies]
     if not items:

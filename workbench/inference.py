@@ -139,7 +139,7 @@ def predict_study(
             )
         )
     embedding = emb_t.float().mean(dim=0).cpu().numpy()
-    trust = load_trust(bundle.path, bundle.workbench)
+    trust = load_trust(bundle.path, bundle.contract.trust)
     checks = None
     if trust is not None:
         if header is None:

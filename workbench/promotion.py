@@ -177,7 +177,7 @@ def promote(
     except BundleError as err:
         raise PromotionError(str(err).splitlines()[0]) from err
     ref = info.ref
-    cohort = cohort or info.workbench.get("cohort")
+    cohort = cohort or info.contract.cohort
     comparison: dict[str, Any] | None = None
     if old_info is None:
         allowed, why = True, "no model was promoted for this task before"

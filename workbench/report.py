@@ -153,7 +153,7 @@ def compute_report(
     settings: Settings, bundle: BundleInfo, cohort: str, n_resamples: int = 1000, seed: int = 0
 ) -> tuple[dict[str, Any], list[Case]]:
     """Every number of the report, normalised (floats rounded, NaN as None), and the cases."""
-    wb = bundle.workbench
+    wb = bundle.contract
     classes = bundle.classes
     try:
         items = cohort_items(settings, cohort)
@@ -162,7 +162,7 @@ def compute_report(
     if not items:
         raise ReportError(f"cohort {cohort!r} has no studies")
 
-    training_cohort = wb.get("cohort")
+    training_cohort = wb.cohort
     is_training = cohort == training_cohort
     if is_training:
         scope = "test split of the training cohort"
@@ -204,7 +204,7 @@ def compute_report(
         # Bootstrap resamples and small subgroups miss classes; those values become None.
         warnings.simplefilter("ignore")
         performance = _performance(probs, labels, classes, n_resamples, seed)
-        recorded = wb.get("metrics", {}).get("test", {})
+        recorded = wb.test_metrics
         performance["bundle_recorded"] = {k: recorded.get(k) for k in ("accuracy", "auroc_macro")}
         subgroups = _subgroups(cases, probs, labels, performance, n_resamples, seed)
         conformal = _conformal(bundle, cases, probs, labels)
@@ -319,34 +319,34 @@ def _lineage(
     is_training: bool,
     cases: Sequence[Case],
 ) -> dict[str, Any]:
-    wb = bundle.workbench
+    wb = bundle.contract
     digest = hashlib.sha256()
     for c in sorted(cases, key=lambda c: c.study_key):
         digest.update(f"{c.study_key}|{','.join(c.pixel_hashes)}\n".encode())
     current_hash = cohort_hash(items)
-    recorded_hash = wb.get("cohort_hash")
-    training = wb.get("training", {})
+    recorded_hash = wb.cohort_hash
+    training = wb.training
     return {
         "model": {
             "name": bundle.name,
             "version": bundle.version,
             "bundle_hash": bundle.bundle_hash,
-            "code_version": wb.get("code_version"),
-            "created": wb.get("created"),
-            "architecture": wb.get("architecture"),
+            "code_version": wb.code_version,
+            "created": wb.created,
+            "architecture": wb.architecture,
             "classes": list(bundle.classes),
-            "image_size": wb.get("image_size"),
-            "spatial_dims": wb.get("spatial_dims"),
-            "transform_hash": wb.get("transform_hash"),
-            "calibration_method": bundle.workbench["calibration"]["method"],
+            "image_size": wb.image_size,
+            "spatial_dims": wb.spatial_dims,
+            "transform_hash": wb.transform_hash,
+            "calibration_method": wb.calibration_method,
             "best_epoch": training.get("best_epoch"),
             "epochs": training.get("epochs"),
         },
         "training_cohort": {
-            "name": wb.get("cohort"),
+            "name": wb.cohort,
             "cohort_hash": recorded_hash,
-            "split_seed": wb.get("split", {}).get("seed"),
-            "split_studies": wb.get("split", {}).get("studies"),
+            "split_seed": wb.split.get("seed"),
+            "split_studies": wb.split.get("studies"),
         },
         "evaluated_cohort": {
             "name": cohort,
@@ -359,9 +359,7 @@ def _lineage(
         "predictions": {
             "code_versions": sorted({c.code_version for c in cases}),
             "transform_hashes": sorted({c.transform_hash for c in cases}),
-            "n_transform_mismatch": sum(
-                1 for c in cases if c.transform_hash != wb.get("transform_hash")
-            ),
+            "n_transform_mismatch": sum(1 for c in cases if c.transform_hash != wb.transform_hash),
             "n_pixels_changed": sum(1 for c in cases if c.pixels_changed),
         },
         "report_code_version": code_version(),
@@ -430,12 +428,12 @@ def _calibration(
 ) -> dict[str, Any]:
     before = reliability_curve(raw, labels)
     after = reliability_curve(probs, labels)
-    recorded = bundle.workbench.get("metrics", {}).get("test", {})
+    recorded = bundle.contract.test_metrics
     # Which map calibrated the studies: "global", or a site's own (train --calibrate-per-site)
     maps = Counter(c.calibration_map or "not recorded" for c in cases)
     return {
-        "method": bundle.workbench["calibration"]["method"],
-        "per_site": bool(bundle.workbench.get("site_calibration")),
+        "method": bundle.contract.calibration_method,
+        "per_site": bool(bundle.contract.site_calibration),
         "maps": dict(sorted(maps.items())),
         "ece_before": expected_calibration_error(raw, labels),
         "ece_after": expected_calibration_error(probs, labels),
@@ -445,7 +443,7 @@ def _calibration(
         "reliability_after": after,
         "bundle_recorded": {k: recorded.get(k) for k in ("ece_before", "ece_after")},
         # The training-time check of the shipped calibration (None: fine, or an old bundle).
-        "warning": bundle.workbench.get("calibration_fit", {}).get("check", {}).get("warning"),
+        "warning": bundle.contract.calibration_warning,
     }
 
 
@@ -551,7 +549,7 @@ def _conformal(
     predictor, or one this report cannot read."""
     from workbench.conformal import ConformalSets, coverage_summary, study_uniform
 
-    raw = (bundle.workbench.get("trust") or {}).get("conformal")
+    raw = bundle.contract.trust.get("conformal")
     if not isinstance(raw, Mapping):
         return {"available": False}
     if "per_label" in raw:
@@ -581,7 +579,7 @@ def _conformal(
 def _ood(bundle: BundleInfo, cases: Sequence[Case]) -> dict[str, Any]:
     """Share of evaluated studies flagged out-of-distribution, overall and per subgroup,
     where the stored predictions carry a flag."""
-    has_detector = bool((bundle.workbench.get("trust") or {}).get("ood"))
+    has_detector = bool(bundle.contract.trust.get("ood"))
     known = [c for c in cases if c.ood is not None]
     if not known:
         return {"available": False, "bundle_has_detector": has_detector}

@@ -45,7 +45,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from workbench.bundle import save_bundle
-from workbench.bundle_info import hash_bundle, resolve_bundle_path
+from workbench.bundle_info import hash_bundle, read_bundle_info
 from workbench.calibration import (
     ECE_TARGET,
     Calibration,
@@ -1305,9 +1305,8 @@ def prepare_network(
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             report["from"] = f"weights file {source.name}"
         else:
-            path = resolve_bundle_path(settings.models_dir, cfg.init_from)
-            meta = json.loads((path / "configs" / "metadata.json").read_text())
-            theirs = meta.get("workbench", {}).get("architecture", PRETRAINED_ARCHITECTURE)
+            info = read_bundle_info(settings.models_dir, cfg.init_from)
+            path, theirs = info.path, info.contract.architecture
             if theirs != cfg.architecture:
                 raise TrainingError(
                     f"--init-from {cfg.init_from}: that bundle is a {theirs}; train with "

@@ -320,12 +320,12 @@ class LoadedTrust:
 _LOADED: dict[tuple[str, str], LoadedTrust | None] = {}
 
 
-def load_trust(bundle_path: Path, workbench_meta: Mapping[str, Any]) -> LoadedTrust | None:
-    """The bundle's trust pieces, or None for a bundle that ships none (older bundles).
+def load_trust(bundle_path: Path, meta: Mapping[str, Any]) -> LoadedTrust | None:
+    """The bundle's trust pieces (``meta``: its contract's ``trust`` section), or None for a
+    bundle that ships none (older bundles).
 
     Cached per bundle folder and metadata (a bundle is immutable once written).
     """
-    meta = workbench_meta.get("trust")
     if not meta:
         return None
     key = (str(bundle_path), json.dumps(meta, sort_keys=True, default=str)[:4096])

@@ -44,9 +44,10 @@ from typing import Any
 import torch
 
 import workbench
-from workbench.bundle_info import BundleError, resolve_bundle_path
+from workbench.bundle_info import BundleError, read_bundle_info
 from workbench.cache import file_sha256
 from workbench.config import Settings
+from workbench.contract import ContractError, ModelContract
 from workbench.data import Normalization
 from workbench.errors import WorkbenchError
 from workbench.nets import create_network, monai_key, sum_input_channels
@@ -453,8 +454,12 @@ def _read_bundle(path: Path) -> _Source:
         shape = image.get("spatial_shape") or [None]
         size = int(shape[0]) if isinstance(shape[0], int) else None
         value_range = image.get("value_range")
-        own = Normalization.from_dict((meta.get("workbench") or {}).get("normalization"))
-    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        # a bundle of ours carries a model contract; another MONAI bundle none
+        ours = meta.get("workbench")
+        own = Normalization.from_dict(
+            ModelContract.from_dict(ours).normalization if ours is not None else None
+        )
+    except (ValueError, TypeError, AttributeError, KeyError, ContractError) as err:
         raise WeightsError(
             f"{what}: configs/metadata.json is unreadable ({_one_line(err)})"
         ) from err
@@ -702,8 +707,7 @@ def input_normalization(settings: Settings, init_from: str | None) -> Normalizat
     if Path(init_from).is_file():
         return None
     try:
-        path = resolve_bundle_path(settings.models_dir, init_from)
-        meta = json.loads((path / "configs" / "metadata.json").read_text())
-        return Normalization.from_dict((meta.get("workbench") or {}).get("normalization"))
+        contract = read_bundle_info(settings.models_dir, init_from).contract
+        return Normalization.from_dict(contract.normalization)
     except (BundleError, OSError, ValueError, TypeError, KeyError):
         return None  # prepare_network says what is wrong with it

@@ -50,10 +50,9 @@ def counts_table(summary: data.CohortSummary) -> pd.DataFrame:
 
 
 def metrics_panel(bundle: BundleInfo) -> None:
-    wb = bundle.workbench
-    metrics = wb.get("metrics") or {}
-    test = metrics.get("test") or {}
-    detail = metrics.get("test_detail") or {}
+    wb = bundle.contract
+    test = wb.test_metrics
+    detail = wb.metrics.get("test_detail") or {}
     if not test:
         st.info(f"{bundle.ref} carries no test metrics.")
         return
@@ -92,11 +91,11 @@ def metrics_panel(bundle: BundleInfo) -> None:
             width="stretch",
         )
     facts = [
-        f"created {wb.get('created', '—')}",
-        f"calibration {wb.get('calibration', {}).get('method', '—')}",
-        f"input {wb.get('spatial_dims', '?')}D {wb.get('image_size', '?')} px",
-        f"code {wb.get('code_version', '—')}",
-        f"cohort hash {str(wb.get('cohort_hash', '—'))[:16]}",
+        f"created {wb.created or '—'}",
+        f"calibration {wb.calibration_method}",
+        f"input {wb.spatial_dims}D {wb.image_size} px",
+        f"code {wb.code_version or '—'}",
+        f"cohort hash {str(wb.cohort_hash or '—')[:16]}",
     ]
     st.caption(" · ".join(facts))
 
@@ -168,7 +167,7 @@ def main() -> None:
             st.dataframe(counts_table(summary), hide_index=True, width="stretch")
             with st.expander("What the cohort is made of (from the DICOM headers)"):
                 content_table(s, summary.name)
-            trained = [b for b in bundles if b.workbench.get("cohort") == summary.name]
+            trained = [b for b in bundles if b.contract.cohort == summary.name]
             if not trained:
                 st.caption("No model has been trained on this cohort yet.")
                 continue
@@ -178,7 +177,7 @@ def main() -> None:
             )
             metrics_panel(refs[ref])
     quarantine_panel(s)
-    others = [b for b in bundles if b.workbench.get("cohort") not in {c.name for c in summaries}]
+    others = [b for b in bundles if b.contract.cohort not in {c.name for c in summaries}]
     if others:
         st.subheader("Other models")
         refs = {b.ref: b for b in others}

@@ -403,7 +403,7 @@ def bundle_trust(settings: Settings, model_name: str, model_version: str) -> dic
         info = read_bundle_info(settings.models_dir, f"{model_name}/{model_version}")
     except BundleError:
         return {}
-    return dict(info.workbench.get("trust") or {})
+    return dict(info.contract.trust)
 
 
 def saliency_files(settings: Settings, bundle_hash: str, image: ImageRef) -> dict[str, str]:
@@ -462,7 +462,7 @@ def model_statuses(settings: Settings) -> list[ModelStatus]:
     return [
         ModelStatus(
             ref=b.ref,
-            created=str(b.metadata.get("created") or b.workbench.get("created") or ""),
+            created=b.contract.created,
             promoted_for=tuple(sorted(by_ref.get(b.ref, []))),
         )
         for b in list_bundles(settings.models_dir)

@@ -95,7 +95,7 @@ def main() -> None:
     refs = {b.ref: b for b in bundles}
     left, right = st.columns(2)
     model = left.selectbox("Model", list(refs), key="report_model")
-    trained_on = refs[model].workbench.get("cohort")
+    trained_on = refs[model].contract.cohort
     cohort = right.selectbox(
         "Cohort",
         cohorts,
