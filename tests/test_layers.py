@@ -40,3 +40,17 @@ def test_every_workbench_environment_variable_is_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [n for n in ENVIRONMENT if n.startswith("WORKBENCH_") and n not in readme]
     assert missing == []
+
+
+def test_every_module_of_the_package_sits_in_a_layer() -> None:
+    """A new module outside the layers would escape the contract unchecked."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    contracts = config["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in contracts if c["type"] == "layers")["layers"]
+    listed = {m.strip() for line in layers for m in line.replace("|", ":").split(":")}
+    package = ROOT / "workbench"
+    modules = {f"workbench.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"}
+    modules |= {f"workbench.{p.parent.name}" for p in package.glob("*/__init__.py")}
+    assert sorted(modules - listed) == []
