@@ -2,8 +2,9 @@
 
 DenseNet121 (MONAI, 2D, 1 channel, 3 classes) on one 224 x 224 image, in the same run:
   * baseline: Captum with the workbench's settings in plain fp32, contiguous tensors;
-  * workbench: the same calls through ``workbench.explain.saliency`` with ``precision="bf16"``
-    (autocast) and channels_last, as the app and batch prediction run them on the CPU.
+  * workbench: the same calls through ``workbench.predict.explain.saliency`` with
+    ``precision="bf16"`` (autocast) and channels_last, as the app and batch prediction run
+    them on the CPU.
 
 The issue's targets on 2 cores: Grad-CAM <= 100 ms, IG (50 steps) <= 5 s, Occlusion <= 3 s.
 On a CUDA machine the workbench rows use the GPU (bf16) and the baseline stays on the CPU.
@@ -24,8 +25,8 @@ from typing import Any
 
 import torch
 
-from workbench.explain import ExplainMethod, saliency
-from workbench.nets import create_network
+from workbench.model.nets import create_network
+from workbench.predict.explain import ExplainMethod, saliency
 
 METHODS: dict[ExplainMethod, dict[str, Any]] = {
     "gradcam": {},

@@ -3,8 +3,8 @@
 Compares, in the same run on the same files:
   * baseline: MONAI ``LoadImage(reader="PydicomReader")`` + EnsureChannelFirst + ScaleIntensity
     + Resize, one file after another (what a naive MONAI pipeline does on every epoch);
-  * workbench: ``workbench.catalog.ingest`` (header, display pipeline, pseudonym, cache, catalog),
-    timed inside a fresh process as the ``workbench ingest`` command runs it.
+  * workbench: ``workbench.catalog.ingest.ingest`` (header, display pipeline, pseudonym, cache,
+    catalog), timed inside a fresh process as the ``workbench ingest`` command runs it.
 
 Files: uncompressed 512 x 512 12-bit DX (the headline), plus RLE Lossless and JPEG 2000 Lossless.
 Usage: ``python bench/ingest.py [--files 1000] [--baseline-files 200] [--workers N]``
@@ -91,7 +91,7 @@ def workbench_rate(folder: Path, home: Path, workers: int | None) -> float:
 
 
 def _measure(folder: Path, home: Path, workers: int | None) -> float:
-    from workbench.catalog import ingest
+    from workbench.catalog.ingest import ingest
     from workbench.config import Settings
 
     settings = Settings(

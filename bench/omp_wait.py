@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STEP = """
 import sys, time, torch
-from workbench.nets import create_network
+from workbench.model.nets import create_network
 torch.set_num_threads(2)
 torch.manual_seed(0)
 m = create_network(2, 2, architecture="densenet-small").to(memory_format=torch.channels_last)

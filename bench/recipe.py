@@ -1,7 +1,7 @@
 """Recipe benchmark (issue 14): does the default training recipe beat a naive loop and a
 classical baseline on images that are not only our own synthetic chest cohort?
 
-Tasks (each written as DICOM and ingested through ``workbench.catalog.ingest``):
+Tasks (each written as DICOM and ingested through ``workbench.catalog.ingest.ingest``):
   * ``large``: real anatomy (pydicom's bundled CT and MR slices, see ``--sources``), binary,
     a large plainly visible planted disc (radius 8-12% of the side, contrast 40-60%);
   * ``small``: the same anatomy, binary, a small low-contrast disc (3-5%, 20-35%);
@@ -10,11 +10,11 @@ Tasks (each written as DICOM and ingested through ``workbench.catalog.ingest``):
   * ``synth``: the synthetic DX chest cohort (``workbench.dicom.synth``).
 
 Methods, in the same run on the same patient-level split (the one the recipe stores):
-  * ``recipe``: ``workbench.training.train`` with the default ``TrainConfig`` (only cohort,
+  * ``recipe``: ``workbench.train.training.train`` with the default ``TrainConfig`` (only cohort,
     name, image size, device and precision set): metrics are read from the bundle it writes;
     it holds some train patients out for early stopping and fits its calibration, thresholds
     and operating points on the calibration split, as it always does;
-  * ``naive``: the MONAI-tutorial loop: DenseNet121 from ``workbench.nets``, Adam lr 1e-4,
+  * ``naive``: the MONAI-tutorial loop: DenseNet121 from ``workbench.model.nets``, Adam lr 1e-4,
     fixed epochs, no cache, no augmentation, no early stopping, no calibration, trained on the
     whole train split, evaluated on the test split (argmax, or 0.5 per label);
   * ``logreg``: scikit-learn logistic regression on the eval-preset images average-pooled to
@@ -28,7 +28,7 @@ the finding classes, i.e. every class but the negative one; for the recipe, the 
 operating points: per class the threshold that reaches the target sensitivity on the
 calibration split for softmax models, Youden's J per label for sigmoid ones), ECE before and
 after calibration (top-label, 15 bins) with bias-corrected 95% bootstrap CIs
-(``workbench.calibration.calibration_report``; for sigmoid problems the mean over labels of
+(``workbench.posthoc.calibration.calibration_report``; for sigmoid problems the mean over labels of
 each label's binary ECE, as the recipe records it, with per-label CIs in the JSON), optimiser
 steps, the fit's seconds and the whole method's wall time. The recipe's test probabilities are
 recomputed from its bundle as a check that the baselines are scored the way the bundle was
@@ -78,20 +78,20 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from workbench.bundle import code_version, load_bundle
-from workbench.calibration import calibration_report, sigmoid, softmax
-from workbench.catalog import CohortItem, cohort_items, ingest
+from workbench.catalog.ingest import CohortItem, cohort_items, ingest
 from workbench.config import Settings
-from workbench.data import InputSpec, eval_transforms, to_records
 from workbench.dicom.plant import PACKAGE_SOURCES, package_source, planted_cohort
 from workbench.dicom.synth import synthesize_cohort
 from workbench.errors import NotFoundError
 from workbench.metrics import classification_metrics, label_metrics
-from workbench.nets import create_network
-from workbench.problems import Problem, resolve_problem
-from workbench.runtime import forward_dataset, hardware_of, mean_by_study
-from workbench.train_config import Architecture, TrainConfig
-from workbench.training import train
+from workbench.model.bundle import code_version, load_bundle
+from workbench.model.data import InputSpec, eval_transforms, to_records
+from workbench.model.nets import create_network
+from workbench.model.problems import Problem, resolve_problem
+from workbench.model.runtime import forward_dataset, hardware_of, mean_by_study
+from workbench.posthoc.calibration import calibration_report, sigmoid, softmax
+from workbench.train.config import Architecture, TrainConfig
+from workbench.train.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 #: pydicom test files of real anatomy beyond :data:`PACKAGE_SOURCES` that fit a planted cohort

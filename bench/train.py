@@ -6,10 +6,10 @@ RLE or JPEG-LS compressed), at 224 px and at 128 px:
     the DICOM files on every epoch + EnsureChannelFirstd + ScaleIntensityd + Resized + random
     flip / rotate, torch DataLoader (num_workers=0), fp32, contiguous, the MetaTensor batch
     straight into the model;
-  * workbench: ``workbench.data.make_dataset`` over the decoded-pixel cache that ingest wrote
+  * workbench: ``workbench.model.data.make_dataset`` over the decoded-pixel cache that ingest wrote
     (CacheDataset: the deterministic preset runs once; random augmentation drawn per sample
     and applied per batch), bf16 autocast, channels_last, fused AdamW, through
-    ``workbench.training.train_epoch``;
+    ``workbench.train.training.train_epoch``;
   * workbench fp32: the same data path in fp32 (still channels_last), to separate what the
     data path gives from what the precision gives;
   * step only (bf16): the same bf16 step on one batch made beforehand and fed again and
@@ -55,11 +55,11 @@ from monai.utils import set_determinism
 from torch import nn
 from torch.utils.data import DataLoader
 
-from workbench.catalog import cohort_items, ingest
-from workbench.data import InputSpec, make_dataset, to_records
+from workbench.catalog.ingest import cohort_items, ingest
 from workbench.dicom.synth import DX_CLASSES, synthesize_cohort
-from workbench.nets import create_network
-from workbench.training import make_optimizer, train_epoch
+from workbench.model.data import InputSpec, make_dataset, to_records
+from workbench.model.nets import create_network
+from workbench.train.training import make_optimizer, train_epoch
 
 COHORT = "bench-train"
 WARMUP = 2
@@ -167,7 +167,7 @@ def naive_rate(
 def workbench_loader(
     records: list[dict[str, Any]], size: int, batch: int
 ) -> tuple[MonaiDataLoader, float]:
-    """Our training loader (as ``workbench.training.train`` builds it), cache build seconds."""
+    """Our training loader (as ``workbench.train.training.train`` builds it), cache seconds."""
     set_determinism(seed=0)
     t = time.perf_counter()
     dataset = make_dataset(records, InputSpec(image_size=size), train=True)

@@ -156,7 +156,8 @@ def folder_cache(folder: Path, n: int, device: torch.device) -> torch.Tensor:
 def augment(x: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     """Random affine (rotation ±0.15 rad, scale ±8 %, shift ±5 %, horizontal flip) resampled
     to size² in one grid_sample, then contrast ±10 %, brightness ±0.05 and, for 30 % of the
-    images, Gaussian noise (σ 0.02): the train preset of ``workbench.data``, batched on the GPU.
+    images, Gaussian noise (σ 0.02): the train preset of ``workbench.model.data``, batched on
+    the GPU.
 
     x: (B, 1, 256, 256) float16 -> (B, 1, size, size) float32, channels_last.
     """

@@ -118,12 +118,12 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     The environment points at this home while the session runs, so code that reads
     ``get_settings()`` (the app, the CLI) sees the same catalog.
     """
-    from workbench.bundle import load_bundle
-    from workbench.catalog import cohort_items, ingest
+    from workbench.catalog.ingest import cohort_items, ingest
     from workbench.dicom.synth import synthesize_cohort
-    from workbench.inference import predict_items
-    from workbench.train_config import TrainConfig
-    from workbench.training import train
+    from workbench.model.bundle import load_bundle
+    from workbench.predict.inference import predict_items
+    from workbench.train.config import TrainConfig
+    from workbench.train.training import train
 
     root = tmp_path_factory.mktemp("pipeline")
     settings = make_settings(root / "home")

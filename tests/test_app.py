@@ -19,11 +19,11 @@ from sqlalchemy.exc import OperationalError
 from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
-from workbench import reviews as review_store
-from workbench import users
 from workbench.config import get_settings
-from workbench.results import probability_text
-from workbench.store import AuditEvent, Prediction, Review, session_scope, verify_audit
+from workbench.db.store import AuditEvent, Prediction, Review, session_scope, verify_audit
+from workbench.predict.results import probability_text
+from workbench.review import reviews as review_store
+from workbench.review import users
 from workbench.ui import auth, data
 from workbench.ui.common import OPEN_PREDICTION, PAGE_FILES, page_file
 from workbench.ui.imaging import blend, window_level
@@ -390,7 +390,7 @@ def test_the_app_pages_load_without_torch() -> None:
 
 
 def test_the_cohort_page_lists_the_quarantine_without_folder_names(app_db: str) -> None:
-    from workbench.store import Quarantine, session_scope
+    from workbench.db.store import Quarantine, session_scope
 
     with session_scope(app_db) as s:
         s.add(
@@ -875,7 +875,7 @@ def test_the_app_opens_on_the_promoted_model(tmp_path: Path) -> None:
     from datetime import datetime, timedelta
 
     from tests.conftest import make_settings
-    from workbench.store import Patient, Prediction, Study, session_scope
+    from workbench.db.store import Patient, Prediction, Study, session_scope
 
     settings = make_settings(tmp_path / "home")
     with session_scope(settings.database_url) as session:

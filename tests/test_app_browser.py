@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import make_settings
-from workbench import users
+from workbench.review import users
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -92,17 +92,17 @@ def build_demo_home(home: Path) -> None:
     """The demo cohort in workbench home ``home``, ingested, a model trained on it for one short
     epoch (render time does not depend on the model's quality), its test split predicted with
     Grad-CAM, and the clinician ``USER``."""
-    from workbench.bundle import load_bundle
-    from workbench.catalog import cohort_items, ingest
+    from workbench.catalog.ingest import cohort_items, ingest
     from workbench.dicom.synth import (
         DEMO_IMAGE_SIZE,
         DEMO_SEED,
         DEMO_STUDIES,
         synthesize_cohort,
     )
-    from workbench.inference import predict_items
-    from workbench.train_config import TrainConfig
-    from workbench.training import train
+    from workbench.model.bundle import load_bundle
+    from workbench.predict.inference import predict_items
+    from workbench.train.config import TrainConfig
+    from workbench.train.training import train
 
     settings = make_settings(home)
     src = home / "studies" / "demo"

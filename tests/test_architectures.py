@@ -11,15 +11,16 @@ import pytest
 import torch
 
 from tests.conftest import Pipeline, make_settings
-from workbench import cli, nets
-from workbench.bundle import load_bundle
-from workbench.catalog import cohort_items, ingest
+from workbench import cli
+from workbench.catalog.ingest import cohort_items, ingest
 from workbench.dicom.plant import planted_cohort
-from workbench.inference import predict_items
-from workbench.results import latest_predictions
-from workbench.runtime import training_precision
-from workbench.train_config import TrainConfig
-from workbench.training import TrainingError, train
+from workbench.model import nets
+from workbench.model.bundle import load_bundle
+from workbench.model.runtime import training_precision
+from workbench.predict.inference import predict_items
+from workbench.predict.results import latest_predictions
+from workbench.train.config import TrainConfig
+from workbench.train.training import TrainingError, train
 
 SMALL = {"image_size": 32, "batch_size": 4, "sanity_images": 0, "label_randomization_epochs": 0}
 
@@ -100,7 +101,7 @@ def test_a_second_architecture_is_one_registry_entry(monkeypatch: pytest.MonkeyP
     logits, emb = nets.embed(model, x)
     assert torch.allclose(logits, model(x), atol=1e-6) and emb.shape == (1, 16)
     assert nets.freeze_early_blocks(model, 1)
-    from workbench.explain import gradcam_layer_for, saliency
+    from workbench.predict.explain import gradcam_layer_for, saliency
 
     layer, grid = gradcam_layer_for(model, x)
     assert any(m is layer for m in model.features.children())

@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 
 from tests.conftest import make_settings
 from workbench.cli import main
+from workbench.db.store import Prediction, session_scope
 from workbench.dicom.synth import synthesize_cohort
-from workbench.store import Prediction, session_scope
 
 N_STUDIES = 5
 

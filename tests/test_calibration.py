@@ -8,7 +8,7 @@ import pytest
 from sklearn.calibration import _CalibratedClassifier
 from sklearn.isotonic import IsotonicRegression
 
-from workbench.calibration import (
+from workbench.posthoc.calibration import (
     Calibration,
     CalibrationResult,
     _extract_params,
@@ -209,7 +209,7 @@ def test_calibrated_probabilities_sum_to_one_and_held_out_ece_does_not_get_worse
 
 
 def test_calibration_report_gives_each_metric_with_a_bootstrap_interval() -> None:
-    from workbench.calibration import (
+    from workbench.posthoc.calibration import (
         adaptive_calibration_error,
         calibration_report,
         expected_calibration_error,
@@ -239,7 +239,7 @@ def test_binned_calibration_errors_have_intervals_that_hold_their_estimate() -> 
     # A well-calibrated, confident model: a resample's ECE / MCE is biased upwards, and a plain
     # percentile interval once lay wholly above the estimate (adaptive ECE 0.017, interval
     # 0.019-0.036 on the trust fixture's 646 test studies). The intervals are bias-shifted.
-    from workbench.calibration import calibration_report
+    from workbench.posthoc.calibration import calibration_report
 
     # (plain percentile intervals miss their estimate for ECE, adaptive ECE or MCE on some of
     # these eight seeds)

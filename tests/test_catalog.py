@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import inspect, select, text
 
 from tests.conftest import make_settings
-from workbench.catalog import (
+from workbench.catalog.ingest import (
     CatalogError,
     cohort_items,
     cohort_summary,
@@ -20,8 +20,8 @@ from workbench.catalog import (
     split_cohort,
 )
 from workbench.config import Settings
+from workbench.db.store import Instance, Quarantine, Series, Study, get_engine, session_scope
 from workbench.dicom.synth import synthesize_cohort
-from workbench.store import Instance, Quarantine, Series, Study, get_engine, session_scope
 
 FAKE_MARKERS = ("Fakename", "FAKEID", "FAKEACC", "Fakedoc")
 
@@ -149,7 +149,7 @@ def test_reingest_skips_known_files_without_opening_them(
     settings: Settings, source: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ingest(settings, source, progress=False)
-    import workbench.cache as cache
+    import workbench.catalog.cache as cache
 
     def boom(path: Path, *args: object, **kwargs: object) -> None:
         raise AssertionError(f"{path} was opened again")
@@ -253,7 +253,7 @@ def _run_unguarded_ingest(tmp_path: Path, with_thread: bool) -> tuple[Any, int]:
         "import os, threading, time\n"
         "from pathlib import Path\n"
         "from tests.conftest import make_settings\n"
-        "from workbench.catalog import ingest\n"
+        "from workbench.catalog.ingest import ingest\n"
         f"with open({str(marker)!r}, 'a') as fh:\n"
         "    fh.write('run\\n')\n"
         + (
@@ -326,7 +326,7 @@ def test_multi_frame_files_are_cached_as_the_frames_asked_for(
     import numpy as np
 
     from tests.test_dicom_read import make_ds, save, stored_12bit
-    from workbench.catalog import cache_path
+    from workbench.catalog.ingest import cache_path
 
     folder = tmp_path / "mf"
     folder.mkdir()

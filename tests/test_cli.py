@@ -14,7 +14,7 @@ from workbench import cli
 from workbench.cli import main
 from workbench.config import get_settings
 from workbench.errors import UsageError, WorkbenchError
-from workbench.train_config import LITERAL_FIELDS, NOT_ON_COMMAND_LINE, TrainConfig
+from workbench.train.config import LITERAL_FIELDS, NOT_ON_COMMAND_LINE, TrainConfig
 
 
 def test_an_unknown_cohort_prints_one_line_and_exits_non_zero(tmp_path: Path) -> None:

@@ -13,15 +13,15 @@ import torch
 from sqlalchemy import select
 
 from workbench.cli import main
-from workbench.compare import compare_bundles
 from workbench.config import Settings
-from workbench.promotion import (
+from workbench.db.store import AuditEvent, session_scope, verify_audit
+from workbench.evaluation.compare import compare_bundles
+from workbench.review.promotion import (
     PromotionRefused,
     promote,
     promoted_model,
     read_registry,
 )
-from workbench.store import AuditEvent, session_scope, verify_audit
 
 N_RESAMPLES = 100
 HEAD = "class_layers.out"  # DenseNet121's final linear layer
@@ -189,7 +189,7 @@ def test_predict_without_a_model_uses_the_promoted_one(
 
 
 def test_the_guard_refuses_on_the_point_difference_or_the_interval_and_explains() -> None:
-    from workbench.promotion import guard
+    from workbench.review.promotion import guard
 
     def cmp(old: float, new: float, lo: float | None) -> dict:
         return {"auroc": {"old": old, "new": new, "diff": new - old, "diff_ci": [lo, None]}}
@@ -210,7 +210,7 @@ def test_the_guard_refuses_on_the_point_difference_or_the_interval_and_explains(
 def test_the_threshold_for_a_sensitivity_keeps_that_share_of_positives() -> None:
     import numpy as np
 
-    from workbench.compare import threshold_for_sensitivity
+    from workbench.evaluation.compare import threshold_for_sensitivity
 
     scores = np.asarray([0.9, 0.8, 0.7, 0.6, 0.2, 0.1])
     positive = np.asarray([True, True, True, True, False, False])

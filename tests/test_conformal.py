@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from workbench.conformal import (
+from workbench.posthoc.conformal import (
     ConformalSets,
     MultiLabelConformal,
     conformal_quantile,

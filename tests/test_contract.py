@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Pipeline, run_cli
-from workbench.bundle import load_bundle
-from workbench.bundle_info import BundleError, list_bundles, read_bundle_info
-from workbench.catalog import cohort_items
-from workbench.contract import CONTRACT_VERSION, ContractError, ModelContract
-from workbench.inference import predict_study
+from workbench.catalog.ingest import cohort_items
+from workbench.model.bundle import load_bundle
+from workbench.model.bundle_info import BundleError, list_bundles, read_bundle_info
+from workbench.model.contract import CONTRACT_VERSION, ContractError, ModelContract
+from workbench.predict.inference import predict_study
 
 # What the workbench section of a bundle held before the typed record (version 1): no
 # contract_version, no normalization / site maps / thresholds keys, thresholds (when any)

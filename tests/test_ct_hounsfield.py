@@ -15,12 +15,12 @@ from sqlalchemy import select
 
 from tests.conftest import make_settings
 from tests.test_app import PASSWORD, open_study_page, sign_in
-from workbench import users
-from workbench.cache import HU_CACHE_FORMAT, file_cache_key, hu_cache_key
-from workbench.catalog import cache_path, ingest, items_for_studies
+from workbench.catalog.cache import HU_CACHE_FORMAT, file_cache_key, hu_cache_key
+from workbench.catalog.ingest import cache_path, ingest, items_for_studies
 from workbench.config import Settings, get_settings
+from workbench.db.store import Instance, Prediction, Series, Study, session_scope
 from workbench.dicom.read import FileWindow, hounsfield_values, read_image
-from workbench.store import Instance, Prediction, Series, Study, session_scope
+from workbench.review import users
 from workbench.ui import data
 from workbench.ui.imaging import CT_PRESETS, hu_presets, window_hu
 

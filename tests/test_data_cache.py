@@ -10,8 +10,8 @@ import pytest
 import torch
 from monai.transforms import Compose, Resized
 
-import workbench.data as data
-from workbench.data import InputSpec, eval_transforms, make_dataset
+import workbench.model.data as data
+from workbench.model.data import InputSpec, eval_transforms, make_dataset
 
 
 def _records(tmp_path: Path) -> list[dict[str, object]]:

@@ -53,12 +53,12 @@ def test_the_report_flags_the_degraded_site(tmp_path: Path) -> None:
     CI still ended 0.05-0.22 below the overall accuracy (with 120 studies, seed 2 missed:
     0.45, CI 0.33-0.60, against 0.57); 8 epochs left too little margin. The other seeds were
     not measured again with the compact network."""
-    from workbench.bundle import load_bundle
-    from workbench.catalog import cohort_items, ingest
-    from workbench.inference import predict_items
-    from workbench.report import build_report
-    from workbench.train_config import TrainConfig
-    from workbench.training import train
+    from workbench.catalog.ingest import cohort_items, ingest
+    from workbench.evaluation.report import build_report
+    from workbench.model.bundle import load_bundle
+    from workbench.predict.inference import predict_items
+    from workbench.train.config import TrainConfig
+    from workbench.train.training import train
 
     t0 = time.perf_counter()
     settings = make_settings(tmp_path / "home")

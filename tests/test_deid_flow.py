@@ -8,8 +8,8 @@ import pydicom
 from sqlalchemy import inspect, select, text
 
 from tests.conftest import make_settings, run_cli
+from workbench.db.store import AuditEvent, get_engine, session_scope
 from workbench.dicom.synth import synthesize_cohort
-from workbench.store import AuditEvent, get_engine, session_scope
 
 MARKERS = ("Fakename", "FAKEID", "FAKEACC", "Fakedoc")
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from tests.conftest import make_settings, run_cli
-from workbench import users
+from workbench.review import users
 
 DEMO_PASSWORD = "demo-fixture-password"  # test fixture only, not a secret
 

@@ -224,7 +224,7 @@ def test_stow_with_a_wrong_password_says_the_credentials_were_refused(
 def test_send_stores_the_latest_prediction_audits_it_and_sending_again_adds_no_copies(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
-    from workbench.store import AuditEvent, Prediction, Study, session_scope
+    from workbench.db.store import AuditEvent, Prediction, Study, session_scope
 
     settings = pipeline.settings
     with session_scope(settings.database_url) as session:
@@ -324,8 +324,8 @@ def test_predict_tags_the_studies_a_dicomweb_search_finds(
     patient filter pulls (into a fresh home) and predicts exactly those, once."""
     from collections import defaultdict
 
+    from workbench.db.store import Prediction, session_scope
     from workbench.dicom.dicomweb import store_instances
-    from workbench.store import Prediction, session_scope
 
     by_study: dict[str, list[Path]] = defaultdict(list)
     for f in sorted(pipeline.source.rglob("*.dcm")):

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from tests.conftest import make_settings
 from tests.orthanc import OrthancServer, orthanc_server
 from workbench.config import Settings
+from workbench.db.store import Instance, Series, Study, session_scope
 from workbench.dicom.dicomweb import (
     Credentials,
     DicomwebError,
@@ -27,8 +28,7 @@ from workbench.dicom.dicomweb import (
 )
 from workbench.dicom.read import read_header, read_image
 from workbench.dicom.synth import synthesize_cohort
-from workbench.pull import pull_dicomweb, pulled_dir, staging_dir
-from workbench.store import Instance, Series, Study, session_scope
+from workbench.pacs.pull import pull_dicomweb, pulled_dir, staging_dir
 
 N_STUDIES = 4
 
@@ -168,7 +168,7 @@ def test_pull_catalogs_every_instance_with_the_source_pixels(
 def test_a_study_that_arrives_short_is_not_catalogued(
     pacs: OrthancServer, source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workbench.pull as pull
+    import workbench.pacs.pull as pull
 
     real = pull.retrieve_study
 

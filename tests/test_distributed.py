@@ -18,11 +18,11 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from tests.conftest import make_settings, torch_threads
-from workbench.catalog import ingest
+from workbench.catalog.ingest import ingest
 from workbench.dicom.synth import synthesize_cohort
-from workbench.distributed import World, all_sum, shard, sync_batchnorm
-from workbench.nets import create_network
-from workbench.problems import Objective, Problem
+from workbench.model.distributed import World, all_sum, shard, sync_batchnorm
+from workbench.model.nets import create_network
+from workbench.model.problems import Objective, Problem
 
 PROBLEM = Problem("multiclass", ("a", "b", "c"), None)
 WEIGHT = torch.tensor([1.0, 2.0, 3.0])  # class weights: the global normalisation matters

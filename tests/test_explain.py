@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.networks.nets import DenseNet, DenseNet121
 
-from workbench.explain import (
+from workbench.predict.explain import (
     deletion_insertion,
     gradcam_layer,
     gradcam_layer_for,
@@ -16,7 +16,7 @@ from workbench.explain import (
     saliency,
     sanity_checks,
 )
-from workbench.heatmap import overlay
+from workbench.predict.heatmap import overlay
 
 METHODS = ("gradcam", "ig", "occlusion", "gradient")
 

@@ -8,11 +8,11 @@ import numpy as np
 from sqlalchemy import select
 
 from tests.conftest import Pipeline
-from workbench.bundle import load_bundle
-from workbench.catalog import cache_path, cohort_items
-from workbench.inference import write_csv
-from workbench.results import latest_predictions
-from workbench.store import Prediction, session_scope
+from workbench.catalog.ingest import cache_path, cohort_items
+from workbench.db.store import Prediction, session_scope
+from workbench.model.bundle import load_bundle
+from workbench.predict.inference import write_csv
+from workbench.predict.results import latest_predictions
 
 
 def test_each_prediction_is_stored_with_pixel_and_bundle_hashes(pipeline: Pipeline) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workbench.ood import HeaderProfile, OODDetector, false_flag_rate
-from workbench.records import StudyHeader
-from workbench.similar import QUANTILES, EmbeddingIndex, precision_at_k
+from workbench.catalog.records import StudyHeader
+from workbench.posthoc.ood import HeaderProfile, OODDetector, false_flag_rate
+from workbench.posthoc.similar import QUANTILES, EmbeddingIndex, precision_at_k
 
 CLASSES = ("normal", "nodule", "effusion")
 

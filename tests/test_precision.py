@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from workbench.runtime import (
+from workbench.model.runtime import (
     PROBE_FILE,
     Hardware,
     choose_precision,

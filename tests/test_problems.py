@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from tests.conftest import make_settings
-from workbench.bundle import load_bundle
-from workbench.catalog import cohort_items, ingest, patient_folds
+from workbench.catalog.ingest import cohort_items, ingest, patient_folds
 from workbench.config import Settings
 from workbench.dicom.synth import synthesize_cohort
-from workbench.distributed import World
-from workbench.inference import predict_items
-from workbench.problems import (
+from workbench.model.bundle import load_bundle
+from workbench.model.distributed import World
+from workbench.model.problems import (
     Problem,
     ProblemError,
     make_objective,
@@ -25,9 +24,10 @@ from workbench.problems import (
     resolve_problem,
     sample_weights,
 )
-from workbench.results import latest_predictions
-from workbench.train_config import TrainConfig
-from workbench.training import _epoch_batches, train
+from workbench.predict.inference import predict_items
+from workbench.predict.results import latest_predictions
+from workbench.train.config import TrainConfig
+from workbench.train.training import _epoch_batches, train
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import Pipeline
-from workbench.calibration import TEMPERATURE_FLOOR, fit_calibration, softmax
-from workbench.catalog import cohort_items, holdout_patients
-from workbench.train_config import TrainConfig
-from workbench.training import (
+from workbench.catalog.ingest import cohort_items, holdout_patients
+from workbench.posthoc.calibration import TEMPERATURE_FLOOR, fit_calibration, softmax
+from workbench.train.config import TrainConfig
+from workbench.train.training import (
     DEFAULT_CAP_EPOCHS,
     DEFAULT_MAX_STEPS,
     PATIENCE_STEPS,
@@ -160,7 +160,7 @@ def test_temperature_is_the_floor_on_a_large_calibration_split() -> None:
 def test_the_weight_average_starts_at_the_weights_and_ramps_its_decay() -> None:
     import torch
 
-    from workbench.training import weight_average
+    from workbench.train.training import weight_average
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     ema = weight_average(net, 0.995)
@@ -183,7 +183,7 @@ def test_the_weight_average_starts_at_the_weights_and_ramps_its_decay() -> None:
 def test_the_weight_average_is_steadier_than_the_noisy_weights_it_follows() -> None:
     import torch
 
-    from workbench.training import weight_average
+    from workbench.train.training import weight_average
 
     torch.manual_seed(0)
     net = torch.nn.Linear(50, 1, bias=False)
@@ -201,7 +201,7 @@ def test_the_weight_average_is_steadier_than_the_noisy_weights_it_follows() -> N
 def test_a_zero_decay_keeps_the_raw_weights_and_a_bad_one_is_refused() -> None:
     import torch
 
-    from workbench.training import TrainingError, weight_average
+    from workbench.train.training import TrainingError, weight_average
 
     assert weight_average(torch.nn.Linear(2, 2), 0.0) is None
     with pytest.raises(TrainingError, match="--ema-decay"):

@@ -20,12 +20,18 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from workbench.bundle_info import hash_bundle
-from workbench.catalog import cohort_items
+from workbench.catalog.ingest import cohort_items
 from workbench.config import Settings
-from workbench.report import SECTION_TITLES, ReportError, build_report, format_number, lookup
-from workbench.results import latest_predictions
-from workbench.store import Cohort, CohortMember, Review, Study, session_scope, utcnow
+from workbench.db.store import Cohort, CohortMember, Review, Study, session_scope, utcnow
+from workbench.evaluation.report import (
+    SECTION_TITLES,
+    ReportError,
+    build_report,
+    format_number,
+    lookup,
+)
+from workbench.model.bundle_info import hash_bundle
+from workbench.predict.results import latest_predictions
 
 N_RESAMPLES = 100  # enough for intervals to exist; keeps each build to a few seconds on 2 cores
 FORBIDDEN = ("FAKEID", "FAKEACC", "Fakename")
@@ -304,7 +310,7 @@ def test_a_cohort_without_predictions_raises_a_clear_report_error(
 def retested(pipeline, tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Built, Built]:
     """Test-retest computed for a copy of the tiny model's bundle (its own models folder, so
     the other reports here stay without it), then the report built twice."""
-    from workbench.consistency import write_retest
+    from workbench.evaluation.consistency import write_retest
 
     root = tmp_path_factory.mktemp("retest")
     models = root / "models"
@@ -317,7 +323,7 @@ def retested(pipeline, tmp_path_factory: pytest.TempPathFactory) -> tuple[Settin
 
 
 def test_test_retest_is_stored_beside_the_bundle_and_rendered(pipeline, retested) -> None:
-    from workbench.consistency import retest_path
+    from workbench.evaluation.consistency import retest_path
 
     settings, built, _ = retested
     stored = retest_path(settings.models_dir / pipeline.model / "v1", pipeline.cohort)
@@ -367,7 +373,7 @@ def test_a_retested_report_is_stable_and_shows_only_json_numbers(retested) -> No
 def test_subgroups_carry_intervals_and_flag_a_group_whose_interval_excludes_the_overall() -> None:
     import numpy as np
 
-    from workbench.report import _subgroups, _warnings
+    from workbench.evaluation.report import _subgroups, _warnings
 
     # 60 studies at site A all right, 30 at site B all wrong: B's interval is [0, 0].
     cases = [
@@ -400,7 +406,7 @@ def test_subgroups_carry_intervals_and_flag_a_group_whose_interval_excludes_the_
 
 
 def _fake_case(key: str, site: str, label: int, predicted: int) -> Any:
-    from workbench.report import Case
+    from workbench.evaluation.report import Case
 
     p = (0.9, 0.1) if predicted == 0 else (0.1, 0.9)
     return Case(
@@ -427,10 +433,10 @@ def test_conformal_coverage_and_ood_rate_per_subgroup_when_the_model_provides_th
 ) -> None:
     import numpy as np
 
-    from workbench.bundle_info import BundleInfo
-    from workbench.conformal import ConformalSets
-    from workbench.report import _conformal, _ood, ood_flag
-    from workbench.store import Prediction
+    from workbench.db.store import Prediction
+    from workbench.evaluation.report import _conformal, _ood, ood_flag
+    from workbench.model.bundle_info import BundleInfo
+    from workbench.posthoc.conformal import ConformalSets
 
     cases = [_fake_case(f"s{i}", "AB"[i % 2], i % 2, 0) for i in range(10)]
     probs = np.asarray([c.probabilities for c in cases])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from workbench.results import probability_text
+from workbench.predict.results import probability_text
 
 
 def test_a_probability_near_a_bound_is_never_shown_as_the_bound() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from workbench.reviews import _Reads, review_status
-from workbench.store import Review
+from workbench.db.store import Review
+from workbench.review.reviews import _Reads, review_status
 
 
 def test_a_blinded_reader_never_sees_a_colleagues_assessment() -> None:

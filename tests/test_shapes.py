@@ -12,12 +12,18 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_settings, run_cli
-from workbench.catalog import MIN_VOLUME_SLICES, cohort_items, ingest
-from workbench.data import InputSpec, StudyInputError, eval_transforms, make_dataset, to_records
+from workbench.catalog.ingest import MIN_VOLUME_SLICES, cohort_items, ingest
 from workbench.dicom.plant import planted_cohort
 from workbench.dicom.synth import synthesize_cohort
-from workbench.train_config import TrainConfig
-from workbench.training import TrainingError, select_shape, train
+from workbench.model.data import (
+    InputSpec,
+    StudyInputError,
+    eval_transforms,
+    make_dataset,
+    to_records,
+)
+from workbench.train.config import TrainConfig
+from workbench.train.training import TrainingError, select_shape, train
 
 SMALL = {"image_size": 32, "batch_size": 4, "sanity_images": 0, "label_randomization_epochs": 0}
 

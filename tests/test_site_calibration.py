@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_settings, torch_threads
-from workbench.calibration import (
+from workbench.posthoc.calibration import (
     GLOBAL_MAP,
     Calibration,
     LabelCalibration,
@@ -140,8 +140,8 @@ def test_sites_miscalibrated_alike_keep_the_global_map() -> None:
 
 
 def _split(z: np.ndarray, y: np.ndarray, sites: list[str], offset: int):  # -> SplitOutputs
-    from workbench.records import StudyHeader
-    from workbench.trust import SplitOutputs
+    from workbench.catalog.records import StudyHeader
+    from workbench.predict.trust import SplitOutputs
 
     n = len(y)
     header = StudyHeader("DX", ("CHEST",), ("MONOCHROME2",), 2, ((64, 64),))
@@ -161,8 +161,8 @@ def test_conformal_sets_and_operating_points_are_fitted_on_the_per_site_probabil
     """The thresholds must hold for the numbers `predict` shows: with per-site maps, the
     conformal threshold and the operating points are those of the per-site probabilities, and
     the test coverage is measured on them (per site too)."""
-    from workbench.conformal import fit_conformal, study_uniform
-    from workbench.trust import fit_trust, operating_points
+    from workbench.posthoc.conformal import fit_conformal, study_uniform
+    from workbench.predict.trust import fit_trust, operating_points
 
     classes = _classes(3)
     z, y, sites = _sites(100, seed=6)
@@ -199,9 +199,9 @@ def _no_pickle(obj: object) -> None:
 
 
 def test_site_calibration_round_trips_through_a_bundle_as_plain_json(tmp_path: Path) -> None:
-    from workbench.bundle import load_bundle, save_bundle
-    from workbench.data import InputSpec
-    from workbench.nets import create_network
+    from workbench.model.bundle import load_bundle, save_bundle
+    from workbench.model.data import InputSpec
+    from workbench.model.nets import create_network
 
     z, y, sites = _sites(150, seed=5, scales={"north": 3.0, "south": 0.4, "small": 1.0})
     keep = np.array([i for i, s in enumerate(sites) if s != "small" or i % 150 < 10])
@@ -247,7 +247,7 @@ def test_site_calibration_round_trips_through_a_bundle_as_plain_json(tmp_path: P
 
 def test_the_cli_flag_turns_per_site_calibration_on_and_is_off_by_default() -> None:
     from workbench.cli import _parser
-    from workbench.train_config import TrainConfig
+    from workbench.train.config import TrainConfig
 
     base = ["train", "--cohort", "c", "--name", "m"]
     off = _parser().parse_args(base)
@@ -272,13 +272,13 @@ def test_train_and_predict_apply_the_studys_site_map_and_record_which(tmp_path: 
     applies it to that site's studies only."""
     from sqlalchemy import select
 
-    from workbench.bundle import load_bundle
-    from workbench.catalog import cohort_items, ingest
+    from workbench.catalog.ingest import cohort_items, ingest
+    from workbench.db.store import Prediction, new_session
     from workbench.dicom.synth import synthesize_cohort
-    from workbench.inference import predict_items, predict_study, write_csv
-    from workbench.store import Prediction, new_session
-    from workbench.train_config import TrainConfig
-    from workbench.training import train
+    from workbench.model.bundle import load_bundle
+    from workbench.predict.inference import predict_items, predict_study, write_csv
+    from workbench.train.config import TrainConfig
+    from workbench.train.training import train
 
     settings = make_settings(tmp_path / "home")
     src = tmp_path / "studies"

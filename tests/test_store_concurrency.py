@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from tests.postgres import postgres_fixture
 from workbench.config import Settings
-from workbench.store import (
+from workbench.db.store import (
     AuditEvent,
     Patient,
     Prediction,
@@ -75,7 +75,7 @@ def write_reviews(
     url: str, worker: int, prediction_ids: list[int], barrier: Any, results: Any
 ) -> None:
     """One writer process: WRITES reviews, each its own transaction with its audit event."""
-    from workbench.reviews import save_review
+    from workbench.review.reviews import save_review
 
     settings = _settings(url)
     get_engine(url)  # connect (and check the schema) before the clock starts
@@ -175,7 +175,7 @@ def _migrated_schema_matches_the_models(url: str) -> None:
     from alembic.migration import MigrationContext
     from sqlalchemy import create_engine
 
-    from workbench.store import Base, _head_revision, migrate
+    from workbench.db.store import Base, _head_revision, migrate
 
     engine = create_engine(url)
     migrate(engine, use_alembic=True)
@@ -200,7 +200,7 @@ def test_a_new_database_is_stamped_at_the_head_and_opens_without_alembic(tmp_pat
 
     url = f"sqlite:///{tmp_path / 'new.db'}"
     code = (
-        "import sys; from workbench.store import get_engine, _current_revision, _head_revision;"
+        "import sys; from workbench.db.store import get_engine, _current_revision, _head_revision;"
         f"e = get_engine({url!r}); assert _current_revision(e) == _head_revision();"
         "assert 'alembic' not in sys.modules, 'alembic was imported'"
     )
@@ -222,9 +222,9 @@ def test_a_database_at_0003_upgrades_keeping_its_rows_with_null_hu_columns(
     from sqlalchemy import MetaData, create_engine, insert
     from sqlalchemy.orm import Session
 
-    import workbench.store as store
+    import workbench.db.store as store
     from tests.conftest import make_settings
-    from workbench.store import Instance, Series, _current_revision, _head_revision, migrate
+    from workbench.db.store import Instance, Series, _current_revision, _head_revision, migrate
     from workbench.ui import data
 
     if backend == "sqlite":

@@ -11,17 +11,17 @@ import torch
 from torch import nn
 
 from tests.conftest import Pipeline
-from workbench.bundle import load_bundle
-from workbench.bundle_info import hash_bundle
-from workbench.catalog import CatalogError, cache_path, cohort_items, ingest
+from workbench.catalog.ingest import CatalogError, cache_path, cohort_items, ingest
 from workbench.config import Settings
 from workbench.dicom.synth import synthesize_cohort
-from workbench.inference import predict_study
-from workbench.nets import create_network, load_initial_weights
-from workbench.results import latest_predictions
-from workbench.runtime import choose_precision, resolve_precision
-from workbench.train_config import TrainConfig
-from workbench.training import TrainingError, prepare_network, train, train_epoch
+from workbench.model.bundle import load_bundle
+from workbench.model.bundle_info import hash_bundle
+from workbench.model.nets import create_network, load_initial_weights
+from workbench.model.runtime import choose_precision, resolve_precision
+from workbench.predict.inference import predict_study
+from workbench.predict.results import latest_predictions
+from workbench.train.config import TrainConfig
+from workbench.train.training import TrainingError, prepare_network, train, train_epoch
 
 
 def test_a_few_steps_in_this_cpus_training_precision_lower_the_loss() -> None:
@@ -118,8 +118,8 @@ def test_training_an_unknown_cohort_is_a_clear_error(pipeline: Pipeline) -> None
 def test_a_ct_cohort_trains_a_3d_densenet_and_explains_whole_volumes(
     settings: Settings, tmp_path: Path
 ) -> None:
-    from workbench.data import eval_transforms
-    from workbench.explain import sanity_checks
+    from workbench.model.data import eval_transforms
+    from workbench.predict.explain import sanity_checks
 
     src = tmp_path / "ct"
     synthesize_cohort(src, n_studies=10, seed=4, modality="CT", image_size=48)

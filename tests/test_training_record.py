@@ -12,10 +12,10 @@ import torch
 
 from tests.conftest import make_settings
 from workbench import cli
-from workbench.catalog import ingest
+from workbench.catalog.ingest import ingest
 from workbench.config import Settings
 from workbench.dicom.synth import synthesize_cohort
-from workbench.problems import Objective
+from workbench.model.problems import Objective
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,8 @@ def test_each_bundle_records_its_experiment_and_models_lists_it(
 
 
 def test_compiled_training_is_unwrapped_for_the_frozen_blocks_and_the_state_dict() -> None:
-    from workbench.nets import create_network
-    from workbench.training import _unwrap
+    from workbench.model.nets import create_network
+    from workbench.train.training import _unwrap
 
     model = create_network(2, 2)
     compiled = torch.compile(model)  # lazy: nothing is compiled until the first call

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.calibration import Calibration
-from workbench.records import StudyHeader
-from workbench.trust import (
+from workbench.catalog.records import StudyHeader
+from workbench.posthoc.calibration import Calibration
+from workbench.predict.trust import (
     INDEX_FILE,
     SplitOutputs,
     apply_operating_points,

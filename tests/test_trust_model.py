@@ -1,7 +1,7 @@
 """What ships with a trained model, checked on a synthetic cohort with known answers.
 
 One module fixture trains the compact MONAI DenseNet (``densenet-small``, see
-``workbench/nets.py``) on a synthetic chest cohort (1,200 studies, 128 px, patient-level split
+``workbench/model/nets.py``) on a synthetic chest cohort (1,200 studies, 128 px, patient-level split
 30 / 17 / 53 so that the test split, about 650 studies, is large enough to measure a 15-bin
 ECE), predicts the test split (Grad-CAM for 40 nodule studies), and predicts two studies the
 model must refuse: a CT study and a DX study whose pixels are pure noise. Calibration,
@@ -34,18 +34,18 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from tests.conftest import make_settings, torch_threads
-from workbench.bundle import Bundle, load_bundle
-from workbench.catalog import cache_path, cohort_items, ingest, items_for_studies
+from workbench.catalog.ingest import cache_path, cohort_items, ingest, items_for_studies
 from workbench.config import Settings
-from workbench.conformal import coverage_summary, fit_conformal, study_uniform
-from workbench.data import eval_transforms
+from workbench.db.store import Instance, Prediction, Study, session_scope
 from workbench.dicom.synth import synthesize_cohort
-from workbench.explain import gradcam_layer_for, saliency
-from workbench.inference import _to_native, predict_items
-from workbench.results import latest_predictions
-from workbench.store import Instance, Prediction, Study, session_scope
-from workbench.train_config import TrainConfig
-from workbench.training import train
+from workbench.model.bundle import Bundle, load_bundle
+from workbench.model.data import eval_transforms
+from workbench.posthoc.conformal import coverage_summary, fit_conformal, study_uniform
+from workbench.predict.explain import gradcam_layer_for, saliency
+from workbench.predict.inference import _to_native, predict_items
+from workbench.predict.results import latest_predictions
+from workbench.train.config import TrainConfig
+from workbench.train.training import train
 
 # The fixture trains a real model (about 5 minutes on 2 idle cores): room for a busy machine.
 pytestmark = pytest.mark.timeout(1800)
@@ -281,7 +281,7 @@ def _best_single_cell(
     grid: tuple[int, ...], transform: Any, inp: Any, dist: np.ndarray, radius: float
 ) -> float:
     """The largest share of a Grad-CAM map inside the nodule when only one cell of the
-    layer's grid is active, upsampled exactly as :func:`workbench.explain.saliency` does:
+    layer's grid is active, upsampled exactly as :func:`workbench.predict.explain.saliency` does:
     how well a map of this resolution could localise this nodule at best."""
     import torch
     from captum.attr import LayerAttribution

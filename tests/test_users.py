@@ -13,9 +13,10 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import run_cli
-from workbench import auditlog, users
 from workbench.config import Settings
-from workbench.store import AuditEvent, UserAccount, session_scope, utcnow
+from workbench.db import auditlog
+from workbench.db.store import AuditEvent, UserAccount, session_scope, utcnow
+from workbench.review import users
 
 # Test fixture passwords, clearly not secrets.
 TEST_PASSWORD = "correct-horse-battery"  # test fixture only
@@ -163,7 +164,7 @@ def test_a_deleted_audit_row_is_detected_at_the_next_one(settings: Settings) -> 
 def test_an_inserted_audit_row_is_detected_even_with_a_valid_hash_of_its_own(
     settings: Settings,
 ) -> None:
-    from workbench.store import GENESIS, AuditEvent, _event_hash, audit_fields, session_scope
+    from workbench.db.store import GENESIS, AuditEvent, _event_hash, audit_fields, session_scope
 
     users.add_user(settings, "admin", "grey", "clinician", TEST_PASSWORD)
     users.authenticate(settings, "grey", TEST_PASSWORD)
@@ -251,7 +252,7 @@ def test_migration_0002_turns_repeated_reviews_into_versions(tmp_path: Path) -> 
     from alembic.config import Config
     from sqlalchemy import create_engine
 
-    import workbench.store as store
+    import workbench.db.store as store
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     cfg = Config()
@@ -278,7 +279,7 @@ def test_migration_0002_turns_repeated_reviews_into_versions(tmp_path: Path) -> 
     engine.dispose()
     store.get_engine(url)  # upgrades to head
     with session_scope(url) as s:
-        from workbench.store import Review
+        from workbench.db.store import Review
 
         rows = s.scalars(select(Review).order_by(Review.id)).all()
         assert [(r.reviewer, r.version, r.supersedes_id, r.kind) for r in rows] == [

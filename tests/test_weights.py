@@ -25,11 +25,10 @@ from monai.networks.nets import DenseNet121
 from torch import nn
 
 from tests.conftest import make_settings
-from workbench.bundle import load_bundle, save_bundle
-from workbench.calibration import Calibration
 from workbench.cli import main
 from workbench.config import Settings
-from workbench.data import (
+from workbench.model.bundle import load_bundle, save_bundle
+from workbench.model.data import (
     PRESET_VERSION,
     InputSpec,
     Normalization,
@@ -39,10 +38,8 @@ from workbench.data import (
     eval_transforms,
     make_dataset,
 )
-from workbench.nets import create_network
-from workbench.train_config import TrainConfig
-from workbench.training import prepare_network
-from workbench.weights import (
+from workbench.model.nets import create_network
+from workbench.model.weights import (
     WeightsError,
     import_weights,
     input_normalization,
@@ -51,6 +48,9 @@ from workbench.weights import (
     read_entry,
     weights_dir,
 )
+from workbench.posthoc.calibration import Calibration
+from workbench.train.config import TrainConfig
+from workbench.train.training import prepare_network
 
 MONAI_STEM = "features.conv0.weight"
 A_LAYER = "features.denseblock3.denselayer5.layers.conv2.weight"

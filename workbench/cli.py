@@ -27,7 +27,7 @@ from workbench.config import (
     get_settings,
 )
 from workbench.errors import NotFoundError, UsageError, WorkbenchError
-from workbench.train_config import (
+from workbench.train.config import (
     ARCHITECTURES,
     DEFAULTS,
     LITERAL_FIELDS,
@@ -36,10 +36,10 @@ from workbench.train_config import (
 )
 
 if TYPE_CHECKING:
-    from workbench.bundle import Bundle
-    from workbench.catalog import CohortItem
-    from workbench.contract import ModelContract
+    from workbench.catalog.ingest import CohortItem
     from workbench.dicom.dicomweb import Credentials
+    from workbench.model.bundle import Bundle
+    from workbench.model.contract import ModelContract
 
 DEMO_COHORT = "demo"
 DEMO_MODEL = "chest-xray"
@@ -491,7 +491,7 @@ def _pull(
 ) -> Any:
     """``--dicomweb URL`` with its QIDO filters (ingest and predict): credentials from the
     environment or a file, never from the command line."""
-    from workbench.pull import pull_dicomweb
+    from workbench.pacs.pull import pull_dicomweb
 
     return pull_dicomweb(
         settings,
@@ -508,7 +508,7 @@ def _pull(
 
 
 def cmd_ingest(a: argparse.Namespace) -> None:
-    from workbench.catalog import ingest
+    from workbench.catalog.ingest import ingest
 
     settings = _settings()
     if a.max_pixel_mb:
@@ -522,7 +522,7 @@ def cmd_ingest(a: argparse.Namespace) -> None:
         return
     src, labels = a.src, a.labels
     if a.deid_to:
-        from workbench.catalog import SIDECAR_SUFFIXES, iter_files
+        from workbench.catalog.ingest import SIDECAR_SUFFIXES, iter_files
         from workbench.config import pseudonym_key
         from workbench.dicom.deid import DeidConfig, export_deidentified
 
@@ -548,7 +548,7 @@ def _remap_labels(src: Path, dst: Path, key: bytes) -> Path:
     """The labels CSV with StudyInstanceUIDs remapped as de-identification remapped them."""
     import csv
 
-    from workbench.catalog import read_labels
+    from workbench.catalog.ingest import read_labels
     from workbench.dicom.deid import remap_uid
 
     rows = read_labels(src)
@@ -566,8 +566,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     from sqlalchemy import select
 
     from workbench.config import pseudonym_key
-    from workbench.dicom.deid import DeidConfig, export_deidentified
-    from workbench.store import (
+    from workbench.db.store import (
         Cohort,
         CohortMember,
         Instance,
@@ -575,6 +574,7 @@ def cmd_export(a: argparse.Namespace) -> None:
         record_audit,
         session_scope,
     )
+    from workbench.dicom.deid import DeidConfig, export_deidentified
 
     settings = _settings()
     with session_scope(settings.database_url) as session:
@@ -616,7 +616,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_quarantine(a: argparse.Namespace) -> None:
-    from workbench.catalog import quarantine_report, retry_quarantine
+    from workbench.catalog.ingest import quarantine_report, retry_quarantine
 
     settings = _settings()
     if a.retry:
@@ -635,13 +635,13 @@ def cmd_quarantine(a: argparse.Namespace) -> None:
 
 
 def cmd_cohort(a: argparse.Namespace) -> None:
-    from workbench.catalog import cohort_summary
+    from workbench.catalog.ingest import cohort_summary
 
     print("\n".join(cohort_summary(_settings(), a.name).lines()))
 
 
 def cmd_models(a: argparse.Namespace) -> None:
-    from workbench.bundle_info import list_bundles
+    from workbench.model.bundle_info import list_bundles
 
     bundles = list_bundles(_settings().models_dir)
     for b in bundles:
@@ -683,7 +683,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def _train_and_report(settings: Settings, cfg: TrainConfig) -> None:
-    from workbench.training import train
+    from workbench.train.training import train
 
     # Under torchrun only rank 0 reports (every rank returns the same result).
     main_rank = (environment_value("RANK") or "0") == "0"
@@ -717,7 +717,7 @@ def _predict_target(a: argparse.Namespace) -> tuple[str, Path | None]:
 
     One argument with --cohort is the model; without --cohort it is the source folder when
     a model comes from --model or the registry (``workbench predict incoming/``)."""
-    from workbench.promotion import promoted_model
+    from workbench.review.promotion import promoted_model
 
     targets = list(getattr(a, "targets", None) or [])
     model: str | None = getattr(a, "model_opt", None) or getattr(a, "model", None)
@@ -744,9 +744,9 @@ def _predict_target(a: argparse.Namespace) -> tuple[str, Path | None]:
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
-    from workbench.bundle import load_bundle
-    from workbench.catalog import cohort_items, ingest, items_for_studies
-    from workbench.runtime import resolve_device
+    from workbench.catalog.ingest import cohort_items, ingest, items_for_studies
+    from workbench.model.bundle import load_bundle
+    from workbench.model.runtime import resolve_device
 
     settings = _settings()
     model, src = _predict_target(a)
@@ -776,8 +776,8 @@ def _predict_and_report(
     force: bool = False,
     limit: int | None = None,
 ) -> None:
-    from workbench.inference import predict_items, write_csv
-    from workbench.results import latest_predictions
+    from workbench.predict.inference import predict_items, write_csv
+    from workbench.predict.results import latest_predictions
 
     new = predict_items(
         settings, bundle, items, explain, settings.precision, force=force, limit=limit
@@ -796,8 +796,8 @@ def _predict_and_report(
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
-    from workbench.compare import compare_bundles, format_table
-    from workbench.jsonout import dump_json
+    from workbench.evaluation.compare import compare_bundles, format_table
+    from workbench.evaluation.jsonout import dump_json
 
     data = compare_bundles(_settings(), a.old, a.new, a.cohort, a.resamples, a.seed)
     print(format_table(data))
@@ -808,9 +808,9 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
 
 def cmd_promote(a: argparse.Namespace) -> None:
-    from workbench.compare import format_table
-    from workbench.jsonout import dump_json
-    from workbench.promotion import PromotionRefused, promote
+    from workbench.evaluation.compare import format_table
+    from workbench.evaluation.jsonout import dump_json
+    from workbench.review.promotion import PromotionRefused, promote
 
     try:
         decision = promote(
@@ -839,11 +839,11 @@ def cmd_promote(a: argparse.Namespace) -> None:
 
 
 def cmd_report(a: argparse.Namespace) -> None:
-    from workbench.report import build_report
+    from workbench.evaluation.report import build_report
 
     settings = _settings()
     if getattr(a, "retest", False):
-        from workbench.consistency import write_retest
+        from workbench.evaluation.consistency import write_retest
 
         path = write_retest(settings, a.model, a.cohort, explain=a.retest_saliency)
         print(f"test-retest: {path}")
@@ -852,7 +852,7 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_send(a: argparse.Namespace) -> None:
-    from workbench.send import send_results
+    from workbench.pacs.send import send_results
 
     summary = send_results(
         _settings(),
@@ -924,7 +924,7 @@ def _new_password(username: str) -> str:
 
 
 def cmd_users(a: argparse.Namespace) -> None:
-    from workbench import users
+    from workbench.review import users
 
     settings = _settings()
     if a.users_command == "add":
@@ -945,7 +945,7 @@ def cmd_users(a: argparse.Namespace) -> None:
 
 
 def cmd_audit(a: argparse.Namespace) -> None:
-    from workbench import auditlog
+    from workbench.db import auditlog
 
     settings = _settings()
     if a.audit_command == "verify":
@@ -963,7 +963,7 @@ def cmd_audit(a: argparse.Namespace) -> None:
 
 
 def cmd_weights(a: argparse.Namespace) -> None:
-    from workbench import weights
+    from workbench.model import weights
 
     settings = _settings()
     if a.weights_command == "import":
@@ -990,7 +990,7 @@ def _demo_account(settings: Settings) -> None:
     once (an existing demo account is left alone)."""
     import secrets
 
-    from workbench import users
+    from workbench.review import users
 
     if users.get_account(settings, DEMO_USER) is not None:
         print(f"[demo] sign in as {DEMO_USER!r} (its password was printed when it was created)")
@@ -1003,11 +1003,11 @@ def _demo_account(settings: Settings) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    from workbench.bundle import load_bundle
-    from workbench.catalog import cohort_items, ingest
+    from workbench.catalog.ingest import cohort_items, ingest
     from workbench.dicom.synth import DEMO_IMAGE_SIZE, synthesize_cohort
-    from workbench.report import build_report
-    from workbench.runtime import resolve_device
+    from workbench.evaluation.report import build_report
+    from workbench.model.bundle import load_bundle
+    from workbench.model.runtime import resolve_device
 
     settings = _settings()
     t0 = time.time()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from workbench import reviews as review_store
+from workbench.review import reviews as review_store
 from workbench.ui.auth import require_page
 from workbench.ui.common import settings
 

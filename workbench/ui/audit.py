@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from workbench import auditlog
+from workbench.db import auditlog
 from workbench.ui.auth import require_page
 from workbench.ui.common import settings
 

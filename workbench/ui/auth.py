@@ -1,7 +1,7 @@
 """Who is using the app: sign-in with a password, roles, idle time-out, and the guard every page
 calls.
 
-Accounts live in the database (:mod:`workbench.users`: argon2id hashes, lockout, audit). The
+Accounts live in the database (:mod:`workbench.review.users`: argon2id hashes, lockout, audit). The
 session keeps only the user name and role; every run re-checks that the account is still enabled
 and that the session has not been idle too long. Pages call :func:`require_page` with their own
 name, so a page refuses a wrong-role session even when reached by URL.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from workbench import users
+from workbench.review import users
 from workbench.ui.common import PAGE_FILES, PageName, page_file, settings
 
 Role = users.Role

@@ -9,9 +9,9 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from workbench.bundle_info import BundleInfo, list_bundles
-from workbench.catalog import cohort_summary, quarantine_report
+from workbench.catalog.ingest import cohort_summary, quarantine_report
 from workbench.config import Settings
+from workbench.model.bundle_info import BundleInfo, list_bundles
 from workbench.ui import data
 from workbench.ui.auth import require_page
 from workbench.ui.common import settings

@@ -14,7 +14,7 @@ import pandas as pd
 from pandas.io.formats.style import Styler
 
 from workbench.config import Settings, get_settings
-from workbench.results import probability_text
+from workbench.predict.results import probability_text
 
 PageName = Literal[
     "signin", "worklist", "study", "cohorts", "reports", "audit", "adjudication", "models"
@@ -53,7 +53,7 @@ def format_top_k(top_k: Sequence[tuple[str, float]]) -> str:
 
 def styled(frame: pd.DataFrame, columns: Sequence[str] = ("Probability",)) -> Styler:
     """A table whose probability columns (numbers in [0, 1]) read as
-    :func:`~workbench.results.probability_text` ("<1%", "37%", ">99%") while the cells keep
+    :func:`~workbench.predict.results.probability_text` ("<1%", "37%", ">99%") while the cells keep
     their numbers, so that a column still sorts by value. Show it with a ``NumberColumn``
     without a format (a format, or a progress bar's label, would replace this text and round
     0.9996 to "100%")."""

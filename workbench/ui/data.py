@@ -1,5 +1,5 @@
 """What the app reads from the store and the model bundles; reviews (the app's one write) come
-from :mod:`workbench.reviews` and are re-exported here for the pages.
+from :mod:`workbench.review.reviews` and are re-exported here for the pages.
 
 Pages get plain frozen records, never ORM objects: nothing lazy-loads after its session closed,
 and nothing here carries a UID or a file path, only study keys and pseudonyms. No Streamlit in
@@ -17,21 +17,8 @@ from typing import Any
 
 from sqlalchemy import distinct, func, select
 
-from workbench.bundle_info import BundleError, list_bundles, read_bundle_info, version_number
 from workbench.config import Settings
-from workbench.dicom.read import FileWindow
-from workbench.results import (
-    EXPLAIN_METHODS,
-    latest_predictions,
-    probability_text,
-    saliency_path,
-)
-from workbench.reviews import (
-    ReviewStatus,
-    current_reads,
-    review_status,
-)
-from workbench.store import (
+from workbench.db.store import (
     Cohort,
     CohortMember,
     Instance,
@@ -41,6 +28,19 @@ from workbench.store import (
     new_session,
     record_audit,
     session_scope,
+)
+from workbench.dicom.read import FileWindow
+from workbench.model.bundle_info import BundleError, list_bundles, read_bundle_info, version_number
+from workbench.predict.results import (
+    EXPLAIN_METHODS,
+    latest_predictions,
+    probability_text,
+    saliency_path,
+)
+from workbench.review.reviews import (
+    ReviewStatus,
+    current_reads,
+    review_status,
 )
 
 REPORT_ACTION = "report.build"
@@ -224,7 +224,7 @@ def _cohorts_of(session: Any, study_ids: list[int]) -> dict[int, tuple[str, ...]
 def list_models(settings: Settings) -> list[ModelRef]:
     """Models with stored predictions: the promoted ones first (``workbench promote``: the
     model the app opens on), then the most recently used."""
-    from workbench.promotion import PromotionError, read_registry
+    from workbench.review.promotion import PromotionError, read_registry
 
     try:
         promoted = set(read_registry(settings).values())
@@ -397,7 +397,7 @@ def _bundle_classes(settings: Settings, model_name: str, model_version: str) -> 
 
 
 def bundle_trust(settings: Settings, model_name: str, model_version: str) -> dict[str, Any]:
-    """The bundle's ``workbench.trust`` metadata (operating points, saliency checks), or {}
+    """The bundle's ``workbench.predict.trust`` metadata (operating points, saliency checks), or {}
     for an older bundle or one that is no longer on disk."""
     try:
         info = read_bundle_info(settings.models_dir, f"{model_name}/{model_version}")
@@ -450,7 +450,7 @@ class ModelStatus:
 
 def model_statuses(settings: Settings) -> list[ModelStatus]:
     """Every bundle on disk with the tasks it is promoted for (models/promoted.json)."""
-    from workbench.promotion import PromotionError, read_registry
+    from workbench.review.promotion import PromotionError, read_registry
 
     try:
         registry = read_registry(settings)

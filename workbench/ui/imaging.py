@@ -16,10 +16,10 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from workbench.catalog import cache_path
+from workbench.catalog.ingest import cache_path
 from workbench.config import Settings
 from workbench.dicom.read import FileWindow, linear_window
-from workbench.heatmap import overlay
+from workbench.predict.heatmap import overlay
 
 #: Largest side, in pixels, of an image sent to the browser: a viewer column is narrower than
 #: this even on a high-density screen, and a full-resolution radiograph (3000 px a side) would

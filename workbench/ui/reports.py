@@ -1,5 +1,5 @@
 """Reports: build the consistency report of a model on a cohort and download it
-(HTML, PDF, JSON, CSV). The numbers are computed by :mod:`workbench.report`, not here."""
+(HTML, PDF, JSON, CSV). The numbers are computed by :mod:`workbench.evaluation.report`, not here."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
-from workbench.bundle_info import list_bundles
+from workbench.model.bundle_info import list_bundles
 from workbench.ui import data
 from workbench.ui.auth import require_page
 from workbench.ui.common import settings
@@ -33,7 +33,7 @@ def _slug(text: str) -> str:
 
 
 def build(model: str, cohort: str, actor: str) -> None:
-    from workbench.report import ReportError, build_report
+    from workbench.evaluation.report import ReportError, build_report
 
     s = settings()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")

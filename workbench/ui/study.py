@@ -13,9 +13,9 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
-from workbench import reviews as review_store
 from workbench.config import Settings
-from workbench.results import probability_text
+from workbench.predict.results import probability_text
+from workbench.review import reviews as review_store
 from workbench.ui import data, imaging
 from workbench.ui.auth import Reviewer, require_page
 from workbench.ui.common import OPEN_PREDICTION, format_top_k, page_file, settings, styled
@@ -372,7 +372,7 @@ def ood_warning(detail: data.PredictionDetail) -> None:
 
 def closeness_text(case: dict[str, Any]) -> str:
     """How close a prior case is, in words that tell neighbours apart: "closer than 97% of
-    training neighbours" (the stored percentile, see :mod:`workbench.similar`); a prediction
+    training neighbours" (the stored percentile, see :mod:`workbench.posthoc.similar`); a prediction
     stored before percentiles existed shows its cosine similarity to 4 decimals."""
     closer = case.get("closer_than")
     if closer is not None:

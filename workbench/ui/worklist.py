@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from workbench.results import probability_text
+from workbench.predict.results import probability_text
 from workbench.ui import data
 from workbench.ui.auth import Reviewer, require_page
 from workbench.ui.common import (

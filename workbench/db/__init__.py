@@ -1,0 +1,1 @@
+"""The database: tables and engine (store), the hash-chained audit log, Alembic migrations."""

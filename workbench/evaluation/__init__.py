@@ -1,0 +1,1 @@
+"""Evaluation: the consistency report, model comparison, test-retest consistency, JSON numbers."""

@@ -1,0 +1,1 @@
+"""The PACS: pulling studies over DICOMweb and sending results back."""

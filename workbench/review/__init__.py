@@ -1,0 +1,1 @@
+"""Review: app accounts, clinicians' reviews and adjudication, model promotion."""
