@@ -161,7 +161,7 @@ def test_conformal_sets_and_operating_points_are_fitted_on_the_per_site_probabil
     """The thresholds must hold for the numbers `predict` shows: with per-site maps, the
     conformal threshold and the operating points are those of the per-site probabilities, and
     the test coverage is measured on them (per site too)."""
-    from workbench.posthoc.conformal import fit_conformal, study_uniform
+    from workbench.posthoc.conformal import ConformalSets, study_uniform
     from workbench.predict.trust import fit_trust, operating_points
 
     classes = _classes(3)
@@ -175,10 +175,10 @@ def test_conformal_sets_and_operating_points_are_fitted_on_the_per_site_probabil
     trust = fit_trust(classes, per_site, train, cal, test)
     probs = per_site.apply(z, sites)
     u = np.array([study_uniform(k) for k in cal.study_keys])
-    expected = fit_conformal(probs, y, 0.9, "aps", u=u)
-    assert trust.conformal is not None and trust.conformal.qhat == expected.qhat
+    expected = ConformalSets(0.9, "aps").fit(probs, y, u)
+    assert trust.conformal is not None and trust.conformal.qhat_ == expected.qhat_
     assert trust.operating_points == operating_points(probs, y, classes, 0.9)
-    assert trust.conformal.qhat != fit_trust(classes, global_map, train, cal, test).conformal.qhat  # type: ignore[union-attr]
+    assert trust.conformal.qhat_ != fit_trust(classes, global_map, train, cal, test).conformal.qhat_  # type: ignore[union-attr]
     report = trust.report["conformal_test"]
     # one draw of 300 calibration studies: coverage varies by about 2 points around 90%
     assert 0.84 <= report["coverage"] <= 0.96
@@ -252,7 +252,8 @@ def test_the_cli_flag_turns_per_site_calibration_on_and_is_off_by_default() -> N
     base = ["train", "--cohort", "c", "--name", "m"]
     off = _parser().parse_args(base)
     on = _parser().parse_args([*base, "--calibrate-per-site", "--site-min-studies", "12"])
-    assert off.calibrate_per_site is False and off.site_min_studies is None
+    # the option's default is the configuration's (one source of defaults)
+    assert off.calibrate_per_site is False and off.site_min_studies == 30
     assert on.calibrate_per_site is True and on.site_min_studies == 12
     assert TrainConfig(cohort="c", name="m").calibrate_per_site is False
     assert TrainConfig(cohort="c", name="m").site_min_studies == 30

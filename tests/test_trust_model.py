@@ -40,7 +40,7 @@ from workbench.db.store import Instance, Prediction, Study, session_scope
 from workbench.dicom.synth import synthesize_cohort
 from workbench.model.bundle import Bundle, load_bundle
 from workbench.model.data import eval_transforms
-from workbench.posthoc.conformal import coverage_summary, fit_conformal, study_uniform
+from workbench.posthoc.conformal import ConformalSets, coverage_summary, study_uniform
 from workbench.predict.explain import gradcam_layer_for, saliency
 from workbench.predict.inference import _to_native, predict_items
 from workbench.predict.results import latest_predictions
@@ -204,8 +204,8 @@ def test_conformal_coverage_over_repeated_splits_is_within_three_points(
     for _ in range(200):
         perm = rng.permutation(len(rows))
         cal, test = perm[: len(rows) // 2], perm[len(rows) // 2 :]
-        cp = fit_conformal(probs[cal], labels[cal], 0.9, "aps", u=u[cal])
-        summary = coverage_summary(cp.predict(probs[test], u[test]), labels[test].tolist())
+        cp = ConformalSets(0.9, "aps").fit(probs[cal], labels[cal], u[cal])
+        summary = coverage_summary(cp.apply(probs[test], u[test]), labels[test].tolist())
         covs.append(summary["coverage"])
         sizes.append(summary["mean_set_size"])
     stored = _trust(trained)["trust_report"]["conformal_test"]

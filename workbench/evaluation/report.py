@@ -559,7 +559,7 @@ def _conformal(
     except (KeyError, TypeError, ValueError):
         return {"available": False, "reason": "the bundle's conformal entry is not readable"}
     u = np.asarray([study_uniform(c.study_key) for c in cases])
-    sets = predictor.predict(probs, u if predictor.randomized else None)
+    sets = predictor.apply(probs, u if predictor.randomized else None)
     groups = {attr: [getattr(c, attr) for c in cases] for attr, _ in SUBGROUP_ATTRS}
     summary = coverage_summary(sets, labels.tolist(), groups)
     return {

@@ -28,7 +28,7 @@ import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -59,18 +59,29 @@ def _penalties(k: int, lam: float, k_reg: int) -> np.ndarray:
     return np.cumsum(pen)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ConformalSets:
-    """A fitted split-conformal predictor for one single-label problem."""
+    """A split-conformal predictor for one single-label problem (the post-hoc protocol of
+    :mod:`workbench.posthoc.protocol`): ``ConformalSets(coverage, method).fit(probs, labels,
+    u)`` learns the threshold ``qhat_``; :meth:`apply` gives prediction sets.
 
-    method: Method
-    coverage: float
-    qhat: float
-    n_calibration: int
-    lam: float = 0.0
-    k_reg: int = 0
+    ``method``: ``"aps"`` or ``"raps"`` (``lam``, ``k_reg`` apply to RAPS only).
+    """
+
+    coverage: float = DEFAULT_COVERAGE
+    method: Method = "aps"
+    lam: float = 0.01
+    k_reg: int = 1
     randomized: bool = True
     allow_empty: bool = True
+    qhat_: float = math.nan
+    n_calibration_: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.coverage < 1:
+            raise UsageError(f"coverage must be between 0 and 1, not {self.coverage}")
+        if self.method != "raps":
+            self.lam, self.k_reg = 0.0, 0
 
     def scores(self, probs: np.ndarray, labels: np.ndarray, u: np.ndarray) -> np.ndarray:
         """The conformity score of each (probabilities, true label) row: the probability mass
@@ -87,22 +98,41 @@ class ConformalSets:
         above = cumsum[rows, rank] - ordered[rows, rank]
         return above + np.asarray(u) * ordered[rows, rank] + pen[rank]
 
-    def predict(self, probs: np.ndarray, u: np.ndarray | None = None) -> list[list[int]]:
+    def fit(
+        self, probs: np.ndarray, labels: np.ndarray, u: np.ndarray | None = None
+    ) -> ConformalSets:
+        """Learn the set threshold from calibration probabilities (N, K) and true labels (N,);
+        ``u``: one uniform number per row (see :func:`study_uniform`), default 0.5 for all."""
+        probs = np.asarray(probs, dtype=np.float64)
+        labels = np.asarray(labels, dtype=np.int64)
+        u = np.full(len(probs), 0.5) if u is None else np.asarray(u, dtype=np.float64)
+        qhat = conformal_quantile(self.scores(probs, labels, u), self.coverage)
+        if not math.isfinite(qhat):
+            raise ValueError(
+                f"{len(probs)} calibration studies are too few for {self.coverage:.0%} "
+                f"coverage (at least {math.ceil(self.coverage / (1 - self.coverage))} needed)"
+            )
+        self.qhat_, self.n_calibration_ = qhat, len(probs)
+        return self
+
+    def apply(self, probs: np.ndarray, u: np.ndarray | None = None) -> list[list[int]]:
         """The prediction set of each row (class indices, most probable first); empty only
         when ``allow_empty`` (see the module docstring).
 
         A class is in the set exactly when its score (as in :meth:`scores`, same ``u``) is
         within the threshold, which is what makes the coverage hold.
         """
+        if math.isnan(self.qhat_):
+            raise ValueError("fit the conformal predictor first")
         probs = np.asarray(probs, dtype=np.float64)
         n, k = probs.shape
         u = np.full(n, 0.5) if u is None else np.asarray(u, dtype=np.float64)
         order, ordered, cumsum = _sorted(probs)
         pen = _penalties(k, self.lam, self.k_reg)
-        sizes = np.minimum(((cumsum + pen[None, :]) <= self.qhat).sum(axis=1) + 1, k)
+        sizes = np.minimum(((cumsum + pen[None, :]) <= self.qhat_).sum(axis=1) + 1, k)
         if self.randomized:
             rows, last = np.arange(n), sizes - 1
-            room = self.qhat - (cumsum[rows, last] - ordered[rows, last]) - pen[last]
+            room = self.qhat_ - (cumsum[rows, last] - ordered[rows, last]) - pen[last]
             keep_last = u * ordered[rows, last] < room
             sizes = sizes - (~keep_last).astype(int)
         if not self.allow_empty:
@@ -110,20 +140,30 @@ class ConformalSets:
         return [order[i, : sizes[i]].tolist() for i in range(n)]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The bundle's record (the keys bundles have always stored)."""
+        return {
+            "method": self.method,
+            "coverage": self.coverage,
+            "qhat": self.qhat_,
+            "n_calibration": self.n_calibration_,
+            "lam": self.lam,
+            "k_reg": self.k_reg,
+            "randomized": self.randomized,
+            "allow_empty": self.allow_empty,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ConformalSets:
-        return cls(
-            method=d["method"],
+        out = cls(
             coverage=float(d["coverage"]),
-            qhat=float(d["qhat"]),
-            n_calibration=int(d["n_calibration"]),
+            method=d["method"],
             lam=float(d.get("lam", 0.0)),
             k_reg=int(d.get("k_reg", 0)),
             randomized=bool(d.get("randomized", True)),
             allow_empty=bool(d.get("allow_empty", True)),
         )
+        out.qhat_, out.n_calibration_ = float(d["qhat"]), int(d["n_calibration"])
+        return out
 
 
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
@@ -141,58 +181,37 @@ def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
     return float(np.quantile(scores, k / n, method="inverted_cdf"))
 
 
-def fit_conformal(
-    probs: np.ndarray,
-    labels: np.ndarray,
-    coverage: float = DEFAULT_COVERAGE,
-    method: Method = "aps",
-    u: np.ndarray | None = None,
-    lam: float = 0.01,
-    k_reg: int = 1,
-    randomized: bool = True,
-    allow_empty: bool = True,
-) -> ConformalSets:
-    """Fit the set threshold on calibration probabilities (N, K) and true labels (N,).
-
-    Args:
-        coverage: the target probability that a set holds the true class.
-        method: ``"aps"`` or ``"raps"`` (``lam``, ``k_reg`` apply to RAPS only).
-        u: one uniform number per row (see :func:`study_uniform`); default 0.5 for all.
-    """
-    if not 0 < coverage < 1:
-        raise UsageError(f"coverage must be between 0 and 1, not {coverage}")
-    probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
-    u = np.full(len(probs), 0.5) if u is None else np.asarray(u, dtype=np.float64)
-    lam, k_reg = (lam, k_reg) if method == "raps" else (0.0, 0)
-    draft = ConformalSets(method, coverage, 0.0, len(probs), lam, k_reg, randomized, allow_empty)
-    qhat = conformal_quantile(draft.scores(probs, labels, u), coverage)
-    if not math.isfinite(qhat):
-        raise ValueError(
-            f"{len(probs)} calibration studies are too few for {coverage:.0%} coverage "
-            f"(at least {math.ceil(coverage / (1 - coverage))} needed)"
-        )
-    return ConformalSets(method, coverage, qhat, len(probs), lam, k_reg, randomized, allow_empty)
-
-
-@dataclass(frozen=True)
+@dataclass
 class MultiLabelConformal:
-    """One conformal predictor per label of a multi-label problem, each over {absent, present}.
+    """One conformal predictor per label of a multi-label problem, each over {absent, present}
+    (the post-hoc protocol): ``MultiLabelConformal(labels, coverage).fit(probs, targets, u)``.
 
     A label's set is {present}, {absent} or both (undecided); coverage holds per label.
     """
 
     labels: tuple[str, ...]
-    per_label: tuple[ConformalSets, ...]
+    coverage: float = DEFAULT_COVERAGE
+    per_label_: tuple[ConformalSets, ...] = ()
 
-    def predict(self, probs: np.ndarray, u: np.ndarray | None = None) -> list[dict[str, str]]:
+    def fit(
+        self, probs: np.ndarray, targets: np.ndarray, u: np.ndarray | None = None
+    ) -> MultiLabelConformal:
+        """Per-label APS from probabilities (N, L) and 0/1 targets (N, L)."""
+        probs = np.asarray(probs, dtype=np.float64)
+        targets = np.asarray(targets).astype(np.int64)
+        self.per_label_ = tuple(
+            ConformalSets(self.coverage, "aps").fit(_two(probs[:, j]), targets[:, j], u)
+            for j in range(probs.shape[1])
+        )
+        return self
+
+    def apply(self, probs: np.ndarray, u: np.ndarray | None = None) -> list[dict[str, str]]:
         """Per row: label -> "present", "absent", "uncertain" (both in the set) or "confident"
         (an empty set: either call is more certain than the coverage needs)."""
         probs = np.asarray(probs, dtype=np.float64)
         out: list[dict[str, str]] = [{} for _ in range(len(probs))]
-        for j, (name, cp) in enumerate(zip(self.labels, self.per_label, strict=True)):
-            two = np.stack([1 - probs[:, j], probs[:, j]], axis=1)
-            for i, s in enumerate(cp.predict(two, u)):
+        for j, (name, cp) in enumerate(zip(self.labels, self.per_label_, strict=True)):
+            for i, s in enumerate(cp.apply(_two(probs[:, j]), u)):
                 if len(s) == 1:
                     out[i][name] = "present" if s[0] else "absent"
                 else:  # both, or none (more certain than needed): no call at this level
@@ -200,28 +219,18 @@ class MultiLabelConformal:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"labels": list(self.labels), "per_label": [c.to_dict() for c in self.per_label]}
+        return {"labels": list(self.labels), "per_label": [c.to_dict() for c in self.per_label_]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MultiLabelConformal:
-        return cls(tuple(d["labels"]), tuple(ConformalSets.from_dict(c) for c in d["per_label"]))
+        per_label = tuple(ConformalSets.from_dict(c) for c in d["per_label"])
+        coverage = per_label[0].coverage if per_label else DEFAULT_COVERAGE
+        return cls(tuple(d["labels"]), coverage, per_label)
 
 
-def fit_multilabel_conformal(
-    probs: np.ndarray,
-    targets: np.ndarray,
-    names: Sequence[str],
-    coverage: float = DEFAULT_COVERAGE,
-    u: np.ndarray | None = None,
-) -> MultiLabelConformal:
-    """Per-label APS over {absent, present} from probabilities (N, L) and 0/1 targets (N, L)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    targets = np.asarray(targets).astype(np.int64)
-    fitted = []
-    for j in range(probs.shape[1]):
-        two = np.stack([1 - probs[:, j], probs[:, j]], axis=1)
-        fitted.append(fit_conformal(two, targets[:, j], coverage, "aps", u))
-    return MultiLabelConformal(tuple(names), tuple(fitted))
+def _two(p: np.ndarray) -> np.ndarray:
+    """One label's probabilities as two classes {absent, present}."""
+    return np.stack([1 - p, p], axis=1)
 
 
 def coverage_summary(

@@ -37,54 +37,77 @@ DEFAULT_K = 5
 SIZE_FACTOR = 2.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class HeaderProfile:
-    """What the training cohort's headers contained."""
+    """What the training cohort's headers contained (the post-hoc protocol:
+    ``HeaderProfile().fit(headers)``; :meth:`apply` gives a study's reasons to be flagged)."""
 
-    modalities: tuple[str, ...]
-    body_parts: tuple[str, ...]
-    photometrics: tuple[str, ...]
-    spatial_dims: tuple[int, ...]
-    min_side: int
-    max_side: int
+    modalities_: tuple[str, ...] = ()
+    body_parts_: tuple[str, ...] = ()
+    photometrics_: tuple[str, ...] = ()
+    spatial_dims_: tuple[int, ...] = ()
+    min_side_: int = 0
+    max_side_: int = 0
 
-    @classmethod
-    def fit(cls, headers: Iterable[StudyHeader]) -> HeaderProfile:
+    def fit(self, headers: Iterable[StudyHeader]) -> HeaderProfile:
         hs = list(headers)
         sides = [s for h in hs for size in h.sizes for s in size]
-        return cls(
-            modalities=tuple(sorted({h.modality for h in hs if h.modality})),
-            body_parts=tuple(sorted({b.upper() for h in hs for b in h.body_parts if b})),
-            photometrics=tuple(sorted({p for h in hs for p in h.photometrics if p})),
-            spatial_dims=tuple(sorted({h.spatial_dims for h in hs})),
-            min_side=min(sides) if sides else 0,
-            max_side=max(sides) if sides else 0,
-        )
+        self.modalities_ = tuple(sorted({h.modality for h in hs if h.modality}))
+        self.body_parts_ = tuple(sorted({b.upper() for h in hs for b in h.body_parts if b}))
+        self.photometrics_ = tuple(sorted({p for h in hs for p in h.photometrics if p}))
+        self.spatial_dims_ = tuple(sorted({h.spatial_dims for h in hs}))
+        self.min_side_ = min(sides) if sides else 0
+        self.max_side_ = max(sides) if sides else 0
+        return self
 
-    def reasons(self, h: StudyHeader) -> list[str]:
+    def apply(self, h: StudyHeader) -> list[str]:
         """Why this study's header is unlike the training cohort's (empty: it is not)."""
         why = []
-        if self.modalities and h.modality not in self.modalities:
+        if self.modalities_ and h.modality not in self.modalities_:
             why.append(
-                f"modality {h.modality or 'unknown'} (trained on {', '.join(self.modalities)})"
+                f"modality {h.modality or 'unknown'} (trained on {', '.join(self.modalities_)})"
             )
-        unseen = sorted({b.upper() for b in h.body_parts if b} - set(self.body_parts))
-        if self.body_parts and unseen:
-            why.append(f"body part {', '.join(unseen)} (trained on {', '.join(self.body_parts)})")
-        odd = sorted(set(h.photometrics) - set(self.photometrics))
-        if self.photometrics and odd:
+        unseen = sorted({b.upper() for b in h.body_parts if b} - set(self.body_parts_))
+        if self.body_parts_ and unseen:
+            why.append(
+                f"body part {', '.join(unseen)} (trained on {', '.join(self.body_parts_)})"
+            )
+        odd = sorted(set(h.photometrics) - set(self.photometrics_))
+        if self.photometrics_ and odd:
             why.append(f"photometric interpretation {', '.join(odd)} not seen in training")
-        if self.spatial_dims and h.spatial_dims not in self.spatial_dims:
-            why.append(f"{h.spatial_dims}D input for a {self.spatial_dims[0]}D model")
-        if self.max_side:
-            lo, hi = self.min_side / SIZE_FACTOR, self.max_side * SIZE_FACTOR
+        if self.spatial_dims_ and h.spatial_dims not in self.spatial_dims_:
+            why.append(f"{h.spatial_dims}D input for a {self.spatial_dims_[0]}D model")
+        if self.max_side_:
+            lo, hi = self.min_side_ / SIZE_FACTOR, self.max_side_ * SIZE_FACTOR
             bad = [f"{r}x{c}" for r, c in h.sizes if not (lo <= r <= hi and lo <= c <= hi)]
             if bad:
                 why.append(
                     f"image size {', '.join(sorted(set(bad)))} far from the training sizes "
-                    f"({self.min_side}-{self.max_side} px)"
+                    f"({self.min_side_}-{self.max_side_} px)"
                 )
         return why
+
+    def to_dict(self) -> dict[str, Any]:
+        """The bundle's record (the keys bundles have always stored)."""
+        return {
+            "modalities": list(self.modalities_),
+            "body_parts": list(self.body_parts_),
+            "photometrics": list(self.photometrics_),
+            "spatial_dims": list(self.spatial_dims_),
+            "min_side": self.min_side_,
+            "max_side": self.max_side_,
+        }
+
+    @classmethod
+    def from_dict(cls, p: Mapping[str, Any]) -> HeaderProfile:
+        return cls(
+            modalities_=tuple(p["modalities"]),
+            body_parts_=tuple(p["body_parts"]),
+            photometrics_=tuple(p["photometrics"]),
+            spatial_dims_=tuple(int(x) for x in p["spatial_dims"]),
+            min_side_=int(p["min_side"]),
+            max_side_=int(p["max_side"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -141,14 +164,14 @@ class OODDetector:
             return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, self.precision_, d), 0.0))
         return index.distances(embeddings, self.k)[:, -1]
 
-    def assess(
+    def apply(
         self, index: EmbeddingIndex, embeddings: np.ndarray, headers: Sequence[StudyHeader]
     ) -> list[OODResult]:
         """One result per study: flagged when its header or its embedding is unlike training."""
         scores = self.scores(index, embeddings)
         out = []
         for score, header in zip(scores, headers, strict=True):
-            reasons = self.profile.reasons(header)
+            reasons = self.profile.apply(header)
             if score > self.threshold_:
                 reasons.append(
                     f"image content unlike the training studies (score {score:.3f} > "
@@ -160,7 +183,7 @@ class OODDetector:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready parameters; the Mahalanobis arrays go separately (:meth:`arrays`)."""
         return {
-            "profile": asdict(self.profile),
+            "profile": self.profile.to_dict(),
             "method": self.method,
             "k": self.k,
             "quantile": self.quantile,
@@ -177,15 +200,7 @@ class OODDetector:
     def from_dict(
         cls, d: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None
     ) -> OODDetector:
-        p = d["profile"]
-        profile = HeaderProfile(
-            modalities=tuple(p["modalities"]),
-            body_parts=tuple(p["body_parts"]),
-            photometrics=tuple(p["photometrics"]),
-            spatial_dims=tuple(int(x) for x in p["spatial_dims"]),
-            min_side=int(p["min_side"]),
-            max_side=int(p["max_side"]),
-        )
+        profile = HeaderProfile.from_dict(d["profile"])
         det = cls(profile, d["method"], int(d["k"]), float(d["quantile"]))
         det.threshold_ = float(d["threshold"])
         det.reference_ = dict(d.get("reference", {}))

@@ -30,8 +30,6 @@ from workbench.posthoc.conformal import (
     ConformalSets,
     MultiLabelConformal,
     coverage_summary,
-    fit_conformal,
-    fit_multilabel_conformal,
     study_uniform,
 )
 from workbench.posthoc.ood import HeaderProfile, OODDetector, false_flag_rate
@@ -177,13 +175,15 @@ def fit_trust(
     points_test: dict[str, Any] = {}
     try:
         if multilabel:
-            conformal = fit_multilabel_conformal(cal_probs, cal.labels, classes, coverage, u_cal)
+            conformal = MultiLabelConformal(tuple(classes), coverage).fit(
+                cal_probs, cal.labels, u_cal
+            )
             conformal_test = _multilabel_coverage(
-                conformal.predict(test_probs, u_test), test.labels, classes
+                conformal.apply(test_probs, u_test), test.labels, classes
             )
         else:
-            conformal = fit_conformal(cal_probs, cal.labels, coverage, "aps", u=u_cal)
-            test_sets = conformal.predict(test_probs, u_test)
+            conformal = ConformalSets(coverage, "aps").fit(cal_probs, cal.labels, u_cal)
+            test_sets = conformal.apply(test_probs, u_test)
             conformal_test = coverage_summary(test_sets, test.labels.tolist(), test.subgroups)
     except ValueError as err:  # a calibration split too small for this coverage
         conformal_test = {"skipped": str(err)}
@@ -195,9 +195,9 @@ def fit_trust(
     train_names = label_names(train.labels, classes, none)
     test_names = label_names(test.labels, classes, none)
     index = EmbeddingIndex(train.embeddings, train.study_keys, train_names)
-    detector = OODDetector(HeaderProfile.fit(train.headers))
+    detector = OODDetector(HeaderProfile().fit(train.headers))
     detector.fit(index, train.embeddings, cal.embeddings)
-    test_flags = detector.assess(index, test.embeddings, test.headers)
+    test_flags = detector.apply(index, test.embeddings, test.headers)
 
     shares = np.array([train_names.count(n) for n in set(train_names)]) / max(len(train_names), 1)
     report = {
@@ -295,13 +295,13 @@ class LoadedTrust:
             pset = None
         elif isinstance(cp, MultiLabelConformal):
             pset = {
-                "coverage": cp.per_label[0].coverage if cp.per_label else None,
-                "labels": cp.predict(probs[None], u)[0],
+                "coverage": cp.per_label_[0].coverage if cp.per_label_ else None,
+                "labels": cp.apply(probs[None], u)[0],
             }
         else:
-            members = cp.predict(probs[None], u)[0]
+            members = cp.apply(probs[None], u)[0]
             pset = {"coverage": cp.coverage, "classes": [classes[k] for k in members]}
-        ood = self.ood.assess(self.index, embedding[None], [header])[0]
+        ood = self.ood.apply(self.index, embedding[None], [header])[0]
         similar = [
             {
                 "study_key": n.study_key,
