@@ -69,9 +69,7 @@ class HeaderProfile:
             )
         unseen = sorted({b.upper() for b in h.body_parts if b} - set(self.body_parts_))
         if self.body_parts_ and unseen:
-            why.append(
-                f"body part {', '.join(unseen)} (trained on {', '.join(self.body_parts_)})"
-            )
+            why.append(f"body part {', '.join(unseen)} (trained on {', '.join(self.body_parts_)})")
         odd = sorted(set(h.photometrics) - set(self.photometrics_))
         if self.photometrics_ and odd:
             why.append(f"photometric interpretation {', '.join(odd)} not seen in training")
