@@ -131,3 +131,17 @@ def test_a_contract_survives_writing_and_reading(pipeline: Pipeline) -> None:
     assert again == info.contract
     written = json.loads((info.path / "configs" / "metadata.json").read_text())["workbench"]
     assert written["contract_version"] == CONTRACT_VERSION
+
+
+def test_a_multilabel_contract_names_its_no_finding_class_outside_the_labels() -> None:
+    c = ModelContract.from_dict(
+        {
+            "classes": ["bar", "disc"],
+            "image_size": 96,
+            "spatial_dims": 2,
+            "calibration": {"method": "per_label"},
+            "problem": "multilabel",
+            "negative_class": "no_finding",
+        }
+    )
+    assert c.negative_class == "no_finding" and c.sigmoid

@@ -78,7 +78,10 @@ class ModelContract:
             raise ContractError(f"problem must be one of {', '.join(PROBLEM_KINDS)}")
         if "method" not in self.calibration:
             raise ContractError("calibration has no method")
-        if self.negative_class is not None and self.negative_class not in self.classes:
+        # softmax: the negative class is one of the classes; sigmoid: the name of "none of
+        # the labels" (e.g. no_finding), which is not a label
+        softmax_negative = self.negative_class is not None and not self.sigmoid
+        if softmax_negative and self.negative_class not in self.classes:
             raise ContractError(f"negative_class {self.negative_class!r} is not a class")
 
     @property
