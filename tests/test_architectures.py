@@ -16,6 +16,7 @@ from workbench.catalog.ingest import cohort_items, ingest
 from workbench.dicom.plant import planted_cohort
 from workbench.model import nets
 from workbench.model.bundle import load_bundle
+from workbench.model.contract import ModelContract
 from workbench.model.runtime import training_precision
 from workbench.predict.inference import predict_items
 from workbench.predict.results import latest_predictions
@@ -129,7 +130,7 @@ def test_a_compact_densenet_trains_is_rebuilt_from_its_bundle_and_explains(home:
     predict_items(settings, bundle, test, explain="gradcam", progress=False)
     preds = latest_predictions(settings, bundle.bundle_hash, [i.study_id for i in test])
     assert len(preds) == len(test) and all(p.probabilities for p in preds.values())
-    assert "densenet-small" in cli.model_line("small/v1", wb)
+    assert "densenet-small" in cli.model_line("small/v1", ModelContract.from_dict(wb))
 
 
 def test_weights_of_another_architecture_are_refused_before_training(

@@ -436,18 +436,20 @@ def test_conformal_coverage_and_ood_rate_per_subgroup_when_the_model_provides_th
     from workbench.db.store import Prediction
     from workbench.evaluation.report import _conformal, _ood, ood_flag
     from workbench.model.bundle_info import BundleInfo
+    from workbench.model.contract import ModelContract
     from workbench.posthoc.conformal import ConformalSets
 
     cases = [_fake_case(f"s{i}", "AB"[i % 2], i % 2, 0) for i in range(10)]
     probs = np.asarray([c.probabilities for c in cases])
     labels = np.asarray([c.label_index for c in cases])
-    plain = BundleInfo("m", "v1", tmp_path, {"workbench": {}})
+    contract = ModelContract(("normal", "nodule"), 64, 2, {"method": "none"})
+    plain = BundleInfo("m", "v1", tmp_path, contract)
     assert _conformal(plain, cases, probs, labels) == {"available": False}
     assert _ood(plain, cases)["available"] is False
     # qhat 1: every set holds every class, so coverage is 1 everywhere.
-    cs = ConformalSets(method="aps", coverage=0.9, qhat=1.0, n_calibration=20)
-    meta = {"workbench": {"trust": {"conformal": cs.to_dict()}}}
-    with_sets = BundleInfo("m", "v1", tmp_path, meta)
+    cs = ConformalSets(method="aps", coverage=0.9, qhat_=1.0, n_calibration_=20)
+    trust = {"conformal": cs.to_dict()}
+    with_sets = BundleInfo("m", "v1", tmp_path, dataclasses.replace(contract, trust=trust))
     cf = _conformal(with_sets, cases, probs, labels)
     assert cf["available"] is True and cf["coverage"] == 1.0 and cf["mean_set_size"] == 2.0
     assert [g["group"] for g in cf["subgroups"]["site"]] == ["A", "B"]

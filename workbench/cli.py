@@ -898,7 +898,7 @@ def cmd_app(a: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     # The cookie secret goes through the environment, not argv (argv is visible in `ps`).
-    env = child_environment(STREAMLIT_SERVER_COOKIE_SECRET=cookie_secret(settings))
+    env = child_environment({"STREAMLIT_SERVER_COOKIE_SECRET": cookie_secret(settings)})
     print(f"review app on http://{a.address}:{a.port} (Ctrl-C to stop)")
     subprocess.run(_streamlit_cmd(a.port, a.address), check=False, env=env)
 

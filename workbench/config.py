@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -57,7 +58,7 @@ def environment_values(*names: str) -> dict[str, str]:
     return {n: v for n in names if (v := environment_value(n)) is not None}
 
 
-def child_environment(**extra: str) -> dict[str, str]:
+def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
     """The environment to start a child process with (this one's, plus ``extra``)."""
     return {**os.environ, **extra}
 
