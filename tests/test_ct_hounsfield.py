@@ -19,7 +19,9 @@ from workbench.catalog.cache import HU_CACHE_FORMAT, file_cache_key, hu_cache_ke
 from workbench.catalog.ingest import cache_path, ingest, items_for_studies
 from workbench.config import Settings, get_settings
 from workbench.db.store import Instance, Prediction, Series, Study, session_scope
-from workbench.dicom.read import FileWindow, hounsfield_values, read_image
+from workbench.dicom.read.header import FileWindow
+from workbench.dicom.read.hounsfield import hounsfield_values
+from workbench.dicom.read.pixels import read_image
 from workbench.review import users
 from workbench.ui import data
 from workbench.ui.imaging import CT_PRESETS, hu_presets, window_hu

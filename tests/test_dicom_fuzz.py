@@ -23,12 +23,9 @@ import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import JPEGLSLossless
 
-from workbench.dicom.read import (
-    QUARANTINE_REASONS,
-    UnreadableDicomError,
-    read_header,
-    read_image,
-)
+from workbench.dicom.read.header import read_header
+from workbench.dicom.read.io import QUARANTINE_REASONS, UnreadableDicomError
+from workbench.dicom.read.pixels import read_image
 from workbench.dicom.synth import synthesize_cohort
 
 MUTANTS_PER_SEED = 180

@@ -34,17 +34,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
-import workbench.dicom.read as read_module
-from workbench.dicom.read import (
-    QUARANTINE_REASONS,
-    HeaderFacts,
-    UnreadableDicomError,
-    check_series_geometry,
-    color_display,
-    display_pipeline,
-    read_header,
-    read_image,
-)
+import workbench.dicom.read.display as display_module
+import workbench.dicom.read.pixels as pixels_module
+import workbench.dicom.read.tags as tags_module
+from workbench.dicom.read.display import color_display, display_pipeline
+from workbench.dicom.read.geometry import check_series_geometry
+from workbench.dicom.read.header import HeaderFacts, read_header
+from workbench.dicom.read.io import QUARANTINE_REASONS, UnreadableDicomError
+from workbench.dicom.read.pixels import read_image
 
 RNG = np.random.default_rng(0)
 
@@ -690,7 +687,7 @@ def test_read_image_never_lets_a_surprise_escape(
     def explode(*args: object, **kwargs: object) -> None:
         raise Panic("index out of bounds")
 
-    monkeypatch.setattr(read_module, "pixel_array", explode)
+    monkeypatch.setattr(pixels_module, "pixel_array", explode)
     with pytest.raises(UnreadableDicomError) as info:
         read_image(path)
     assert info.value.reason == "decode_error" and "Panic" in info.value.detail
@@ -903,8 +900,8 @@ def test_the_fast_linear_window_gives_pydicoms_values(
     arr = RNG.integers(0, 4096, (40, 50)).astype(np.uint16)
     arr[:2] = 0
     ds = make_ds(arr, photometric=photometric, **attrs)
-    view = read_module._pipeline_dataset(ds)
-    assert read_module._linear_window_fast(view, arr) is not None  # the fast path is taken
+    view = display_module.pipeline_dataset(ds)
+    assert display_module.linear_window_fast(view, arr) is not None  # the fast path is taken
     fast, fast_source = display_pipeline(ds, arr)
     general, general_source = display_pipeline(ds, arr, fast=False)
     assert fast_source == general_source == "window"
@@ -953,12 +950,12 @@ def test_the_lookup_table_path_gives_exactly_the_per_pixel_values(
     if arr.itemsize == 1:
         ds.BitsAllocated = ds.BitsStored = 8
         ds.HighBit = 7
-    assert read_module._lut_domain(arr) is not None  # the table is used
-    view = read_module._pipeline_dataset(ds, private=False)
-    direct = read_module._linear_window_fast(view, arr)
+    assert display_module.lut_domain(arr) is not None  # the table is used
+    view = display_module.pipeline_dataset(ds, private=False)
+    direct = display_module.linear_window_fast(view, arr)
     assert direct is not None
-    mask = read_module._padding_mask(ds, arr)
-    expected = read_module._finish(ds, photometric, direct, mask).astype(dtype_out)
+    mask = display_module.padding_mask(ds, arr)
+    expected = display_module.finish_display(ds, photometric, direct, mask).astype(dtype_out)
     table, source = display_pipeline(ds, arr, dtype=dtype_out)
     assert source == "window" and table.dtype == dtype_out and table.shape == arr.shape
     np.testing.assert_array_equal(table, expected)
@@ -988,7 +985,7 @@ def test_the_header_value_cache_keeps_character_sets_and_ambiguous_vrs_apart() -
         ds = Dataset()
         ds.SpecificCharacterSet = charset
         ds.add_new(0x00100010, "PN", b"\xe4")
-        names.append(str(read_module._get(_raw_dataset(ds), "PatientName")))
+        names.append(str(tags_module.value_of(_raw_dataset(ds), "PatientName")))
     assert names == ["ä", "ф"]
 
     paddings = []
@@ -996,5 +993,5 @@ def test_the_header_value_cache_keeps_character_sets_and_ambiguous_vrs_apart() -
         ds = Dataset()
         ds.PixelRepresentation = representation
         ds.add_new(0x00280120, "US", 0xFFFF)  # the same two bytes in both files
-        paddings.append(read_module._get(_raw_dataset(ds, implicit=True), "PixelPaddingValue"))
+        paddings.append(tags_module.value_of(_raw_dataset(ds, implicit=True), "PixelPaddingValue"))
     assert paddings == [0xFFFF, -1]

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, DigitalXRayImageStorageForPresentation
 
-from workbench.dicom.read import read_image
+from workbench.dicom.read.pixels import read_image
 from workbench.dicom.synth import CT_CLASSES, DX_CLASSES, SITES, synthesize_cohort
 
 DX_SIZE = 64

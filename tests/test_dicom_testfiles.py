@@ -17,7 +17,9 @@ from pydicom.uid import (
     JPEGLosslessSV1,
 )
 
-from workbench.dicom.read import DecodedImage, UnreadableDicomError, read_header, read_image
+from workbench.dicom.read.header import read_header
+from workbench.dicom.read.io import UnreadableDicomError
+from workbench.dicom.read.pixels import DecodedImage, read_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

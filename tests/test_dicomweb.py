@@ -26,7 +26,8 @@ from workbench.dicom.dicomweb import (
     retrieve_study,
     search_studies,
 )
-from workbench.dicom.read import read_header, read_image
+from workbench.dicom.read.header import read_header
+from workbench.dicom.read.pixels import read_image
 from workbench.dicom.synth import synthesize_cohort
 from workbench.pacs.pull import pull_dicomweb, pulled_dir, staging_dir
 

@@ -13,13 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.dicom.read import (
-    DEFAULT_MAX_PIXEL_BYTES,
-    FrameSelection,
-    HeaderFacts,
-    UnreadableDicomError,
-    read_image,
-)
+from workbench.dicom.read.header import HeaderFacts
+from workbench.dicom.read.io import DEFAULT_MAX_PIXEL_BYTES, UnreadableDicomError
+from workbench.dicom.read.pixels import FrameSelection, read_image
 
 
 def cache_path(cache_dir: Path, cache_key: str) -> Path:
@@ -50,8 +46,8 @@ def file_cache_key(file_sha: str, frames: str = "volume") -> str:
 
 
 #: Names the modality-values cache of a CT file (Hounsfield units, float16, see
-#: :func:`workbench.dicom.read.hounsfield_values`): distinct from :data:`CACHE_FORMAT`, so that
-#: a file's two keys never collide. Bump it when those values change.
+#: :func:`workbench.dicom.read.hounsfield.hounsfield_values`): distinct from
+#: :data:`CACHE_FORMAT`, so that a file's two keys never collide. Bump it when those values change.
 HU_CACHE_FORMAT = "modality-values-1/hounsfield/float16/all-frames"
 
 

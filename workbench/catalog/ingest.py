@@ -57,12 +57,9 @@ from workbench.db.store import (
 
 # One definition of the keyed hash and the patient pseudonym, shared with de-identification.
 from workbench.dicom.deid import keyed_hash, patient_pseudonym
-from workbench.dicom.read import (
-    HeaderFacts,
-    UnreadableDicomError,
-    check_series_geometry,
-    read_header,
-)
+from workbench.dicom.read.geometry import check_series_geometry
+from workbench.dicom.read.header import HeaderFacts, read_header
+from workbench.dicom.read.io import UnreadableDicomError
 from workbench.errors import WorkbenchError
 
 SPLITS = ("train", "calibration", "test")

@@ -29,7 +29,7 @@ from workbench.db.store import (
     record_audit,
     session_scope,
 )
-from workbench.dicom.read import FileWindow
+from workbench.dicom.read.header import FileWindow
 from workbench.model.bundle_info import BundleError, list_bundles, read_bundle_info, version_number
 from workbench.predict.results import (
     EXPLAIN_METHODS,

@@ -18,7 +18,8 @@ from PIL import Image
 
 from workbench.catalog.ingest import cache_path
 from workbench.config import Settings
-from workbench.dicom.read import FileWindow, linear_window
+from workbench.dicom.read.display import linear_window
+from workbench.dicom.read.header import FileWindow
 from workbench.predict.heatmap import overlay
 
 #: Largest side, in pixels, of an image sent to the browser: a viewer column is narrower than
@@ -152,8 +153,8 @@ def window_level(image: np.ndarray, center: float, width: float) -> np.ndarray:
 
 def window_hu(image: np.ndarray, center: float, width: float) -> np.ndarray:
     """Window modality values (HU) for display in [0, 1] with the display pipeline's own DICOM
-    LINEAR window (:func:`workbench.dicom.read.linear_window`), so that the file's own window
-    looks as ingest showed it. Pixels without a value (padding, NaN) are black."""
+    LINEAR window (:func:`workbench.dicom.read.display.linear_window`), so that the file's own
+    window looks as ingest showed it. Pixels without a value (padding, NaN) are black."""
     return linear_window(image.astype(np.float32), float(center), float(width))
 
 
