@@ -13,6 +13,8 @@ import torch
 from tests.conftest import Pipeline, make_settings
 from workbench import cli
 from workbench.catalog.ingest import cohort_items, ingest
+from workbench.cli import demo as cli_demo
+from workbench.cli import models as cli_models
 from workbench.dicom.plant import planted_cohort
 from workbench.model import nets
 from workbench.model.bundle import load_bundle
@@ -20,7 +22,7 @@ from workbench.model.contract import ModelContract
 from workbench.model.runtime import training_precision
 from workbench.predict.inference import predict_items
 from workbench.predict.results import latest_predictions
-from workbench.train.config import TrainConfig
+from workbench.train.config import ARCHITECTURES, TrainConfig
 from workbench.train.training import TrainingError, train
 
 SMALL = {"image_size": 32, "batch_size": 4, "sanity_images": 0, "label_randomization_epochs": 0}
@@ -36,12 +38,12 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_cli_offers_the_architectures_the_network_factory_builds() -> None:
-    assert tuple(nets.NETWORKS) == cli.ARCHITECTURES
-    a = cli._parser().parse_args(["train", "--cohort", "c", "--name", "m"])
+    assert tuple(nets.NETWORKS) == ARCHITECTURES
+    a = cli.build_parser().parse_args(["train", "--cohort", "c", "--name", "m"])
     assert a.architecture == "densenet121"  # train's default
-    assert cli._parser().parse_args(["demo"]).architecture == cli.DEMO_ARCHITECTURE
+    assert cli.build_parser().parse_args(["demo"]).architecture == cli_demo.DEMO_ARCHITECTURE
     with pytest.raises(SystemExit):
-        cli._parser().parse_args(
+        cli.build_parser().parse_args(
             ["train", "--cohort", "c", "--name", "m", "--architecture", "resnet50"]
         )
 
@@ -130,7 +132,7 @@ def test_a_compact_densenet_trains_is_rebuilt_from_its_bundle_and_explains(home:
     predict_items(settings, bundle, test, explain="gradcam", progress=False)
     preds = latest_predictions(settings, bundle.bundle_hash, [i.study_id for i in test])
     assert len(preds) == len(test) and all(p.probabilities for p in preds.values())
-    assert "densenet-small" in cli.model_line("small/v1", ModelContract.from_dict(wb))
+    assert "densenet-small" in cli_models.model_line("small/v1", ModelContract.from_dict(wb))
 
 
 def test_weights_of_another_architecture_are_refused_before_training(

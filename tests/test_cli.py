@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from tests.conftest import run_cli
 from workbench import cli
 from workbench.cli import main
+from workbench.cli import models as cli_models
 from workbench.config import get_settings
 from workbench.errors import UsageError, WorkbenchError
 from workbench.train.config import LITERAL_FIELDS, NOT_ON_COMMAND_LINE, TrainConfig
@@ -43,7 +46,7 @@ def test_a_missing_source_folder_is_a_clear_error(tmp_path: Path, capsys) -> Non
 
 
 def _train_options() -> dict[str, argparse.Action]:
-    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     train = sub.choices["train"]
     return {a.dest: a for a in train._actions if a.dest != "help"}
 
@@ -65,12 +68,12 @@ def test_train_without_options_gives_the_configs_defaults_and_the_environments_p
     monkeypatch.setenv("WORKBENCH_PRECISION", "fp32")
     monkeypatch.delenv("WORKBENCH_DEVICE", raising=False)
     settings = get_settings()
-    a = cli._parser().parse_args(["train", "--cohort", "c", "--name", "n"])
-    assert cli._train_config(a, settings) == TrainConfig("c", "n", precision="fp32")
-    a = cli._parser().parse_args(
+    a = cli.build_parser().parse_args(["train", "--cohort", "c", "--name", "n"])
+    assert cli_models.train_config(a, settings) == TrainConfig("c", "n", precision="fp32")
+    a = cli.build_parser().parse_args(
         ["train", "--cohort", "c", "--name", "n", "--precision", "bf16", "--lr", "3e-4"]
     )
-    assert cli._train_config(a, settings) == TrainConfig("c", "n", precision="bf16", lr=3e-4)
+    assert cli_models.train_config(a, settings) == TrainConfig("c", "n", precision="bf16", lr=3e-4)
 
 
 def test_a_config_value_outside_its_choices_is_refused_by_name() -> None:
@@ -129,3 +132,33 @@ def test_synth_then_ingest_from_the_command_line(tmp_path: Path) -> None:
         .startswith("ingested 12, already present 0, quarantined 0")
     )
     assert (tmp_path / "workbench.db").exists()
+
+
+def test_commands_that_need_no_model_never_import_torch(tmp_path: Path) -> None:
+    """The command groups import torch, MONAI and Captum only inside the handlers that use
+    them (workbench/cli/__init__.py): listing users, checking the audit chain or asking for
+    help must not pay seconds for them."""
+    code = (
+        "import sys\n"
+        "from workbench.cli import build_parser, main\n"
+        "build_parser().format_help()\n"
+        "assert main(['users', 'list']) == 0\n"
+        "assert main(['audit', 'verify']) == 0\n"
+        "assert main(['quarantine']) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'monai', 'captum', 'sklearn') if m in sys.modules)\n"
+        "print('heavy:', heavy)\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("WORKBENCH_")}
+    environ["WORKBENCH_HOME"] = str(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert "heavy: []" in r.stdout
+
+
+def test_every_command_has_one_handler_in_its_group() -> None:
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(cli.COMMANDS)
+    owners = [name for group in cli.GROUPS for name in group.COMMANDS]
+    assert len(owners) == len(set(owners))  # no command registered by two groups

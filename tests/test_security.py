@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import run_cli
 from workbench import cli
+from workbench.cli import app as cli_app
+from workbench.cli import demo as cli_demo
 from workbench.config import cookie_secret
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,15 +50,15 @@ def tracked_files() -> list[Path]:
 
 
 def test_the_app_listens_on_loopback_by_default() -> None:
-    args = cli._parser().parse_args(["app"])
+    args = cli.build_parser().parse_args(["app"])
     assert args.address in LOOPBACK
-    cmd = cli._streamlit_cmd(args.port, args.address)
+    cmd = cli_app.streamlit_cmd(args.port, args.address)
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
     # `streamlit run streamlit_app.py` by hand reads the project's config: loopback too.
     config = (ROOT / ".streamlit" / "config.toml").read_text()
     assert re.search(r'^address\s*=\s*"127\.0\.0\.1"', config, re.M)
     # The demo opens the app the same way.
-    assert 'address="127.0.0.1"' in Path(cli.__file__).read_text().replace(" ", "")
+    assert 'address="127.0.0.1"' in Path(cli_demo.__file__).read_text().replace(" ", "")
 
 
 def test_the_cookie_secret_is_per_installation_private_and_ignored_by_git(settings) -> None:
@@ -115,10 +117,10 @@ def test_a_password_cannot_be_given_on_the_command_line(tmp_path: Path) -> None:
     ):
         r = run_cli(args, tmp_path)
         assert r.returncode == 2 and "unrecognized arguments" in r.stderr
-    text = Path(cli.__file__).read_text()
+    text = "".join(p.read_text() for p in Path(cli.__file__).parent.glob("*.py"))
     assert "--password" not in text and "--cookie-secret" not in text
     # The app gets its cookie secret through the environment, never argv (visible in `ps`).
-    assert "cookieSecret" not in " ".join(cli._streamlit_cmd(8501, "127.0.0.1"))
+    assert "cookieSecret" not in " ".join(cli_app.streamlit_cmd(8501, "127.0.0.1"))
 
 
 def test_only_pixel_files_are_cached_across_sessions() -> None:

@@ -246,12 +246,12 @@ def test_site_calibration_round_trips_through_a_bundle_as_plain_json(tmp_path: P
 
 
 def test_the_cli_flag_turns_per_site_calibration_on_and_is_off_by_default() -> None:
-    from workbench.cli import _parser
+    from workbench.cli import build_parser
     from workbench.train.config import TrainConfig
 
     base = ["train", "--cohort", "c", "--name", "m"]
-    off = _parser().parse_args(base)
-    on = _parser().parse_args([*base, "--calibrate-per-site", "--site-min-studies", "12"])
+    off = build_parser().parse_args(base)
+    on = build_parser().parse_args([*base, "--calibrate-per-site", "--site-min-studies", "12"])
     # the option's default is the configuration's (one source of defaults)
     assert off.calibrate_per_site is False and off.site_min_studies == 30
     assert on.calibrate_per_site is True and on.site_min_studies == 12

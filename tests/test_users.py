@@ -229,21 +229,21 @@ def test_audit_export_writes_csv_and_json(settings: Settings, tmp_path: Path) ->
 
 def test_the_demo_makes_a_clinician_account_once(tmp_path: Path, monkeypatch, capsys) -> None:
     from tests.conftest import make_settings
-    from workbench import cli
+    from workbench.cli import demo as cli_demo
 
     s = make_settings(tmp_path / "home")
     monkeypatch.delenv("WORKBENCH_DEMO_PASSWORD", raising=False)
-    cli._demo_account(s)
+    cli_demo.demo_account(s)
     out = capsys.readouterr().out
     password = out.split("password ", 1)[1].split(" ", 1)[0]
-    assert users.authenticate(s, cli.DEMO_USER, password).role == "clinician"
-    cli._demo_account(s)  # a second demo run leaves the account (and its password) alone
+    assert users.authenticate(s, cli_demo.DEMO_USER, password).role == "clinician"
+    cli_demo.demo_account(s)  # a second demo run leaves the account (and its password) alone
     assert password not in capsys.readouterr().out
     other = make_settings(tmp_path / "other")
     monkeypatch.setenv("WORKBENCH_DEMO_PASSWORD", TEST_PASSWORD)
-    cli._demo_account(other)
+    cli_demo.demo_account(other)
     assert TEST_PASSWORD not in capsys.readouterr().out
-    assert users.authenticate(other, cli.DEMO_USER, TEST_PASSWORD).username == "demo"
+    assert users.authenticate(other, cli_demo.DEMO_USER, TEST_PASSWORD).username == "demo"
 
 
 def test_migration_0002_turns_repeated_reviews_into_versions(tmp_path: Path) -> None:
