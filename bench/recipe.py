@@ -28,7 +28,7 @@ the finding classes, i.e. every class but the negative one; for the recipe, the 
 operating points: per class the threshold that reaches the target sensitivity on the
 calibration split for softmax models, Youden's J per label for sigmoid ones), ECE before and
 after calibration (top-label, 15 bins) with bias-corrected 95% bootstrap CIs
-(``workbench.posthoc.calibration.calibration_report``; for sigmoid problems the mean over labels of
+(``workbench.metrics.calibration_report``; for sigmoid problems the mean over labels of
 each label's binary ECE, as the recipe records it, with per-label CIs in the JSON), optimiser
 steps, the fit's seconds and the whole method's wall time. The recipe's test probabilities are
 recomputed from its bundle as a check that the baselines are scored the way the bundle was
@@ -83,13 +83,13 @@ from workbench.config import Settings
 from workbench.dicom.plant import PACKAGE_SOURCES, package_source, planted_cohort
 from workbench.dicom.synth import synthesize_cohort
 from workbench.errors import NotFoundError
-from workbench.metrics import classification_metrics, label_metrics
+from workbench.metrics import calibration_report, classification_metrics, label_metrics
 from workbench.model.bundle import code_version, load_bundle
 from workbench.model.data import InputSpec, eval_transforms, to_records
 from workbench.model.nets import create_network
 from workbench.model.problems import Problem, resolve_problem
 from workbench.model.runtime import forward_dataset, hardware_of, mean_by_study
-from workbench.posthoc.calibration import calibration_report, sigmoid, softmax
+from workbench.posthoc.calibration import sigmoid, softmax
 from workbench.train.config import Architecture, TrainConfig
 from workbench.train.training import train
 

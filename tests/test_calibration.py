@@ -8,18 +8,16 @@ import pytest
 from sklearn.calibration import _CalibratedClassifier
 from sklearn.isotonic import IsotonicRegression
 
+from workbench.metrics import brier_score, expected_calibration_error, reliability_curve
 from workbench.posthoc.calibration import (
     Calibration,
-    CalibrationResult,
+    Calibrator,
     _extract_params,
     _fit_sklearn,
     _LogitsClassifier,
-    brier_score,
-    expected_calibration_error,
-    fit_calibration,
-    reliability_curve,
     softmax,
 )
+from workbench.posthoc.protocol import PostHocModel
 
 METHODS = ("temperature", "sigmoid", "isotonic")
 
@@ -60,9 +58,7 @@ def test_apply_reproduces_sklearn_predict_proba(k: int, method: str) -> None:
 def test_temperature_param_is_true_inverse_temperature_binary_and_multiclass() -> None:
     for k in (2, 3):
         z, y = _overconfident(400, k, seed=5)
-        c = _roundtrip(
-            fit_calibration(z, y, [str(i) for i in range(k)], ("temperature",)).calibration
-        )
+        c = _roundtrip(Calibrator([str(i) for i in range(k)], ("temperature",)).fit(z, y).map_)
         assert c.method == "temperature"
         beta = c.params["beta"]
         np.testing.assert_allclose(c.apply(z), softmax(beta * z), atol=1e-12)
@@ -102,19 +98,22 @@ def test_none_is_softmax_and_roundtrips() -> None:
 
 def test_fit_calibration_improves_overconfident_model() -> None:
     z, y = _overconfident(600, 3, seed=0)
-    res = fit_calibration(z, y, ["normal", "benign", "malignant"], seed=0)
-    assert isinstance(res, CalibrationResult)
-    assert set(res.held_out_log_loss) == {"none", *METHODS}
-    assert res.calibration.method != "none"
-    assert res.held_out_log_loss[res.calibration.method] == min(res.held_out_log_loss.values())
-    assert res.after["log_loss"] < res.before["log_loss"]
-    assert res.after["ece"] < res.before["ece"]
-    assert set(res.before) == set(res.after) == {"ece", "brier", "log_loss", "accuracy"}
-    assert res.n_folds == 5
-    assert res.calibration.classes == ("normal", "benign", "malignant")
-    json.dumps(res.calibration.to_dict())  # plain data
+    res = Calibrator(["normal", "benign", "malignant"], seed=0).fit(z, y)
+    assert isinstance(res, PostHocModel)
+    assert set(res.held_out_log_loss_) == {"none", *METHODS}
+    assert res.map_.method != "none"
+    assert res.held_out_log_loss_[res.map_.method] == min(res.held_out_log_loss_.values())
+    assert res.after_["log_loss"] < res.before_["log_loss"]
+    assert res.after_["ece"] < res.before_["ece"]
+    assert set(res.before_) == set(res.after_) == {"ece", "brier", "log_loss", "accuracy"}
+    assert res.n_folds_ == 5
+    assert res.map_.classes == ("normal", "benign", "malignant")
+    json.dumps(res.map_.to_dict())  # plain data
     # deterministic for a given seed
-    assert fit_calibration(z, y, ["normal", "benign", "malignant"], seed=0) == res
+    again = Calibrator(["normal", "benign", "malignant"], seed=0).fit(z, y)
+    assert (again.map_, again.held_out_log_loss_) == (res.map_, res.held_out_log_loss_)
+    np.testing.assert_array_equal(res.apply(z), res.map_.apply(z))
+    assert Calibrator.from_dict(res.to_dict()).map_ == res.map_
 
 
 def test_fit_calibration_keeps_none_for_calibrated_model() -> None:
@@ -122,33 +121,33 @@ def test_fit_calibration_keeps_none_for_calibrated_model() -> None:
     n, k = 400, 3
     z = rng.normal(size=(n, k)) * 2
     y = np.array([rng.choice(k, p=p) for p in softmax(z)])  # labels drawn from softmax
-    res = fit_calibration(z, y, ["a", "b", "c"], methods=("isotonic",))
-    assert res.calibration.method == "none"
-    assert res.after == res.before
+    res = Calibrator(["a", "b", "c"], methods=("isotonic",)).fit(z, y)
+    assert res.map_.method == "none"
+    assert res.after_ == res.before_
 
 
 def test_fit_calibration_small_classes() -> None:
     z, y = _overconfident(40, 2, seed=2)
     y[:] = 0
     y[:3] = 1  # 3 positives -> 3 folds
-    res = fit_calibration(z, y, ["neg", "pos"])
-    assert res.n_folds == 3
+    res = Calibrator(["neg", "pos"]).fit(z, y)
+    assert res.n_folds_ == 3
     y[:] = 0
     y[0] = 1  # 1 positive -> nothing can be validated
     with pytest.warns(UserWarning, match="cannot estimate"):
-        res = fit_calibration(z, y, ["neg", "pos"])
-    assert res.calibration.method == "none" and res.n_folds == 0
-    assert list(res.held_out_log_loss) == ["none"]
+        res = Calibrator(["neg", "pos"]).fit(z, y)
+    assert res.map_.method == "none" and res.n_folds_ == 0
+    assert list(res.held_out_log_loss_) == ["none"]
 
 
 def test_fit_calibration_rejects_bad_input() -> None:
     z, y = _overconfident(20, 3, seed=0)
     with pytest.raises(ValueError):
-        fit_calibration(z, y, ["a", "b"])  # wrong number of classes
+        Calibrator(["a", "b"]).fit(z, y)  # wrong number of classes
     with pytest.raises(ValueError):
-        fit_calibration(z, y + 3, ["a", "b", "c"])
+        Calibrator(["a", "b", "c"]).fit(z, y + 3)
     with pytest.raises(ValueError):
-        fit_calibration(z, y, ["a", "b", "c"], methods=("platt",))  # type: ignore[arg-type]
+        Calibrator(["a", "b", "c"], methods=("platt",))  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Calibration.from_dict({"method": "magic", "params": {}, "classes": ["a", "b"]})
     c = Calibration.identity(["a", "b", "c"])
@@ -198,7 +197,7 @@ def test_calibrated_probabilities_sum_to_one_and_held_out_ece_does_not_get_worse
     z_cal, y_cal = _overconfident(400, k, seed=1)
     z_test, y_test = _overconfident(400, k, seed=2)
     classes = [f"c{i}" for i in range(k)]
-    cal = fit_calibration(z_cal, y_cal, classes, seed=0).calibration
+    cal = Calibrator(classes, seed=0).fit(z_cal, y_cal).map_
     assert cal.method != "none"
     probs = cal.apply(z_test)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
@@ -209,7 +208,7 @@ def test_calibrated_probabilities_sum_to_one_and_held_out_ece_does_not_get_worse
 
 
 def test_calibration_report_gives_each_metric_with_a_bootstrap_interval() -> None:
-    from workbench.posthoc.calibration import (
+    from workbench.metrics import (
         adaptive_calibration_error,
         calibration_report,
         expected_calibration_error,
@@ -239,7 +238,7 @@ def test_binned_calibration_errors_have_intervals_that_hold_their_estimate() -> 
     # A well-calibrated, confident model: a resample's ECE / MCE is biased upwards, and a plain
     # percentile interval once lay wholly above the estimate (adaptive ECE 0.017, interval
     # 0.019-0.036 on the trust fixture's 646 test studies). The intervals are bias-shifted.
-    from workbench.posthoc.calibration import calibration_report
+    from workbench.metrics import calibration_report
 
     # (plain percentile intervals miss their estimate for ECE, adaptive ECE or MCE on some of
     # these eight seeds)
@@ -252,3 +251,37 @@ def test_binned_calibration_errors_have_intervals_that_hold_their_estimate() -> 
         report = calibration_report(probs, labels, n_resamples=200, seed=seed)
         for name, r in report.items():
             assert 0.0 <= r["ci_low"] <= r["value"] <= r["ci_high"], (seed, name, r)
+
+
+def test_the_calibrators_follow_the_post_hoc_protocol() -> None:
+    """Built with settings, fit returns self, learned state ends in "_" (none before fit),
+    apply uses it, and the bundle record round-trips through to_dict / from_dict."""
+    from workbench.posthoc.calibration import LabelCalibrator
+    from workbench.posthoc.site_calibration import SiteCalibrator
+
+    rng = np.random.default_rng(3)
+    z, y = _overconfident(600, 3, seed=3)
+    sites = ["north" if i % 2 else "south" for i in range(len(y))]
+    targets = (rng.random((600, 2)) < 0.4).astype(int)
+    sig = targets * 3.0 - 1.5 + rng.normal(0, 2, (600, 2))
+    global_map = Calibrator(["a", "b", "c"]).fit(z, y).map_
+    cases = [
+        (Calibrator(["a", "b", "c"]), (z, y), (z[:7],), ()),
+        (LabelCalibrator(["x", "w"]), (sig, targets), (sig[:7],), ()),
+        (
+            SiteCalibrator(global_map, min_studies=50),
+            (z, y, sites),
+            (z[:7], sites[:7]),
+            (global_map,),
+        ),
+    ]
+    for model, fit_args, apply_args, restore in cases:
+        assert isinstance(model, PostHocModel)
+        assert not [k for k in vars(model) if k.endswith("_")]
+        with pytest.raises(ValueError, match="not fitted"):
+            model.apply(*apply_args)
+        assert model.fit(*fit_args) is model
+        assert [k for k in vars(model) if k.endswith("_")], type(model).__name__
+        again = type(model).from_dict(json.loads(json.dumps(model.to_dict())), *restore)
+        np.testing.assert_array_equal(again.apply(*apply_args), model.apply(*apply_args))
+        assert again.to_dict() == model.to_dict()

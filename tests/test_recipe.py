@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import Pipeline
 from workbench.catalog.ingest import cohort_items, holdout_patients
-from workbench.posthoc.calibration import TEMPERATURE_FLOOR, fit_calibration, softmax
+from workbench.posthoc.calibration import TEMPERATURE_FLOOR, Calibrator, softmax
 from workbench.train.config import TrainConfig
 from workbench.train.training import (
     DEFAULT_CAP_EPOCHS,
@@ -150,11 +150,11 @@ def test_temperature_is_the_floor_on_a_large_calibration_split() -> None:
     n, k = TEMPERATURE_FLOOR + 50, 3
     z = rng.normal(size=(n, k)) * 2
     y = np.array([rng.choice(k, p=p) for p in softmax(z)])  # calibrated already
-    res = fit_calibration(z, y, ["a", "b", "c"])
-    assert res.calibration.method != "none"
-    assert any("floor" in note for note in res.notes)
-    small = fit_calibration(z[:60], y[:60], ["a", "b", "c"])
-    assert not any("floor" in note for note in small.notes)
+    res = Calibrator(["a", "b", "c"]).fit(z, y)
+    assert res.map_.method != "none"
+    assert any("floor" in note for note in res.notes_)
+    small = Calibrator(["a", "b", "c"]).fit(z[:60], y[:60])
+    assert not any("floor" in note for note in small.notes_)
 
 
 def test_the_weight_average_starts_at_the_weights_and_ramps_its_decay() -> None:

@@ -20,19 +20,29 @@ import pytest
 
 from tests.conftest import make_settings, torch_threads
 from workbench.posthoc.calibration import (
-    GLOBAL_MAP,
     Calibration,
+    Calibrator,
     LabelCalibration,
-    SiteCalibration,
-    fit_calibration,
-    fit_label_calibration,
-    fit_site_calibration,
-    site_calibration_metrics,
+    LabelCalibrator,
     softmax,
+)
+from workbench.posthoc.site_calibration import (
+    GLOBAL_MAP,
+    SiteCalibration,
+    SiteCalibrator,
+    site_calibration_metrics,
 )
 
 # site -> (logit scale, studies per n): north overconfident, south underconfident and larger
 SCALES: dict[str, float | tuple[float, int]] = {"north": (2.0, 1), "south": (0.5, 2)}
+
+
+def _fit_sites(
+    logits: np.ndarray, labels: np.ndarray, sites: list, global_map: object, **kw: object
+) -> tuple[SiteCalibration, dict]:
+    """SiteCalibrator(...).fit(...): the fitted map and what the fit found per site."""
+    fitted = SiteCalibrator(global_map, **kw).fit(logits, labels, sites)  # type: ignore[arg-type]
+    return fitted.map_, fitted.report_
 
 
 def _sites(
@@ -59,8 +69,8 @@ def _classes(k: int) -> tuple[str, ...]:
 @pytest.mark.parametrize("k", [2, 3])
 def test_per_site_maps_lower_each_sites_ece_and_log_loss_below_the_global_maps(k: int) -> None:
     z, y, sites = _sites(100, seed=0, k=k)
-    global_map = fit_calibration(z, y, _classes(k), seed=0).calibration
-    per_site, fit = fit_site_calibration(z, y, sites, global_map, seed=0)
+    global_map = Calibrator(_classes(k)).fit(z, y).map_
+    per_site, fit = _fit_sites(z, y, sites, global_map, seed=0)
     assert set(per_site.sites) == {"north", "south"} and not per_site.fallback
     for site in SCALES:
         assert fit[site]["map"] == f"site:{site}"
@@ -86,8 +96,8 @@ def test_a_multilabel_models_sites_get_per_label_maps_that_beat_the_global_ones(
     z2b, y2b, _ = _sites(100, seed=3, k=2)
     logits = np.stack([z2[:, 1] - z2[:, 0], z2b[:, 1] - z2b[:, 0]], axis=1)
     targets = np.stack([y2, y2b], axis=1)
-    global_map, _ = fit_label_calibration(logits, targets, ("effusion", "nodule"))
-    per_site, fit = fit_site_calibration(logits, targets, sites, global_map)
+    global_map = LabelCalibrator(("effusion", "nodule")).fit(logits, targets).map_
+    per_site, fit = _fit_sites(logits, targets, sites, global_map)
     assert all(isinstance(m, LabelCalibration) for m in per_site.sites.values())
     assert set(per_site.sites) == {"north", "south"}
     assert set(fit["north"]["method"]) == {"effusion", "nodule"}
@@ -107,8 +117,8 @@ def test_a_site_with_too_few_studies_or_a_missing_class_falls_back_to_the_global
     keep = np.array([i for i in range(len(sites)) if i not in drop])
     z, y, sites = z[keep], y[keep], [sites[i] for i in keep]
     sites[0] = None  # type: ignore[call-overload]  # a study without a site: no site's
-    global_map = fit_calibration(z, y, _classes(3)).calibration
-    per_site, fit = fit_site_calibration(z, y, sites, global_map, min_studies=30)
+    global_map = Calibrator(_classes(3)).fit(z, y).map_
+    per_site, fit = _fit_sites(z, y, sites, global_map, min_studies=30)
 
     assert set(per_site.sites) == {"north"}
     assert per_site.fallback["small"] == "12 calibration studies, needs 30"
@@ -131,8 +141,8 @@ def test_sites_miscalibrated_alike_keep_the_global_map() -> None:
     """Three sites with the same miscalibration: on this seed no site's own map beats the
     global map's log loss on its studies, so every site keeps it, with the reason."""
     z, y, sites = _sites(100, seed=3, scales={"a": 2.0, "b": 2.0, "c": 2.0})
-    global_map = fit_calibration(z, y, _classes(3)).calibration
-    per_site, fit = fit_site_calibration(z, y, sites, global_map)
+    global_map = Calibrator(_classes(3)).fit(z, y).map_
+    per_site, fit = _fit_sites(z, y, sites, global_map)
     assert per_site.sites == {}
     for site in ("a", "b", "c"):
         assert per_site.fallback[site].startswith("the global map fits its studies as well")
@@ -167,8 +177,8 @@ def test_conformal_sets_and_operating_points_are_fitted_on_the_per_site_probabil
     classes = _classes(3)
     z, y, sites = _sites(100, seed=6)
     zt, yt, st = _sites(200, seed=7)
-    global_map = fit_calibration(z, y, classes).calibration
-    per_site, _ = fit_site_calibration(z, y, sites, global_map)
+    global_map = Calibrator(classes).fit(z, y).map_
+    per_site, _ = _fit_sites(z, y, sites, global_map)
     assert per_site.sites
     train, cal, test = _split(z, y, sites, 0), _split(z, y, sites, 1000), _split(zt, yt, st, 5000)
 
@@ -207,8 +217,8 @@ def test_site_calibration_round_trips_through_a_bundle_as_plain_json(tmp_path: P
     keep = np.array([i for i, s in enumerate(sites) if s != "small" or i % 150 < 10])
     z, y, sites = z[keep], y[keep], [sites[i] for i in keep]
     classes = _classes(3)
-    global_map = fit_calibration(z, y, classes).calibration
-    per_site, _ = fit_site_calibration(z, y, sites, global_map)
+    global_map = Calibrator(classes).fit(z, y).map_
+    per_site, _ = _fit_sites(z, y, sites, global_map)
     assert per_site.sites and per_site.fallback["small"] == "10 calibration studies, needs 30"
     own = sorted(per_site.sites)[0]
 

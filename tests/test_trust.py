@@ -80,9 +80,9 @@ def test_each_similar_case_carries_its_closeness_also_from_an_older_bundle(
     idx = trust.index  # an index file as bundles wrote it before it held the quantiles
     np.savez(
         old / "models" / INDEX_FILE,
-        embeddings=idx.embeddings.astype(np.float16),
-        study_keys=idx.study_keys,
-        labels=idx.labels,
+        embeddings=idx.embeddings_.astype(np.float16),
+        study_keys=idx.study_keys_,
+        labels=idx.labels_,
     )
     meta = json.loads(json.dumps(trust.metadata()))
     probs = np.full(3, 1 / 3)

@@ -72,7 +72,7 @@ def debug_enabled() -> bool:
 DEFAULT_MAX_PIXEL_MB = 512
 
 #: A site gets a calibration map of its own only with at least this many calibration studies
-#: (see calibration.fit_site_calibration); `train --site-min-studies` changes it.
+#: (see site_calibration.SiteCalibrator); `train --site-min-studies` changes it.
 SITE_MIN_STUDIES = 30
 
 

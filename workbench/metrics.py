@@ -1,4 +1,5 @@
-"""Classification metrics with bootstrap confidence intervals (scikit-learn underneath)."""
+"""Classification metrics with bootstrap confidence intervals, and calibration errors (ECE,
+adaptive ECE, MCE, Brier, reliability curves), scikit-learn underneath."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.calibration import calibration_curve
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
+    brier_score_loss,
     cohen_kappa_score,
     confusion_matrix,
     log_loss,
@@ -205,4 +208,156 @@ def label_metrics(
             "sensitivity": float(hit[pos, j].mean()) if pos.any() else None,
             "specificity": float((~hit[~pos, j]).mean()) if (~pos).any() else None,
         }
+    return out
+
+
+# ------------------------------------------------------------ calibration errors
+
+
+def check_probs_labels(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k >= 2) probabilities and (n,) integer class indices, checked and as arrays."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ValueError(f"probs must be a 2-D (n, k>=2) array, got shape {p.shape}")
+    if y.ndim != 1 or y.shape[0] != p.shape[0]:
+        raise ValueError(f"labels must have shape ({p.shape[0]},), got {y.shape}")
+    if p.shape[0] == 0:
+        raise ValueError("no samples")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.equal(np.mod(y, 1), 0)):
+            raise ValueError("labels must be integer class indices")
+        y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= p.shape[1]:
+        raise ValueError(f"labels must be class indices in [0, {p.shape[1]})")
+    return p, y
+
+
+def _top_label_bins(
+    probs: np.ndarray, labels: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top-label reliability statistics over ``n_bins`` equal-width bins of [0, 1].
+
+    Returns (bin index, mean confidence, accuracy, count) for the non-empty bins.
+
+    sklearn's ``calibration_curve`` is binary-only; the top-label diagram is exactly its
+    binary problem "is the argmax correct?" vs. the max probability, so it is used for
+    the per-bin accuracy / confidence.  It returns neither bin edges nor counts, so those
+    few lines are hand-written with the identical binning (``searchsorted`` on the inner
+    edges: bins are (lo, hi], the first one [0, hi]).
+    """
+    if n_bins < 1:
+        raise ValueError("n_bins must be >= 1")
+    p, y = check_probs_labels(probs, labels)
+    conf = np.clip(p.max(axis=1), 0.0, 1.0)
+    correct = (p.argmax(axis=1) == y).astype(np.int64)
+    acc, mean_conf = calibration_curve(
+        correct, conf, pos_label=1, n_bins=n_bins, strategy="uniform"
+    )
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], conf), minlength=n_bins)
+    nonempty = np.flatnonzero(counts)
+    return nonempty, mean_conf, acc, counts[nonempty]
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE with equal-width bins: sum_b (n_b / n) * |acc_b - conf_b|.
+
+    Hand-written (sklearn has no ECE); binning as in :func:`reliability_curve`.
+    """
+    _, conf, acc, counts = _top_label_bins(probs, labels, n_bins)
+    return float(np.sum(counts / counts.sum() * np.abs(acc - conf)))
+
+
+def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Multi-class Brier score: mean over samples of sum over classes of squared error.
+
+    Range [0, 2]; for k == 2 this is twice the customary binary Brier score.
+    """
+    p, y = check_probs_labels(probs, labels)
+    k = p.shape[1]
+    return float(brier_score_loss(y, p, labels=np.arange(k), scale_by_half=False))
+
+
+def reliability_curve(
+    probs: np.ndarray, labels: np.ndarray, n_bins: int = 10
+) -> dict[str, list[float]]:
+    """Top-label reliability diagram data over equal-width bins of [0, 1].
+
+    Only non-empty bins are listed (as sklearn's ``calibration_curve`` does).  Keys:
+    ``bin_lower``, ``bin_upper``, ``confidence`` (mean max-probability), ``accuracy``
+    (fraction of argmax predictions that are correct), ``count``.
+    """
+    idx, conf, acc, counts = _top_label_bins(probs, labels, n_bins)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return {
+        "bin_lower": [float(v) for v in edges[idx]],
+        "bin_upper": [float(v) for v in edges[idx + 1]],
+        "confidence": [float(v) for v in conf],
+        "accuracy": [float(v) for v in acc],
+        "count": [float(v) for v in counts],
+    }
+
+
+def adaptive_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE over equal-mass bins (each holds about n / n_bins studies; Nixon et al.
+    2019): less sensitive than equal-width bins to where confidences happen to cluster."""
+    p, y = check_probs_labels(probs, labels)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    order = np.argsort(conf, kind="stable")
+    total = 0.0
+    for idx in np.array_split(order, min(n_bins, len(order))):
+        if len(idx):
+            total += len(idx) * abs(correct[idx].mean() - conf[idx].mean())
+    return float(total / len(order))
+
+
+def maximum_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """The largest |accuracy - confidence| over the non-empty equal-width bins (MCE)."""
+    _, conf, acc, _ = _top_label_bins(probs, labels, n_bins)
+    return float(np.max(np.abs(acc - conf))) if len(acc) else 0.0
+
+
+# Calibration errors computed over bins: biased upwards when a resample duplicates studies.
+_BINNED = ("ece", "ece_adaptive", "mce")
+
+
+def calibration_report(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    n_bins: int = 15,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """ECE (equal-width and equal-mass bins), MCE, Brier and log loss, each with a 95%
+    bootstrap interval over studies (resampled with replacement, seeded).
+
+    Brier and log loss are means over studies: plain percentile intervals.  The binned
+    errors (ECE, adaptive ECE, MCE) are biased upwards on a resample: the studies it
+    duplicates leave fewer distinct points per bin, so |accuracy - confidence| is noisier
+    and larger.  For a well-calibrated model their percentile interval can then lie wholly
+    above the estimate (measured: adaptive ECE 0.017 with a percentile interval of
+    0.019-0.036 on 646 studies).  Their interval is shifted down by the bootstrap's bias
+    estimate, mean(resamples) - estimate (Efron & Tibshirani 1993, ch. 10), and floored at 0."""
+    p, y = check_probs_labels(probs, labels)
+    k = p.shape[1]
+    fns: dict[str, Any] = {
+        "ece": lambda a, b: expected_calibration_error(a, b, n_bins),
+        "ece_adaptive": lambda a, b: adaptive_calibration_error(a, b, n_bins),
+        "mce": lambda a, b: maximum_calibration_error(a, b, n_bins),
+        "brier": brier_score,
+        "log_loss": lambda a, b: float(log_loss(b, a, labels=np.arange(k))),
+    }
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(y), len(y)) for _ in range(n_resamples)]
+    out: dict[str, dict[str, float]] = {}
+    for name, fn in fns.items():
+        values = [fn(p[d], y[d]) for d in draws]
+        value = float(fn(p, y))
+        lo, hi = np.percentile(values, [2.5, 97.5]) if values else (np.nan, np.nan)
+        if name in _BINNED and values:
+            bias = float(np.mean(values)) - value
+            lo, hi = max(0.0, lo - bias), max(0.0, hi - bias)
+        out[name] = {"value": value, "ci_low": float(lo), "ci_high": float(hi)}
     return out

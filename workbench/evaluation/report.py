@@ -41,10 +41,16 @@ from workbench.config import Settings
 from workbench.db.store import Prediction, Review, new_session
 from workbench.errors import WorkbenchError
 from workbench.evaluation.jsonout import DECIMALS, dump_json, normalise
-from workbench.metrics import classification_metrics, kappa, macro_auroc
+from workbench.metrics import (
+    brier_score,
+    classification_metrics,
+    expected_calibration_error,
+    kappa,
+    macro_auroc,
+    reliability_curve,
+)
 from workbench.model.bundle import code_version
 from workbench.model.bundle_info import BundleError, BundleInfo, read_bundle_info
-from workbench.posthoc.calibration import brier_score, expected_calibration_error, reliability_curve
 from workbench.predict.results import latest_predictions
 
 TEMPLATE = "report.html.j2"

@@ -43,13 +43,8 @@ from workbench.model.bundle_info import (
 from workbench.model.contract import CONTRACT_VERSION, ContractError, ModelContract
 from workbench.model.data import InputSpec, Normalization
 from workbench.model.nets import create_network
-from workbench.posthoc.calibration import (
-    GLOBAL_MAP,
-    Calibration,
-    LabelCalibration,
-    SiteCalibration,
-    calibration_from_dict,
-)
+from workbench.posthoc.calibration import Calibration, LabelCalibration, calibration_from_dict
+from workbench.posthoc.site_calibration import GLOBAL_MAP, SiteCalibration
 
 
 @dataclass(frozen=True)

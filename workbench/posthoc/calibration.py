@@ -27,22 +27,22 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, cast, get_args
+from dataclasses import dataclass
+from typing import Any, Literal, Self, cast, get_args
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.calibration import CalibratedClassifierCV, calibration_curve
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
-from sklearn.metrics import brier_score_loss, log_loss
+from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold
 
-from workbench.config import SITE_MIN_STUDIES
+from workbench.metrics import brier_score, check_probs_labels, expected_calibration_error
 
 Method = Literal["none", "temperature", "sigmoid", "isotonic"]
 
 _METHODS: tuple[str, ...] = get_args(Method)
-_FORMAT_VERSION = 1
+FORMAT_VERSION = 1
 _MAX_FOLDS = 5
 
 
@@ -68,24 +68,6 @@ def _check_logits(logits: np.ndarray, k: int | None = None) -> np.ndarray:
     if not np.all(np.isfinite(z)):
         raise ValueError("logits contain NaN or infinite values")
     return z
-
-
-def _check_probs_labels(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p = np.asarray(probs, dtype=np.float64)
-    y = np.asarray(labels)
-    if p.ndim != 2 or p.shape[1] < 2:
-        raise ValueError(f"probs must be a 2-D (n, k>=2) array, got shape {p.shape}")
-    if y.ndim != 1 or y.shape[0] != p.shape[0]:
-        raise ValueError(f"labels must have shape ({p.shape[0]},), got {y.shape}")
-    if p.shape[0] == 0:
-        raise ValueError("no samples")
-    if not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.equal(np.mod(y, 1), 0)):
-            raise ValueError("labels must be integer class indices")
-        y = y.astype(np.int64)
-    if y.min() < 0 or y.max() >= p.shape[1]:
-        raise ValueError(f"labels must be class indices in [0, {p.shape[1]})")
-    return p, y
 
 
 def _decision(z: np.ndarray) -> np.ndarray:
@@ -221,7 +203,7 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable representation (round-trips through ``from_dict``)."""
         return {
-            "version": _FORMAT_VERSION,
+            "version": FORMAT_VERSION,
             "method": self.method,
             "classes": list(self.classes),
             "params": _jsonable(self.params),
@@ -229,8 +211,8 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
-        version = int(d.get("version", _FORMAT_VERSION))
-        if version != _FORMAT_VERSION:
+        version = int(d.get("version", FORMAT_VERSION))
+        if version != FORMAT_VERSION:
             raise ValueError(f"unsupported calibration format version {version}")
         method = d["method"]
         if method not in _METHODS:
@@ -302,139 +284,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def _top_label_bins(
-    probs: np.ndarray, labels: np.ndarray, n_bins: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Top-label reliability statistics over ``n_bins`` equal-width bins of [0, 1].
-
-    Returns (bin index, mean confidence, accuracy, count) for the non-empty bins.
-
-    sklearn's ``calibration_curve`` is binary-only; the top-label diagram is exactly its
-    binary problem "is the argmax correct?" vs. the max probability, so it is used for
-    the per-bin accuracy / confidence.  It returns neither bin edges nor counts, so those
-    few lines are hand-written with the identical binning (``searchsorted`` on the inner
-    edges: bins are (lo, hi], the first one [0, hi]).
-    """
-    if n_bins < 1:
-        raise ValueError("n_bins must be >= 1")
-    p, y = _check_probs_labels(probs, labels)
-    conf = np.clip(p.max(axis=1), 0.0, 1.0)
-    correct = (p.argmax(axis=1) == y).astype(np.int64)
-    acc, mean_conf = calibration_curve(
-        correct, conf, pos_label=1, n_bins=n_bins, strategy="uniform"
-    )
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    counts = np.bincount(np.searchsorted(edges[1:-1], conf), minlength=n_bins)
-    nonempty = np.flatnonzero(counts)
-    return nonempty, mean_conf, acc, counts[nonempty]
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE with equal-width bins: sum_b (n_b / n) * |acc_b - conf_b|.
-
-    Hand-written (sklearn has no ECE); binning as in :func:`reliability_curve`.
-    """
-    _, conf, acc, counts = _top_label_bins(probs, labels, n_bins)
-    return float(np.sum(counts / counts.sum() * np.abs(acc - conf)))
-
-
-def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Multi-class Brier score: mean over samples of sum over classes of squared error.
-
-    Range [0, 2]; for k == 2 this is twice the customary binary Brier score.
-    """
-    p, y = _check_probs_labels(probs, labels)
-    k = p.shape[1]
-    return float(brier_score_loss(y, p, labels=np.arange(k), scale_by_half=False))
-
-
-def reliability_curve(
-    probs: np.ndarray, labels: np.ndarray, n_bins: int = 10
-) -> dict[str, list[float]]:
-    """Top-label reliability diagram data over equal-width bins of [0, 1].
-
-    Only non-empty bins are listed (as sklearn's ``calibration_curve`` does).  Keys:
-    ``bin_lower``, ``bin_upper``, ``confidence`` (mean max-probability), ``accuracy``
-    (fraction of argmax predictions that are correct), ``count``.
-    """
-    idx, conf, acc, counts = _top_label_bins(probs, labels, n_bins)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return {
-        "bin_lower": [float(v) for v in edges[idx]],
-        "bin_upper": [float(v) for v in edges[idx + 1]],
-        "confidence": [float(v) for v in conf],
-        "accuracy": [float(v) for v in acc],
-        "count": [float(v) for v in counts],
-    }
-
-
-def adaptive_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE over equal-mass bins (each holds about n / n_bins studies; Nixon et al.
-    2019): less sensitive than equal-width bins to where confidences happen to cluster."""
-    p, y = _check_probs_labels(probs, labels)
-    conf = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
-    order = np.argsort(conf, kind="stable")
-    total = 0.0
-    for idx in np.array_split(order, min(n_bins, len(order))):
-        if len(idx):
-            total += len(idx) * abs(correct[idx].mean() - conf[idx].mean())
-    return float(total / len(order))
-
-
-def maximum_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """The largest |accuracy - confidence| over the non-empty equal-width bins (MCE)."""
-    _, conf, acc, _ = _top_label_bins(probs, labels, n_bins)
-    return float(np.max(np.abs(acc - conf))) if len(acc) else 0.0
-
-
-# Calibration errors computed over bins: biased upwards when a resample duplicates studies.
-_BINNED = ("ece", "ece_adaptive", "mce")
-
-
-def calibration_report(
-    probs: np.ndarray,
-    labels: np.ndarray,
-    n_bins: int = 15,
-    n_resamples: int = 1000,
-    seed: int = 0,
-) -> dict[str, dict[str, float]]:
-    """ECE (equal-width and equal-mass bins), MCE, Brier and log loss, each with a 95%
-    bootstrap interval over studies (resampled with replacement, seeded).
-
-    Brier and log loss are means over studies: plain percentile intervals.  The binned
-    errors (ECE, adaptive ECE, MCE) are biased upwards on a resample: the studies it
-    duplicates leave fewer distinct points per bin, so |accuracy - confidence| is noisier
-    and larger.  For a well-calibrated model their percentile interval can then lie wholly
-    above the estimate (measured: adaptive ECE 0.017 with a percentile interval of
-    0.019-0.036 on 646 studies).  Their interval is shifted down by the bootstrap's bias
-    estimate, mean(resamples) - estimate (Efron & Tibshirani 1993, ch. 10), and floored at 0."""
-    p, y = _check_probs_labels(probs, labels)
-    k = p.shape[1]
-    fns: dict[str, Any] = {
-        "ece": lambda a, b: expected_calibration_error(a, b, n_bins),
-        "ece_adaptive": lambda a, b: adaptive_calibration_error(a, b, n_bins),
-        "mce": lambda a, b: maximum_calibration_error(a, b, n_bins),
-        "brier": brier_score,
-        "log_loss": lambda a, b: float(log_loss(b, a, labels=np.arange(k))),
-    }
-    rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, len(y), len(y)) for _ in range(n_resamples)]
-    out: dict[str, dict[str, float]] = {}
-    for name, fn in fns.items():
-        values = [fn(p[d], y[d]) for d in draws]
-        value = float(fn(p, y))
-        lo, hi = np.percentile(values, [2.5, 97.5]) if values else (np.nan, np.nan)
-        if name in _BINNED and values:
-            bias = float(np.mean(values)) - value
-            lo, hi = max(0.0, lo - bias), max(0.0, hi - bias)
-        out[name] = {"value": value, "ci_low": float(lo), "ci_high": float(hi)}
-    return out
-
-
 def _metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     k = probs.shape[1]
     return {
@@ -448,30 +297,6 @@ def _metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 # --------------------------------------------------------------------------- fitting
 
 
-@dataclass(frozen=True)
-class CalibrationResult:
-    """Outcome of :func:`fit_calibration`.
-
-    * ``calibration``: the chosen method, refitted on *all* the calibration data.
-    * ``held_out_log_loss``: per evaluated candidate, the log loss of out-of-fold
-      predictions (stratified K-fold over the calibration data).  ``none`` has nothing
-      to fit, so its value is simply the softmax log loss on all the data.
-    * ``before``: ece / brier / log_loss / accuracy of the uncalibrated softmax.
-    * ``after``: the same metrics for the chosen method, **cross-fitted**: computed on the
-      out-of-fold predictions used for model selection (each sample is calibrated by a
-      map fitted without it), not on the in-sample refit - an honest, slightly
-      pessimistic estimate.  For ``none`` it equals ``before``.
-    * ``n_folds``: folds used (0 when only ``none`` could be evaluated).
-    """
-
-    calibration: Calibration
-    held_out_log_loss: dict[str, float]
-    before: dict[str, float]
-    after: dict[str, float]
-    n_folds: int = 0
-    notes: tuple[str, ...] = field(default=())
-
-
 # Minimum calibration-set size (studies) for each method to be a candidate.
 MIN_SAMPLES: dict[str, int] = {"temperature": 10, "sigmoid": 40, "isotonic": 200}
 #: From this many calibration samples on, "none" is no longer a candidate: temperature at least.
@@ -480,89 +305,141 @@ TEMPERATURE_FLOOR = 100
 ECE_TARGET = 0.05
 
 
-def fit_calibration(
-    logits: np.ndarray,
-    labels: np.ndarray,
-    classes: Sequence[str],
-    methods: Sequence[Method] = ("temperature", "sigmoid", "isotonic"),
-    seed: int = 0,
-) -> CalibrationResult:
-    """Fit candidate calibrations on (logits, labels) and keep the best one.
+def _not_fitted(model: object) -> ValueError:
+    return ValueError(f"this {type(model).__name__} is not fitted yet: call fit() first")
 
-    The candidates are ``"none"`` plus ``methods``; the winner is the lowest held-out
-    log loss (stratified K-fold, ``K = min(5, smallest class count)``; ties keep the
-    simpler / earlier candidate, ``none`` first). With at least :data:`TEMPERATURE_FLOOR`
-    samples ``none`` drops out and temperature scaling is the floor.  If some class has fewer than 2
-    samples no held-out estimate is possible and ``none`` is returned (with a warning).
+
+class Calibrator:
+    """Chooses and fits the calibration map of a softmax model (the post-hoc protocol,
+    :mod:`workbench.posthoc.protocol`).
+
+    :meth:`fit` tries ``"none"`` plus ``methods`` and keeps the lowest held-out log loss
+    (stratified K-fold, ``K = min(5, smallest class count)``; ties keep the simpler / earlier
+    candidate, ``none`` first). With at least :data:`TEMPERATURE_FLOOR` samples ``none`` drops
+    out and temperature scaling is the floor. If some class has fewer than 2 samples no
+    held-out estimate is possible and ``none`` is kept (with a warning).
+
+    Learned, after :meth:`fit`:
+
+    * ``map_``: the chosen :class:`Calibration`, refitted on *all* the calibration data.
+    * ``held_out_log_loss_``: per evaluated candidate, the log loss of out-of-fold
+      predictions. ``none`` has nothing to fit: its value is the softmax log loss on all data.
+    * ``before_``: ece / brier / log_loss / accuracy of the uncalibrated softmax.
+    * ``after_``: the same metrics for the chosen method, **cross-fitted**: computed on the
+      out-of-fold predictions used for model selection (each sample is calibrated by a map
+      fitted without it), not on the in-sample refit; an honest, slightly pessimistic
+      estimate. For ``none`` it equals ``before_``.
+    * ``n_folds_``: folds used (0 when only ``none`` could be evaluated); ``notes_``: why
+      candidates were skipped or kept.
     """
-    classes_t = tuple(str(c) for c in classes)
-    k = len(classes_t)
-    z = _check_logits(logits, k)
-    p0, y = _check_probs_labels(softmax(z), labels)
-    for m in methods:
-        if m not in _METHODS:
-            raise ValueError(f"unknown calibration method {m!r}")
 
-    before = _metrics(p0, y)
-    held_out: dict[str, float] = {"none": before["log_loss"]}
-    oof: dict[str, np.ndarray] = {"none": p0}
-    candidates = [m for m in dict.fromkeys(methods) if m != "none"]
-    notes: list[str] = []
+    map_: Calibration
+    held_out_log_loss_: dict[str, float]
+    before_: dict[str, float]
+    after_: dict[str, float]
+    n_folds_: int
+    notes_: tuple[str, ...]
 
-    min_count = int(np.bincount(y, minlength=k).min())
-    n_folds = min(_MAX_FOLDS, min_count)
-    if candidates and n_folds < 2:
-        msg = (
-            f"smallest class has {min_count} sample(s): cannot estimate held-out calibration "
-            "quality, using no calibration"
-        )
-        warnings.warn(msg, stacklevel=2)
-        notes.append(msg)
-        candidates, n_folds = [], 0
-    elif not candidates:
-        n_folds = 0
-    # Flexible calibrators overfit small calibration sets (a per-class sigmoid fitted on a
-    # handful of studies can take slopes in the hundreds): each needs a minimum sample size.
-    too_small = [m for m in candidates if len(y) < MIN_SAMPLES[m]]
-    for m in too_small:
-        notes.append(f"{m} skipped: {len(y)} calibration samples, needs {MIN_SAMPLES[m]}")
-    candidates = [m for m in candidates if m not in too_small]
+    def __init__(
+        self,
+        classes: Sequence[str],
+        methods: Sequence[Method] = ("temperature", "sigmoid", "isotonic"),
+        seed: int = 0,
+    ) -> None:
+        for m in methods:
+            if m not in _METHODS:
+                raise ValueError(f"unknown calibration method {m!r}")
+        self.classes = tuple(str(c) for c in classes)
+        self.methods = tuple(methods)
+        self.seed = seed
 
-    if candidates:
-        folds = list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(z, y))
+    def fit(self, logits: np.ndarray, labels: np.ndarray) -> Self:
+        """Fit the candidates on (n, k) logits and (n,) class indices; keep the best."""
+        k = len(self.classes)
+        z = _check_logits(logits, k)
+        p0, y = check_probs_labels(softmax(z), labels)
+
+        before = _metrics(p0, y)
+        held_out: dict[str, float] = {"none": before["log_loss"]}
+        oof: dict[str, np.ndarray] = {"none": p0}
+        candidates = [m for m in dict.fromkeys(self.methods) if m != "none"]
+        notes: list[str] = []
+
+        min_count = int(np.bincount(y, minlength=k).min())
+        n_folds = min(_MAX_FOLDS, min_count)
+        if candidates and n_folds < 2:
+            msg = (
+                f"smallest class has {min_count} sample(s): cannot estimate held-out "
+                "calibration quality, using no calibration"
+            )
+            warnings.warn(msg, stacklevel=2)
+            notes.append(msg)
+            candidates, n_folds = [], 0
+        elif not candidates:
+            n_folds = 0
+        # Flexible calibrators overfit small calibration sets (a per-class sigmoid fitted on a
+        # handful of studies can take slopes in the hundreds): each needs a minimum sample size.
+        too_small = [m for m in candidates if len(y) < MIN_SAMPLES[m]]
+        for m in too_small:
+            notes.append(f"{m} skipped: {len(y)} calibration samples, needs {MIN_SAMPLES[m]}")
+        candidates = [m for m in candidates if m not in too_small]
+
+        if candidates:
+            splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=self.seed)
+            folds = list(splitter.split(z, y))
+            for m in candidates:
+                pred = np.zeros_like(p0)
+                for train, test in folds:
+                    pred[test] = _fit_sklearn(z[train], y[train], m).predict_proba(z[test])
+                oof[m] = pred
+                held_out[m] = float(log_loss(y, pred, labels=np.arange(k)))
+
+        # Temperature scaling is the floor on a calibration split large enough to fit its one
+        # parameter well: it can only move T away from 1 where the data say so, while "none"
+        # ships whatever over- or under-confidence training left.
+        floor = "temperature" in candidates and len(y) >= TEMPERATURE_FLOOR
+        best = "temperature" if floor else "none"
+        if best != "none":
+            notes.append(f"temperature is the floor ({len(y)} >= {TEMPERATURE_FLOOR} samples)")
         for m in candidates:
-            pred = np.zeros_like(p0)
-            for train, test in folds:
-                pred[test] = _fit_sklearn(z[train], y[train], m).predict_proba(z[test])
-            oof[m] = pred
-            held_out[m] = float(log_loss(y, pred, labels=np.arange(k)))
+            if held_out[m] < held_out[best]:
+                best = m
 
-    # Temperature scaling is the floor on a calibration split large enough to fit its one
-    # parameter well: it can only move T away from 1 where the data say so, while "none"
-    # ships whatever over- or under-confidence training left.
-    best = "temperature" if "temperature" in candidates and len(y) >= TEMPERATURE_FLOOR else "none"
-    if best != "none":
-        notes.append(f"temperature is the floor ({len(y)} >= {TEMPERATURE_FLOOR} samples)")
-    for m in candidates:
-        if held_out[m] < held_out[best]:
-            best = m
+        if best == "none":
+            self.map_ = Calibration.identity(self.classes)
+        else:
+            cal = _fit_sklearn(z, y, best)
+            self.map_ = Calibration(
+                method=cast(Method, best),
+                params=_extract_params(cal, best, k),
+                classes=self.classes,
+            )
+        self.held_out_log_loss_ = held_out
+        self.before_ = dict(before)
+        self.after_ = dict(before if best == "none" else _metrics(oof[best], y))
+        self.n_folds_ = n_folds
+        self.notes_ = tuple(notes)
+        return self
 
-    if best == "none":
-        calibration = Calibration.identity(classes_t)
-    else:
-        cal = _fit_sklearn(z, y, best)
-        calibration = Calibration(
-            method=cast(Method, best), params=_extract_params(cal, best, k), classes=classes_t
-        )
-    after = before if best == "none" else _metrics(oof[best], y)
-    return CalibrationResult(
-        calibration=calibration,
-        held_out_log_loss=held_out,
-        before=dict(before),
-        after=dict(after),
-        n_folds=n_folds,
-        notes=tuple(notes),
-    )
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """(n, k) logits -> (n, k) calibrated probabilities, through the fitted map."""
+        if not hasattr(self, "map_"):
+            raise _not_fitted(self)
+        return self.map_.apply(logits)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fitted map as plain data (what the bundle stores)."""
+        if not hasattr(self, "map_"):
+            raise _not_fitted(self)
+        return self.map_.to_dict()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], /) -> Self:
+        """A fitted calibrator from its stored map (no fit report: it is not stored)."""
+        cal = Calibration.from_dict(d)
+        out = cls(cal.classes, methods=(cal.method,))
+        out.map_ = cal
+        return out
 
 
 # --------------------------------------------------------------------------- per label
@@ -606,7 +483,7 @@ class LabelCalibration:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "version": _FORMAT_VERSION,
+            "version": FORMAT_VERSION,
             "method": self.method,
             "classes": list(self.classes),
             "labels": {c: cal.to_dict() for c, cal in zip(self.classes, self.labels, strict=True)},
@@ -630,300 +507,57 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return _expit(np.asarray(logits, dtype=np.float64))
 
 
-def fit_label_calibration(
-    logits: np.ndarray,
-    targets: np.ndarray,
-    classes: Sequence[str],
-    seed: int = 0,
-) -> tuple[LabelCalibration, dict[str, dict[str, Any]]]:
-    """Fit one binary calibration per sigmoid output; returns it and, per label, what the
-    fit found (chosen method, held-out log losses, notes).
+class LabelCalibrator:
+    """Fits one binary calibration per sigmoid output (one-vs-rest or multi-label models), each
+    chosen by :class:`Calibrator` on that label's logit (the post-hoc protocol).
 
-    logits: (n, K); targets: (n, K) 0/1. A label without two positives and two negatives
-    keeps the plain sigmoid (``none``).
-    """
-    z = np.asarray(logits, dtype=np.float64)
-    y = np.asarray(targets).astype(np.int64)
-    fitted, report = [], {}
-    for j, c in enumerate(classes):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "smallest class has 1 sample": noted below
-            res = fit_calibration(_as_binary_logits(z[:, j]), y[:, j], ("no", "yes"), seed=seed)
-        fitted.append(res.calibration)
-        report[c] = {
-            "method": res.calibration.method,
-            "held_out_log_loss": res.held_out_log_loss,
-            "notes": list(res.notes),
-        }
-    return LabelCalibration(tuple(fitted), tuple(str(c) for c in classes)), report
-
-
-def youden_thresholds(probs: np.ndarray, targets: np.ndarray) -> list[float]:
-    """Per label, the probability threshold maximising Youden's J (sensitivity + specificity
-    - 1) on (n, K) probabilities and 0/1 targets; 0.5 where a label is absent or constant."""
-    from sklearn.metrics import roc_curve
-
-    out = []
-    for j in range(probs.shape[1]):
-        yj = np.asarray(targets)[:, j]
-        if yj.min() == yj.max():
-            out.append(0.5)
-            continue
-        fpr, tpr, thr = roc_curve(yj, probs[:, j])
-        best = int(np.argmax(tpr - fpr))
-        out.append(float(np.clip(thr[best], 0.0, 1.0)))
-    return out
-
-
-# --------------------------------------------------------------------------- per site
-
-CalibrationMap = Calibration | LabelCalibration
-
-# A site gets a map of its own only with at least this many calibration studies, and at least
-# SITE_MIN_PER_CLASS studies of every class (sigmoid models: positives and negatives of every
-# label), the fewest that still allow a held-out estimate; below that it uses the global map.
-SITE_MIN_PER_CLASS = 2
-GLOBAL_MAP = "global"
-
-
-def site_map_name(site: str) -> str:
-    """The name a prediction records for a site's own map (``"site:NAME"``)."""
-    return f"site:{site}"
-
-
-@dataclass(frozen=True)
-class SiteCalibration:
-    """A calibration map per site beside the global one (``train --calibrate-per-site``).
-
-    ``sites`` maps a site (the catalog's name for it) to its own map, of the same kind as the
-    global one (:class:`Calibration` for softmax models, :class:`LabelCalibration` for sigmoid
-    ones); ``fallback`` lists each site of the calibration split that uses the global map, with
-    the reason. A study of a site with no map of its own, of an unknown site (None) or of a site
-    never seen at calibration is calibrated by the global map.
+    Learned, after :meth:`fit`: ``map_`` (a :class:`LabelCalibration`) and ``report_``: per
+    label, the chosen method, the held-out log losses and the notes. A label without two
+    positives and two negatives keeps the plain sigmoid (``none``).
     """
 
-    global_map: CalibrationMap
-    sites: Mapping[str, CalibrationMap]
-    fallback: Mapping[str, str]
-    min_studies: int = SITE_MIN_STUDIES
+    map_: LabelCalibration
+    report_: dict[str, dict[str, Any]]
 
-    @property
-    def classes(self) -> tuple[str, ...]:
-        return self.global_map.classes
+    def __init__(self, classes: Sequence[str], seed: int = 0) -> None:
+        self.classes = tuple(str(c) for c in classes)
+        self.seed = seed
 
-    @property
-    def n_classes(self) -> int:
-        return len(self.classes)
+    def fit(self, logits: np.ndarray, targets: np.ndarray) -> Self:
+        """logits: (n, K); targets: (n, K) 0/1."""
+        z = np.asarray(logits, dtype=np.float64)
+        y = np.asarray(targets).astype(np.int64)
+        fitted, report = [], {}
+        for j, c in enumerate(self.classes):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "smallest class has 1 sample": noted below
+                one = Calibrator(("no", "yes"), seed=self.seed).fit(
+                    _as_binary_logits(z[:, j]), y[:, j]
+                )
+            fitted.append(one.map_)
+            report[c] = {
+                "method": one.map_.method,
+                "held_out_log_loss": one.held_out_log_loss_,
+                "notes": list(one.notes_),
+            }
+        self.map_ = LabelCalibration(tuple(fitted), self.classes)
+        self.report_ = report
+        return self
 
-    def map_for(self, site: str | None) -> tuple[CalibrationMap, str]:
-        """The map that calibrates a study of ``site`` and its recorded name."""
-        if site is not None and site in self.sites:
-            return self.sites[site], site_map_name(site)
-        return self.global_map, GLOBAL_MAP
-
-    def map_names(self, sites: Sequence[str | None]) -> list[str]:
-        return [self.map_for(s)[1] for s in sites]
-
-    def apply(self, logits: np.ndarray, sites: Sequence[str | None] | None = None) -> np.ndarray:
-        """(n, k) logits and the n studies' sites -> (n, k) probabilities, each row through its
-        site's map (all through the global map when ``sites`` is None)."""
-        z = np.atleast_2d(np.asarray(logits, dtype=np.float64))
-        if sites is None:
-            return self.global_map.apply(z)
-        if len(sites) != z.shape[0]:
-            raise ValueError(f"{z.shape[0]} rows of logits but {len(sites)} sites")
-        out = np.empty(z.shape, dtype=np.float64)
-        rows_of: dict[str | None, list[int]] = {}
-        for i, s in enumerate(sites):
-            rows_of.setdefault(s if s in self.sites else None, []).append(i)
-        for site, rows in rows_of.items():
-            out[rows] = self.map_for(site)[0].apply(z[rows])
-        return out
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """(n, K) logits -> (n, K) calibrated per-label probabilities."""
+        if not hasattr(self, "map_"):
+            raise _not_fitted(self)
+        return self.map_.apply(logits)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for the bundle (the global map is stored on its own, as before)."""
-        return {
-            "version": _FORMAT_VERSION,
-            "min_studies": self.min_studies,
-            "min_per_class": SITE_MIN_PER_CLASS,
-            "sites": {s: m.to_dict() for s, m in sorted(self.sites.items())},
-            "fallback": dict(sorted(self.fallback.items())),
-        }
+        if not hasattr(self, "map_"):
+            raise _not_fitted(self)
+        return self.map_.to_dict()
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], global_map: CalibrationMap) -> SiteCalibration:
-        version = int(d.get("version", _FORMAT_VERSION))
-        if version != _FORMAT_VERSION:
-            raise ValueError(f"unsupported site calibration format version {version}")
-        sites = {str(s): calibration_from_dict(m) for s, m in (d.get("sites") or {}).items()}
-        for s, m in sites.items():
-            if m.classes != global_map.classes:
-                raise ValueError(f"site {s!r}: its calibration has other classes")
-        return cls(
-            global_map=global_map,
-            sites=sites,
-            fallback={str(s): str(r) for s, r in (d.get("fallback") or {}).items()},
-            min_studies=int(d.get("min_studies", SITE_MIN_STUDIES)),
-        )
-
-
-def apply_calibration(
-    calibration: CalibrationMap | SiteCalibration,
-    logits: np.ndarray,
-    sites: Sequence[str | None],
-) -> np.ndarray:
-    """Calibrated probabilities of (n, k) logits: each row through its study's site's map when
-    ``calibration`` is a :class:`SiteCalibration`, else all through the one map."""
-    if isinstance(calibration, SiteCalibration):
-        return calibration.apply(logits, sites)
-    return np.asarray(calibration.apply(logits))
-
-
-def _too_few(labels: np.ndarray, classes: Sequence[str], min_studies: int) -> str | None:
-    """Why a site's calibration studies cannot fit a map of their own (None: they can)."""
-    n = len(labels)
-    if n < min_studies:
-        return f"{n} calibration studies, needs {min_studies}"
-    if labels.ndim == 1:
-        counts = np.bincount(labels.astype(np.int64), minlength=len(classes))
-        for c, m in zip(classes, counts, strict=True):
-            if m < SITE_MIN_PER_CLASS:
-                return f"class {c!r} has {m} calibration studies here, needs {SITE_MIN_PER_CLASS}"
-        return None
-    for j, c in enumerate(classes):
-        pos = int(labels[:, j].sum())
-        if min(pos, n - pos) < SITE_MIN_PER_CLASS:
-            return (
-                f"label {c!r} has {pos} positive and {n - pos} negative calibration studies "
-                f"here, needs {SITE_MIN_PER_CLASS} of each"
-            )
-    return None
-
-
-def _map_log_loss(cal: CalibrationMap, logits: np.ndarray, labels: np.ndarray) -> float:
-    """Log loss of a map's probabilities (sigmoid models: the mean over labels)."""
-    return _scores(cal.apply(logits), labels)["log_loss"]
-
-
-def fit_site_calibration(
-    logits: np.ndarray,
-    labels: np.ndarray,
-    sites: Sequence[str | None],
-    global_map: CalibrationMap,
-    min_studies: int = SITE_MIN_STUDIES,
-    seed: int = 0,
-) -> tuple[SiteCalibration, dict[str, dict[str, Any]]]:
-    """Fit a map per site, as the global one was fitted, and keep it where it beats the global.
-
-    Each site with enough calibration studies (``min_studies``, and every class present twice:
-    see :func:`_too_few`) is fitted with :func:`fit_calibration` (sigmoid models:
-    :func:`fit_label_calibration`), which picks the method by held-out log loss on the site's
-    own studies. The site keeps that map only when its held-out log loss is below the global
-    map's log loss on the same studies; the global map was fitted on them too, so the
-    comparison leans towards the global map, the safer side. Studies without a site (None)
-    count for no site.
-
-    Args:
-        logits: (n, k) study-level logits of the calibration split.
-        labels: (n,) class indices, or (n, k) 0/1 targets for sigmoid models.
-        sites: the n studies' sites.
-        global_map: the map fitted on all n studies (its kind says softmax or sigmoid).
-
-    Returns the per-site calibration and, per site seen, what the fit found: ``n``, ``map``
-    (``"site:NAME"`` or ``"global"``), ``reason`` for a fallback, and where fitted the chosen
-    ``method``, its ``held_out_log_loss`` and the ``global_log_loss``.
-    """
-    z = np.asarray(logits, dtype=np.float64)
-    y = np.asarray(labels)
-    if len(sites) != z.shape[0] or y.shape[0] != z.shape[0]:
-        raise ValueError("logits, labels and sites must have one row per study")
-    classes = global_map.classes
-    fitted: dict[str, CalibrationMap] = {}
-    fallback: dict[str, str] = {}
-    report: dict[str, dict[str, Any]] = {}
-    for site in sorted({s for s in sites if s is not None}):
-        rows = np.array([i for i, s in enumerate(sites) if s == site])
-        entry: dict[str, Any] = {"n": len(rows)}
-        reason = _too_few(y[rows], classes, min_studies)
-        if reason is None:
-            site_map: CalibrationMap
-            if isinstance(global_map, LabelCalibration):
-                site_map, per_label = fit_label_calibration(z[rows], y[rows], classes, seed=seed)
-                held_out = float(
-                    np.mean([f["held_out_log_loss"][f["method"]] for f in per_label.values()])
-                )
-                entry["method"] = {c: f["method"] for c, f in per_label.items()}
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # too few per class is ruled out above
-                    res = fit_calibration(z[rows], y[rows], classes, seed=seed)
-                site_map = res.calibration
-                held_out = res.held_out_log_loss[site_map.method]
-                entry["method"] = site_map.method
-            global_loss = _map_log_loss(global_map, z[rows], y[rows])
-            entry["held_out_log_loss"] = held_out
-            entry["global_log_loss"] = global_loss
-            if held_out < global_loss:
-                fitted[site] = site_map
-            else:
-                reason = (
-                    f"the global map fits its studies as well (log loss {global_loss:.4f}, "
-                    f"its own map {held_out:.4f} held out)"
-                )
-        if reason is not None:
-            fallback[site] = reason
-            entry["reason"] = reason
-        entry["map"] = site_map_name(site) if site in fitted else GLOBAL_MAP
-        report[site] = entry
-    return SiteCalibration(global_map, fitted, fallback, min_studies), report
-
-
-def _scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """ECE, Brier and log loss of softmax rows, or the mean over labels of sigmoid columns."""
-    labels = np.asarray(labels)
-    if labels.ndim == 1:
-        problems = [(probs, labels)]
-    else:  # each sigmoid column as the binary softmax problem [1 - p, p]
-        problems = [
-            (np.stack([1 - probs[:, j], probs[:, j]], axis=1), labels[:, j].astype(np.int64))
-            for j in range(probs.shape[1])
-        ]
-    return {
-        "ece": float(np.mean([expected_calibration_error(p, t) for p, t in problems])),
-        "brier": float(np.mean([brier_score(p, t) for p, t in problems])),
-        "log_loss": float(
-            np.mean([log_loss(t, p, labels=np.arange(p.shape[1])) for p, t in problems])
-        ),
-    }
-
-
-def site_calibration_metrics(
-    logits: np.ndarray,
-    labels: np.ndarray,
-    sites: Sequence[str | None],
-    site_calibration: SiteCalibration,
-    unknown: str = "unknown",
-) -> dict[str, Any]:
-    """ECE, Brier and log loss of the uncalibrated (``raw``), globally calibrated (``global``)
-    and per-site calibrated (``per_site``) probabilities, over all studies and per site (with
-    the map each site's studies get). Sigmoid models: means over labels."""
-    z = np.asarray(logits, dtype=np.float64)
-    y = np.asarray(labels)
-    sigmoid_model = isinstance(site_calibration.global_map, LabelCalibration)
-    probs = {
-        "raw": sigmoid(z) if sigmoid_model else softmax(z),
-        "global": site_calibration.global_map.apply(z),
-        "per_site": site_calibration.apply(z, sites),
-    }
-    out: dict[str, Any] = {
-        "overall": {"n": len(y), **{name: _scores(p, y) for name, p in probs.items()}},
-        "per_site": {},
-    }
-    for site in sorted(set(sites), key=lambda s: (s is None, s or "")):
-        rows = np.array([i for i, s in enumerate(sites) if s == site])
-        out["per_site"][unknown if site is None else site] = {
-            "n": len(rows),
-            "map": site_calibration.map_for(site)[1],
-            **{key: _scores(p[rows], y[rows]) for key, p in probs.items()},
-        }
-    return out
+    def from_dict(cls, d: Mapping[str, Any], /) -> Self:
+        cal = LabelCalibration.from_dict(d)
+        out = cls(cal.classes)
+        out.map_ = cal
+        return out

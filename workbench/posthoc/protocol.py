@@ -3,12 +3,14 @@ settings, ``fit(...)`` learns from held-out data and returns ``self``, what it l
 attributes ending in ``_``, ``apply(...)`` uses it, and ``to_dict()`` / ``from_dict(d)`` are
 its record in the bundle.
 
-Follow it: :class:`~workbench.posthoc.conformal.ConformalSets`,
+Follow it: the calibrators (:class:`~workbench.posthoc.calibration.Calibrator`,
+:class:`~workbench.posthoc.calibration.LabelCalibrator`,
+:class:`~workbench.posthoc.site_calibration.SiteCalibrator`, whose learned ``map_`` is the
+plain-data map a bundle stores), :class:`~workbench.posthoc.conformal.ConformalSets`,
 :class:`~workbench.posthoc.conformal.MultiLabelConformal`,
-:class:`~workbench.posthoc.ood.HeaderProfile` and :class:`~workbench.posthoc.ood.OODDetector`
-(whose arrays travel beside its record). Not yet: the calibration maps (fitted by
-``fit_calibration`` and friends, applied by ``apply_calibration``) and the similar-case index
-(built from its embeddings, saved as an array file).
+:class:`~workbench.posthoc.ood.HeaderProfile`, :class:`~workbench.posthoc.ood.OODDetector` and
+:class:`~workbench.posthoc.similar.EmbeddingIndex` (the last two keep their arrays beside
+their record: ``arrays()`` and ``from_dict(d, arrays)``).
 """
 
 from __future__ import annotations

@@ -14,21 +14,21 @@ number does not tell one neighbour from another. Each neighbour therefore also g
 :data:`NEIGHBOURS` nearest *other* training studies, leave-one-out) that lie farther apart than
 this pair. 97 reads "closer than 97% of typical neighbour pairs in training"; 50 is a typical
 neighbour; 0 is farther than any. The distribution is summarised once, when the index is built,
-as :data:`QUANTILES` quantiles of those distances (:attr:`EmbeddingIndex.neighbour_quantiles`),
+as :data:`QUANTILES` quantiles of those distances (``EmbeddingIndex.neighbour_quantiles_``),
 and saved with the index.
 
 Stored in the bundle as plain arrays (``np.savez``, read back with ``allow_pickle=False``):
 the embeddings as float16, the study keys (pseudonyms, never UIDs), the labels and the
 neighbour-distance quantiles. An index saved before the quantiles existed computes them when it
-is first queried (once per process; at most :data:`REFERENCE_QUERIES` leave-one-out searches).
+is loaded (at most :data:`REFERENCE_QUERIES` leave-one-out searches).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
+from typing import Any, BinaryIO, Self, cast
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
@@ -41,6 +41,8 @@ QUANTILES = 201
 # At most this many training studies (evenly spaced rows) search their own neighbours for the
 # reference distances: enough for the quantiles, and bounded for a large index.
 REFERENCE_QUERIES = 2000
+#: The version of :meth:`EmbeddingIndex.to_dict`'s record.
+FORMAT_VERSION = 1
 
 
 def normalise(embeddings: np.ndarray) -> np.ndarray:
@@ -64,38 +66,60 @@ class Neighbour:
 
 
 class EmbeddingIndex:
-    """Nearest training studies by embedding.
+    """Nearest training studies by embedding, on the post-hoc protocol
+    (:mod:`workbench.posthoc.protocol`).
 
-    Args:
-        embeddings: (N, F) study embeddings (normalised here).
-        study_keys: the N study keys (pseudonyms).
-        labels: the N labels as text ("nodule", or "a;b" for several).
-        neighbour_quantiles: the saved :attr:`neighbour_quantiles` of this index; ``None``
-            computes them from the embeddings when first needed.
+    Built with ``k``, the neighbours :meth:`apply` returns. :meth:`fit` learns ``embeddings_``
+    (normalised, and kept at the float16 values the bundle stores, so that a loaded index
+    answers exactly like the one that was saved), ``study_keys_`` (pseudonyms), ``labels_``
+    (text: "nodule", or "a;b" for several) and ``neighbour_quantiles_`` (see the module
+    docstring). The record is :meth:`to_dict` with its :meth:`arrays` beside it
+    (:meth:`save` / :meth:`load` write and read them as one ``.npz``).
     """
 
-    def __init__(
+    embeddings_: np.ndarray
+    study_keys_: np.ndarray
+    labels_: np.ndarray
+    neighbour_quantiles_: np.ndarray
+
+    def __init__(self, k: int = NEIGHBOURS) -> None:
+        if k < 1:
+            raise ValueError("an embedding index returns at least one neighbour")
+        self.k = k
+
+    def fit(self, embeddings: np.ndarray, study_keys: Sequence[str], labels: Sequence[str]) -> Self:
+        """Index (N, F) study embeddings with their N study keys and labels."""
+        self._learn(embeddings, study_keys, labels, None)
+        return self
+
+    def _learn(
         self,
         embeddings: np.ndarray,
         study_keys: Sequence[str],
         labels: Sequence[str],
-        neighbour_quantiles: np.ndarray | None = None,
+        neighbour_quantiles: np.ndarray | None,
     ) -> None:
         if not len(embeddings) == len(study_keys) == len(labels):
             raise ValueError("one study key and one label per embedding row")
         if len(embeddings) == 0:
             raise ValueError("an embedding index needs at least one study")
-        # float16 is how the bundle stores them; keep the same values in memory so that a
-        # loaded index answers exactly like the one that was saved
-        self.embeddings = normalise(embeddings).astype(np.float16).astype(np.float32)
-        self.study_keys = np.asarray(study_keys, dtype=str)
-        self.labels = np.asarray(labels, dtype=str)
-        self._nn = NearestNeighbors(algorithm="brute").fit(self.embeddings)
-        if neighbour_quantiles is not None:
-            self.__dict__["neighbour_quantiles"] = np.asarray(neighbour_quantiles, np.float32)
+        self.embeddings_ = normalise(embeddings).astype(np.float16).astype(np.float32)
+        self.study_keys_ = np.asarray(study_keys, dtype=str)
+        self.labels_ = np.asarray(labels, dtype=str)
+        self._nn = NearestNeighbors(algorithm="brute").fit(self.embeddings_)
+        self.neighbour_quantiles_ = (
+            self._quantiles()
+            if neighbour_quantiles is None
+            else np.asarray(neighbour_quantiles, np.float32)
+        )
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "embeddings_"):
+            raise ValueError("this EmbeddingIndex is not fitted yet: call fit() first")
 
     def __len__(self) -> int:
-        return len(self.study_keys)
+        self._check_fitted()
+        return len(self.study_keys_)
 
     def distances(self, embeddings: np.ndarray, k: int) -> np.ndarray:
         """(M, k) Euclidean distances of unit vectors to their k nearest training studies."""
@@ -114,17 +138,16 @@ class EmbeddingIndex:
         if k < 1:
             return np.zeros(0, dtype=np.float32)
         rows = np.unique(np.linspace(0, n - 1, min(n, max_queries)).round().astype(np.int64))
-        dist, idx = self._nn.kneighbors(self.embeddings[rows], n_neighbors=k + 1)
+        dist, idx = self._nn.kneighbors(self.embeddings_[rows], n_neighbors=k + 1)
         # drop each study itself (an exact duplicate may come first: drop by index, and the
         # farthest when the study is not among the k + 1)
         own = idx == rows[:, None]
         own[~own.any(axis=1), -1] = True
         return np.asarray(dist[~own].reshape(len(rows), k), dtype=np.float32).ravel()
 
-    @cached_property
-    def neighbour_quantiles(self) -> np.ndarray:
+    def _quantiles(self) -> np.ndarray:
         """(:data:`QUANTILES`,) quantiles of :meth:`reference_distances`, at 0%, 0.5%, ...,
-        100%; empty for an index of one study. Computed once, saved with the index."""
+        100%; empty for an index of one study."""
         ref = self.reference_distances()
         if len(ref) == 0:
             return np.zeros(0, dtype=np.float32)
@@ -134,20 +157,21 @@ class EmbeddingIndex:
         """For each distance, the percentage (0-100) of the index's own neighbour pairs that
         are farther apart (interpolated between the stored quantiles); NaN for an index of one
         study."""
+        self._check_fitted()
         d = np.asarray(distances, dtype=np.float64)
-        q = self.neighbour_quantiles
+        q = self.neighbour_quantiles_
         if len(q) == 0:
             return np.full(d.shape, np.nan)
         nearer = np.interp(d, q.astype(np.float64), np.linspace(0.0, 1.0, len(q)))
         return np.clip(100.0 * (1.0 - nearer), 0.0, 100.0)
 
-    def query(
-        self, embeddings: np.ndarray, k: int = NEIGHBOURS, exclude: Sequence[str] = ()
+    def apply(
+        self, embeddings: np.ndarray, exclude: Sequence[str] = (), k: int | None = None
     ) -> list[list[Neighbour]]:
-        """The k most similar training studies for each row, most similar first.
-
-        ``exclude``: study keys never returned (the study itself, when it was in training).
-        """
+        """The ``k`` (default: the index's) most similar training studies for each row, most
+        similar first. ``exclude``: study keys never returned (the study itself, when it was in
+        training)."""
+        k = self.k if k is None else k
         skip = set(exclude)
         n = min(len(self), k + len(skip))
         dist, idx = self._nn.kneighbors(normalise(embeddings), n_neighbors=n)
@@ -156,35 +180,58 @@ class EmbeddingIndex:
         for drow, irow, crow in zip(dist, idx, closer, strict=True):
             found = [
                 Neighbour(
-                    str(self.study_keys[i]),
-                    str(self.labels[i]),
+                    str(self.study_keys_[i]),
+                    str(self.labels_[i]),
                     float(1 - d * d / 2),  # unit vectors: |a - b|^2 = 2 - 2 cos
                     float(d),
                     float(c),
                 )
                 for d, i, c in zip(drow, irow, crow, strict=True)
-                if self.study_keys[i] not in skip
+                if self.study_keys_[i] not in skip
             ]
             out.append(found[:k])
         return out
 
-    def save(self, path: Path) -> None:
-        np.savez(
-            path,
-            embeddings=self.embeddings.astype(np.float16),
-            study_keys=self.study_keys,
-            labels=self.labels,
-            neighbour_quantiles=self.neighbour_quantiles,
-        )
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON part of the record; the arrays go beside it (:meth:`arrays`)."""
+        self._check_fitted()
+        return {"version": FORMAT_VERSION, "k": self.k, "studies": len(self)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Embeddings (float16), study keys, labels and neighbour-distance quantiles."""
+        self._check_fitted()
+        return {
+            "embeddings": self.embeddings_.astype(np.float16),
+            "study_keys": self.study_keys_,
+            "labels": self.labels_,
+            "neighbour_quantiles": self.neighbour_quantiles_,
+        }
 
     @classmethod
-    def load(cls, path: Path) -> EmbeddingIndex:
+    def from_dict(cls, d: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Self:
+        """A fitted index from its record and arrays; arrays saved before the quantiles
+        existed compute them here."""
+        version = int(d.get("version", FORMAT_VERSION))
+        if version > FORMAT_VERSION:
+            raise ValueError(f"unsupported embedding index format version {version}")
+        out = cls(int(d.get("k", NEIGHBOURS)))
+        out._learn(
+            arrays["embeddings"],
+            [str(s) for s in arrays["study_keys"]],
+            [str(s) for s in arrays["labels"]],
+            arrays.get("neighbour_quantiles"),
+        )
+        return out
+
+    def save(self, path: Path | BinaryIO) -> None:
+        """The arrays as one ``.npz`` (what a bundle ships)."""
+        np.savez(path, **cast(dict[str, Any], self.arrays()))  # numpy types **kwds as bool
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
         """An index saved by :meth:`save` (one saved without quantiles computes them)."""
         with np.load(path, allow_pickle=False) as data:
-            quantiles = data["neighbour_quantiles"] if "neighbour_quantiles" in data.files else None
-            return cls(
-                data["embeddings"], data["study_keys"].tolist(), data["labels"].tolist(), quantiles
-            )
+            return cls.from_dict({}, {name: data[name] for name in data.files})
 
 
 def precision_at_k(
@@ -193,6 +240,6 @@ def precision_at_k(
     """Mean share of each query's k neighbours that carry the query's own label (queries
     that are not in the index, e.g. the test split)."""
     hits = [
-        f.label == labels[i] for i, found in enumerate(index.query(embeddings, k)) for f in found
+        f.label == labels[i] for i, found in enumerate(index.apply(embeddings, k=k)) for f in found
     ]
     return float(np.mean(hits)) if hits else 0.0

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from workbench.catalog.records import StudyHeader
-from workbench.posthoc.calibration import apply_calibration
 from workbench.posthoc.conformal import (
     ConformalSets,
     MultiLabelConformal,
@@ -34,6 +33,7 @@ from workbench.posthoc.conformal import (
 )
 from workbench.posthoc.ood import HeaderProfile, OODDetector, false_flag_rate
 from workbench.posthoc.similar import NEIGHBOURS, EmbeddingIndex, precision_at_k
+from workbench.posthoc.site_calibration import apply_calibration
 from workbench.predict.explain import gradcam_layer_for, sanity_checks
 
 DEFAULT_TARGET_SENSITIVITY = 0.9
@@ -194,7 +194,7 @@ def fit_trust(
     none = negative or "none"
     train_names = label_names(train.labels, classes, none)
     test_names = label_names(test.labels, classes, none)
-    index = EmbeddingIndex(train.embeddings, train.study_keys, train_names)
+    index = EmbeddingIndex(SIMILAR_K).fit(train.embeddings, train.study_keys, train_names)
     detector = OODDetector(HeaderProfile().fit(train.headers))
     detector.fit(index, train.embeddings, cal.embeddings)
     test_flags = detector.apply(index, test.embeddings, test.headers)
@@ -262,7 +262,7 @@ def index_bytes(index: EmbeddingIndex) -> bytes:
     import io
 
     buf = io.BytesIO()
-    index.save(buf)  # type: ignore[arg-type]
+    index.save(buf)
     return buf.getvalue()
 
 
@@ -312,7 +312,7 @@ class LoadedTrust:
                 # rounded, so that 99.996 is not stored as 100
                 "closer_than": None if np.isnan(n.closer_than) else n.closer_than,
             }
-            for n in self.index.query(embedding[None], SIMILAR_K, exclude=[study_key])[0]
+            for n in self.index.apply(embedding[None], exclude=[study_key], k=SIMILAR_K)[0]
         ]
         return {"prediction_set": pset, "ood": ood.to_dict(), "similar": similar}
 

@@ -11,7 +11,7 @@ weights (with ``--ema-decay`` an exponential moving average of them is scored an
 test split is touched only once, after the model and its calibration are fixed. With
 ``--calibrate-per-site`` each site with enough calibration studies may get a map of its own
 beside the global one
-(:func:`~workbench.posthoc.calibration.fit_site_calibration`); the thresholds, conformal sets
+(:class:`~workbench.posthoc.site_calibration.SiteCalibrator`); the thresholds, conformal sets
 and test metrics are then computed on the per-site calibrated probabilities, as ``predict``
 gives them.
 
@@ -59,7 +59,13 @@ from workbench.catalog.ingest import (
 from workbench.catalog.records import StudyHeader
 from workbench.config import Settings
 from workbench.errors import WorkbenchError
-from workbench.metrics import classification_metrics, label_metrics
+from workbench.metrics import (
+    brier_score,
+    calibration_report,
+    classification_metrics,
+    expected_calibration_error,
+    label_metrics,
+)
 from workbench.model.bundle import save_bundle
 from workbench.model.bundle_info import hash_bundle, read_bundle_info
 from workbench.model.data import (
@@ -111,20 +117,19 @@ from workbench.model.weights import WEIGHTS_PREFIX, input_normalization, load_we
 from workbench.posthoc.calibration import (
     ECE_TARGET,
     Calibration,
+    Calibrator,
     LabelCalibration,
-    SiteCalibration,
-    apply_calibration,
-    brier_score,
-    calibration_report,
-    expected_calibration_error,
-    fit_calibration,
-    fit_label_calibration,
-    fit_site_calibration,
+    LabelCalibrator,
     sigmoid,
-    site_calibration_metrics,
     softmax,
-    youden_thresholds,
 )
+from workbench.posthoc.site_calibration import (
+    SiteCalibration,
+    SiteCalibrator,
+    apply_calibration,
+    site_calibration_metrics,
+)
+from workbench.posthoc.thresholds import youden_thresholds
 from workbench.predict.trust import (
     INDEX_FILE,
     SplitOutputs,
@@ -824,17 +829,16 @@ def _calibrate_test_and_bundle(ctx: _RunContext, model: nn.Module) -> tuple[Path
     extra_problem: dict[str, Any] = {"problem": problem.kind}
     calibration_fit: dict[str, Any]
     if problem.sigmoid:
-        calibration, per_label_fit = fit_label_calibration(
-            cal_logits, cal_labels, classes, seed=cfg.seed
-        )
-        calibration_fit = {"per_label": per_label_fit}
+        per_label = LabelCalibrator(classes, seed=cfg.seed).fit(cal_logits, cal_labels)
+        calibration = per_label.map_
+        calibration_fit = {"per_label": per_label.report_}
     else:
-        result = fit_calibration(cal_logits, cal_labels, classes, seed=cfg.seed)
-        calibration = result.calibration
+        calibrator = Calibrator(classes, seed=cfg.seed).fit(cal_logits, cal_labels)
+        calibration = calibrator.map_
         calibration_fit = {
-            "held_out_log_loss": result.held_out_log_loss,
-            "before": result.before,
-            "after": result.after,
+            "held_out_log_loss": calibrator.held_out_log_loss_,
+            "before": calibrator.before_,
+            "after": calibrator.after_,
         }
     # --calibrate-per-site: a map per site beside the global one. `predict` applies the study's
     # site's map, so the thresholds, conformal sets and test metrics below are all computed on
@@ -844,10 +848,14 @@ def _calibrate_test_and_bundle(ctx: _RunContext, model: nn.Module) -> tuple[Path
     test_sites = [site_of[int(s)] for s in test_ids]
     site_cal: SiteCalibration | None = None
     if cfg.calibrate_per_site:
-        site_cal, per_site_fit = fit_site_calibration(
-            cal_logits, cal_labels, cal_sites, calibration, cfg.site_min_studies, cfg.seed
+        per_site = SiteCalibrator(calibration, cfg.site_min_studies, cfg.seed).fit(
+            cal_logits, cal_labels, cal_sites
         )
-        calibration_fit["per_site"] = {"min_studies": cfg.site_min_studies, "sites": per_site_fit}
+        site_cal = per_site.map_
+        calibration_fit["per_site"] = {
+            "min_studies": cfg.site_min_studies,
+            "sites": per_site.report_,
+        }
 
     applied = site_cal or calibration  # what predict will apply
     calibration_fit["check"] = _calibration_check(
