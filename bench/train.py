@@ -9,7 +9,7 @@ RLE or JPEG-LS compressed), at 224 px and at 128 px:
   * workbench: ``workbench.model.data.make_dataset`` over the decoded-pixel cache that ingest wrote
     (CacheDataset: the deterministic preset runs once; random augmentation drawn per sample
     and applied per batch), bf16 autocast, channels_last, fused AdamW, through
-    ``workbench.train.training.train_epoch``;
+    ``workbench.train.loop.train_epoch``;
   * workbench fp32: the same data path in fp32 (still channels_last), to separate what the
     data path gives from what the precision gives;
   * step only (bf16): the same bf16 step on one batch made beforehand and fed again and
@@ -59,7 +59,8 @@ from workbench.catalog.ingest import cohort_items, ingest
 from workbench.dicom.synth import DX_CLASSES, synthesize_cohort
 from workbench.model.data import InputSpec, make_dataset, to_records
 from workbench.model.nets import create_network
-from workbench.train.training import make_optimizer, train_epoch
+from workbench.train.loop import train_epoch
+from workbench.train.recipe import make_optimizer
 
 COHORT = "bench-train"
 WARMUP = 2

@@ -23,7 +23,8 @@ from workbench.model.runtime import training_precision
 from workbench.predict.inference import predict_items
 from workbench.predict.results import latest_predictions
 from workbench.train.config import ARCHITECTURES, TrainConfig
-from workbench.train.training import TrainingError, train
+from workbench.train.recipe import TrainingError
+from workbench.train.training import train
 
 SMALL = {"image_size": 32, "batch_size": 4, "sanity_images": 0, "label_randomization_epochs": 0}
 

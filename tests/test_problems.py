@@ -27,7 +27,8 @@ from workbench.model.problems import (
 from workbench.predict.inference import predict_items
 from workbench.predict.results import latest_predictions
 from workbench.train.config import TrainConfig
-from workbench.train.training import _epoch_batches, train
+from workbench.train.loop import epoch_batches
+from workbench.train.training import train
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +133,9 @@ def test_balanced_sampling_is_seeded_per_epoch_and_evens_out_the_classes() -> No
     problem = Problem("multiclass", ("a", "b"), None)
     targets = [0] * 90 + [1] * 10
     draw = sample_weights(problem, targets)
-    first = _epoch_batches(100, 10, seed=1, epoch=3, draw=draw)
-    assert first == _epoch_batches(100, 10, seed=1, epoch=3, draw=draw)  # resume replays it
-    assert first != _epoch_batches(100, 10, seed=1, epoch=4, draw=draw)
+    first = epoch_batches(100, 10, seed=1, epoch=3, draw=draw)
+    assert first == epoch_batches(100, 10, seed=1, epoch=3, draw=draw)  # resume replays it
+    assert first != epoch_batches(100, 10, seed=1, epoch=4, draw=draw)
     drawn = np.asarray([targets[i] for b in first for i in b])
     assert 0.3 < drawn.mean() < 0.7  # about half rare-class images instead of a tenth
     # with the sampler balancing, the loss is not weighted again

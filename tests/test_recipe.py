@@ -13,12 +13,12 @@ from tests.conftest import Pipeline
 from workbench.catalog.ingest import cohort_items, holdout_patients
 from workbench.posthoc.calibration import TEMPERATURE_FLOOR, Calibrator, softmax
 from workbench.train.config import TrainConfig
-from workbench.train.training import (
+from workbench.train.recipe import (
     DEFAULT_CAP_EPOCHS,
     DEFAULT_MAX_STEPS,
     PATIENCE_STEPS,
     Budget,
-    _stop_reason,
+    stop_reason,
 )
 
 
@@ -44,7 +44,7 @@ def test_a_large_cohorts_default_cap_leaves_its_patience_room_to_stop_training()
         big.observe(step, None, 1.0 - step / 10_000)
     stop = next(s for s in range(big.horizon + 1) if big.should_stop(s))
     assert stop < big.horizon  # ... and patience, not the cap, ends the run
-    assert "no better validation score" in _stop_reason(big, stop, TrainConfig("c", "n"))
+    assert "no better validation score" in stop_reason(big, stop, TrainConfig("c", "n"))
     # A small cohort keeps the 2,000-step cap; the cap follows --max-steps and --epochs.
     assert Budget.plan(TrainConfig("c", "n"), steps_per_epoch=200).horizon == DEFAULT_MAX_STEPS
     assert Budget.plan(TrainConfig("c", "n", max_steps=900), steps_per_epoch=750).horizon == 900
@@ -160,7 +160,7 @@ def test_temperature_is_the_floor_on_a_large_calibration_split() -> None:
 def test_the_weight_average_starts_at_the_weights_and_ramps_its_decay() -> None:
     import torch
 
-    from workbench.train.training import weight_average
+    from workbench.train.recipe import weight_average
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     ema = weight_average(net, 0.995)
@@ -183,7 +183,7 @@ def test_the_weight_average_starts_at_the_weights_and_ramps_its_decay() -> None:
 def test_the_weight_average_is_steadier_than_the_noisy_weights_it_follows() -> None:
     import torch
 
-    from workbench.train.training import weight_average
+    from workbench.train.recipe import weight_average
 
     torch.manual_seed(0)
     net = torch.nn.Linear(50, 1, bias=False)
@@ -201,7 +201,7 @@ def test_the_weight_average_is_steadier_than_the_noisy_weights_it_follows() -> N
 def test_a_zero_decay_keeps_the_raw_weights_and_a_bad_one_is_refused() -> None:
     import torch
 
-    from workbench.train.training import TrainingError, weight_average
+    from workbench.train.recipe import TrainingError, weight_average
 
     assert weight_average(torch.nn.Linear(2, 2), 0.0) is None
     with pytest.raises(TrainingError, match="--ema-decay"):

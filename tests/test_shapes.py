@@ -23,7 +23,8 @@ from workbench.model.data import (
     to_records,
 )
 from workbench.train.config import TrainConfig
-from workbench.train.training import TrainingError, select_shape, train
+from workbench.train.recipe import TrainingError
+from workbench.train.training import select_shape, train
 
 SMALL = {"image_size": 32, "batch_size": 4, "sanity_images": 0, "label_randomization_epochs": 0}
 

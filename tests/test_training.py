@@ -21,7 +21,9 @@ from workbench.model.runtime import choose_precision, resolve_precision
 from workbench.predict.inference import predict_study
 from workbench.predict.results import latest_predictions
 from workbench.train.config import TrainConfig
-from workbench.train.training import TrainingError, prepare_network, train, train_epoch
+from workbench.train.loop import train_epoch
+from workbench.train.recipe import TrainingError, prepare_network
+from workbench.train.training import train
 
 
 def test_a_few_steps_in_this_cpus_training_precision_lower_the_loss() -> None:

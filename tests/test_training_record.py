@@ -92,11 +92,11 @@ def test_each_bundle_records_its_experiment_and_models_lists_it(
 
 def test_compiled_training_is_unwrapped_for_the_frozen_blocks_and_the_state_dict() -> None:
     from workbench.model.nets import create_network
-    from workbench.train.training import _unwrap
+    from workbench.train.recipe import unwrap
 
     model = create_network(2, 2)
     compiled = torch.compile(model)  # lazy: nothing is compiled until the first call
-    assert _unwrap(compiled) is model  # type: ignore[arg-type]
+    assert unwrap(compiled) is model  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(

@@ -50,7 +50,7 @@ from workbench.model.weights import (
 )
 from workbench.posthoc.calibration import Calibration
 from workbench.train.config import TrainConfig
-from workbench.train.training import prepare_network
+from workbench.train.recipe import prepare_network
 
 MONAI_STEM = "features.conv0.weight"
 A_LAYER = "features.denseblock3.denselayer5.layers.conv2.weight"
