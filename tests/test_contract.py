@@ -145,3 +145,40 @@ def test_a_multilabel_contract_names_its_no_finding_class_outside_the_labels() -
         }
     )
     assert c.negative_class == "no_finding" and c.sigmoid
+
+
+def test_a_trained_bundle_reports_its_run_through_typed_fields(pipeline: Pipeline) -> None:
+    info = read_bundle_info(pipeline.settings.models_dir, pipeline.model)
+    run = info.contract.run
+    assert run.epochs_run == len(info.contract.training["history"]) >= 1
+    assert run.seconds is not None and run.seconds > 0
+    assert run.precision in ("fp32", "bf16", "fp16") and run.where
+    assert info.contract.split_seed is not None
+    assert sum((info.contract.split_studies or {}).values()) > 0
+    assert info.contract.test_detail["n"] > 0
+
+
+SECTIONS = ("training", "split", "trust", "metrics", "calibration_fit", "extra", "calibration")
+
+
+def test_only_the_contract_module_reads_the_contracts_sections_by_key() -> None:
+    """The nested sections of a contract are read through its typed properties (``run``,
+    ``test_metrics``, ``split_seed``...) everywhere but in model/contract.py."""
+    import re
+
+    import workbench
+
+    owner = Path(workbench.__file__).parent / "model" / "contract.py"
+    key_read = re.compile(
+        r"\b(?:wb|contract|c|info\.contract|bundle\.contract)\.(?:"
+        + "|".join(SECTIONS)
+        + r")\s*(?:\.get\(|\[)"
+    )
+    offenders = [
+        f"{path.name}:{n}: {line.strip()}"
+        for path in Path(workbench.__file__).parent.rglob("*.py")
+        if path != owner
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if key_read.search(line)
+    ]
+    assert offenders == []

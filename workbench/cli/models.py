@@ -216,22 +216,14 @@ def model_line(ref: str, wb: ModelContract) -> str:
     """One bundle's experiment record in a line: problem, test AUROC and ECE, epochs,
     duration, hardware."""
     test = wb.test_metrics
-    tr = wb.training
-    hw = tr.get("hardware") or {}
-    where = hw.get("gpu") or hw.get("cpu") or tr.get("device", "?")
-    if hw.get("processes", 1) > 1:
-        where = f"{hw['processes']} x {where}"
-    epochs = tr.get("epochs_run", len(tr.get("history", [])))
-    choice = tr.get("precision_choice") or {}
-    precision = tr.get("precision", "?") + (
-        f" ({choice['reason']})" if choice.get("reason") else ""
-    )
+    run = wb.run
+    precision = run.precision + (f" ({run.precision_reason})" if run.precision_reason else "")
     return (
         f"{ref}  {wb.architecture}  {wb.problem}  "
         f"cohort {wb.cohort}  "
         f"classes {','.join(wb.classes)}  AUROC {num(test.get('auroc_macro'))}  "
-        f"ECE {num(test.get('ece_after'))}  epochs {epochs}  "
-        f"{num(tr.get('seconds'), '.0f')} s  on {where}  precision {precision}  "
+        f"ECE {num(test.get('ece_after'))}  epochs {run.epochs_run}  "
+        f"{num(run.seconds, '.0f')} s  on {run.where}  precision {precision}  "
         f"created {wb.created}"
     )
 

@@ -331,7 +331,7 @@ def _lineage(
         digest.update(f"{c.study_key}|{','.join(c.pixel_hashes)}\n".encode())
     current_hash = cohort_hash(items)
     recorded_hash = wb.cohort_hash
-    training = wb.training
+    run = wb.run
     return {
         "model": {
             "name": bundle.name,
@@ -345,14 +345,14 @@ def _lineage(
             "spatial_dims": wb.spatial_dims,
             "transform_hash": wb.transform_hash,
             "calibration_method": wb.calibration_method,
-            "best_epoch": training.get("best_epoch"),
-            "epochs": training.get("epochs"),
+            "best_epoch": run.best_epoch,
+            "epochs": run.epochs,
         },
         "training_cohort": {
             "name": wb.cohort,
             "cohort_hash": recorded_hash,
-            "split_seed": wb.split.get("seed"),
-            "split_studies": wb.split.get("studies"),
+            "split_seed": wb.split_seed,
+            "split_studies": wb.split_studies,
         },
         "evaluated_cohort": {
             "name": cohort,
@@ -555,7 +555,7 @@ def _conformal(
     predictor, or one this report cannot read."""
     from workbench.posthoc.conformal import ConformalSets, coverage_summary, study_uniform
 
-    raw = bundle.contract.trust.get("conformal")
+    raw = bundle.contract.conformal_record
     if not isinstance(raw, Mapping):
         return {"available": False}
     if "per_label" in raw:
@@ -585,7 +585,7 @@ def _conformal(
 def _ood(bundle: BundleInfo, cases: Sequence[Case]) -> dict[str, Any]:
     """Share of evaluated studies flagged out-of-distribution, overall and per subgroup,
     where the stored predictions carry a flag."""
-    has_detector = bool(bundle.contract.trust.get("ood"))
+    has_detector = bundle.contract.has_ood_detector
     known = [c for c in cases if c.ood is not None]
     if not known:
         return {"available": False, "bundle_has_detector": has_detector}

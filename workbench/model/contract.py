@@ -28,6 +28,19 @@ PROBLEM_KINDS = ("binary", "multiclass", "ovr", "multilabel")
 SIGMOID_KINDS = ("ovr", "multilabel")
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What listings and reports read of a model's training run (``ModelContract.run``)."""
+
+    where: str  # the GPU, else the CPU model, else the device; "N x ..." for N processes
+    epochs_run: int
+    best_epoch: int | None
+    epochs: int | None  # the --epochs asked for (None: the step budget)
+    seconds: float | None
+    precision: str
+    precision_reason: str | None  # why precision auto chose it
+
+
 class ContractError(WorkbenchError):
     """Bundle metadata that does not follow the contract (or a newer contract)."""
 
@@ -93,6 +106,52 @@ class ModelContract:
     def test_metrics(self) -> dict[str, Any]:
         """The summary of the test split recorded at training (``{}`` when absent)."""
         return dict(self.metrics.get("test") or {})
+
+    @property
+    def test_detail(self) -> dict[str, Any]:
+        """The full test-split metrics recorded at training, CIs and per class (``{}``)."""
+        return dict(self.metrics.get("test_detail") or {})
+
+    @property
+    def split_seed(self) -> int | None:
+        """The seed of the cohort's train / calibration / test split."""
+        seed = self.split.get("seed")
+        return None if seed is None else int(seed)
+
+    @property
+    def split_studies(self) -> dict[str, int] | None:
+        """Studies per split at training."""
+        studies = self.split.get("studies")
+        return None if studies is None else {str(k): int(v) for k, v in studies.items()}
+
+    @property
+    def conformal_record(self) -> dict[str, Any] | None:
+        """The conformal predictor's record in the trust section, when the bundle has one."""
+        record = self.trust.get("conformal")
+        return dict(record) if record else None
+
+    @property
+    def has_ood_detector(self) -> bool:
+        return bool(self.trust.get("ood"))
+
+    @property
+    def run(self) -> RunRecord:
+        """How the model was trained, as the listings and the report show it."""
+        tr = self.training
+        hw = tr.get("hardware") or {}
+        where = str(hw.get("gpu") or hw.get("cpu") or tr.get("device", "?"))
+        processes = int(hw.get("processes", 1) or 1)
+        choice = tr.get("precision_choice") or {}
+        seconds = tr.get("seconds")
+        return RunRecord(
+            where=f"{processes} x {where}" if processes > 1 else where,
+            epochs_run=int(tr.get("epochs_run", len(tr.get("history", [])))),
+            best_epoch=tr.get("best_epoch"),
+            epochs=tr.get("epochs"),
+            seconds=None if seconds is None else float(seconds),
+            precision=str(tr.get("precision", "?")),
+            precision_reason=choice.get("reason"),
+        )
 
     @property
     def calibration_method(self) -> str:

@@ -52,7 +52,7 @@ def counts_table(summary: data.CohortSummary) -> pd.DataFrame:
 def metrics_panel(bundle: BundleInfo) -> None:
     wb = bundle.contract
     test = wb.test_metrics
-    detail = wb.metrics.get("test_detail") or {}
+    detail = wb.test_detail
     if not test:
         st.info(f"{bundle.ref} carries no test metrics.")
         return
