@@ -23,13 +23,8 @@ from sqlalchemy import select
 from workbench.catalog.ingest import cohort_items
 from workbench.config import Settings
 from workbench.db.store import Cohort, CohortMember, Review, Study, session_scope, utcnow
-from workbench.evaluation.report import (
-    SECTION_TITLES,
-    ReportError,
-    build_report,
-    format_number,
-    lookup,
-)
+from workbench.evaluation.render import SECTION_TITLES, format_number, lookup
+from workbench.evaluation.report import ReportError, build_report
 from workbench.model.bundle_info import hash_bundle
 from workbench.predict.results import latest_predictions
 

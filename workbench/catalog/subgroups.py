@@ -19,6 +19,15 @@ AGE_BANDS: tuple[tuple[int | None, int | None, str], ...] = (
     (80, None, "80+"),
 )
 UNKNOWN = "unknown"
+#: The subgroup attributes results are broken down by, in the order reports show them, with
+#: their headings (the report, compare and training's subgroup metrics use the same ones).
+SUBGROUP_ATTRS: tuple[tuple[str, str], ...] = (
+    ("site", "Site"),
+    ("manufacturer", "Manufacturer"),
+    ("sex", "Sex"),
+    ("age_band", "Age band (years)"),
+    ("view", "Views"),
+)
 
 
 def age_band(age: int | None) -> str:

@@ -30,14 +30,21 @@ from typing import Any
 import numpy as np
 
 from workbench.catalog.ingest import CatalogError, CohortItem, cohort_items
-from workbench.catalog.subgroups import AGE_BANDS, UNKNOWN, age_band, manufacturers, view_group
+from workbench.catalog.subgroups import (
+    AGE_BANDS,
+    SUBGROUP_ATTRS,
+    UNKNOWN,
+    age_band,
+    manufacturers,
+    view_group,
+)
 from workbench.config import Settings
 from workbench.errors import WorkbenchError
 from workbench.evaluation.jsonout import normalise
 from workbench.metrics import bootstrap_ci, macro_auroc
 from workbench.model.bundle import Bundle, load_bundle
 
-SUBGROUP_ATTRS: tuple[str, ...] = ("site", "manufacturer", "sex", "age_band", "view")
+SUBGROUP_NAMES: tuple[str, ...] = tuple(attr for attr, _ in SUBGROUP_ATTRS)
 DEFAULT_MARGIN = 0.02
 
 

@@ -11,7 +11,9 @@ so every number a reader sees can be found, under a stable key, in the JSON::
                                                    └─▶ cases.csv   (one row per study)
 
 A number in the HTML is rendered as ``<span class="num" data-key="performance.auroc_macro">``
-where ``data-key`` is its path in the JSON (:func:`key_path` / :func:`lookup`).
+where ``data-key`` is its path in the JSON (``render.key_path`` / ``render.lookup``). The
+computing is here; the rendering in :mod:`workbench.evaluation.render`; a study is a
+:class:`~workbench.evaluation.cases.Case`.
 
 Only pseudonyms appear: study keys and patient pseudonyms, never UIDs, names or file paths.
 Free-text review comments are left out on purpose (they may hold identifying text).
@@ -19,14 +21,10 @@ Free-text review comments are left out on purpose (they may hold identifying tex
 
 from __future__ import annotations
 
-import base64
-import csv
 import hashlib
-import io
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -36,11 +34,25 @@ import numpy as np
 from sqlalchemy import select
 
 from workbench.catalog.ingest import CatalogError, CohortItem, cohort_hash, cohort_items
-from workbench.catalog.subgroups import AGE_BANDS, UNKNOWN, age_band, manufacturers, view_group
+from workbench.catalog.subgroups import (
+    AGE_BANDS,
+    SUBGROUP_ATTRS,
+    UNKNOWN,
+    age_band,
+    manufacturers,
+    view_group,
+)
 from workbench.config import Settings
 from workbench.db.store import Prediction, Review, new_session
 from workbench.errors import WorkbenchError
-from workbench.evaluation.jsonout import DECIMALS, dump_json, normalise
+from workbench.evaluation.cases import Case
+from workbench.evaluation.jsonout import dump_json, normalise
+from workbench.evaluation.render import (
+    make_plots,
+    render_html,
+    write_cases_csv,
+    write_pdf,
+)
 from workbench.metrics import (
     brier_score,
     classification_metrics,
@@ -53,65 +65,24 @@ from workbench.model.bundle import code_version
 from workbench.model.bundle_info import BundleError, BundleInfo, read_bundle_info
 from workbench.predict.results import latest_predictions
 
-TEMPLATE = "report.html.j2"
-TEMPLATE_DIR = Path(__file__).parent / "templates"
-SECTION_TITLES: tuple[str, ...] = (
-    "Model and data lineage",
-    "Performance",
-    "Calibration",
-    "Subgroups",
-    "Reader agreement",
-    "Test-retest consistency",
-)
 MIN_GROUP_SIZE = 20
-# Subgroup attributes, in the order the report shows them, with their headings.
-SUBGROUP_ATTRS: tuple[tuple[str, str], ...] = (
-    ("site", "Site"),
-    ("manufacturer", "Manufacturer"),
-    ("sex", "Sex"),
-    ("age_band", "Age band (years)"),
-    ("view", "Views"),
-)
+
+
 # A perturbation that flips more than this share of top-1 labels is worth a warning.
 RETEST_FLIP_WARN = 0.10
+
+
 # (lower bound inclusive, upper bound exclusive, label); None is open.
 # Recomputed vs recorded-at-training metrics on the same test split may differ by this much
 # (forward passes in bf16 are not bit-identical between batch and per-study inference).
 CONSISTENCY_TOLERANCE = 0.01
+
+
 LIBRARIES = ("torch", "monai", "scikit-learn", "pydicom", "captum", "numpy", "workbench")
 
 
 class ReportError(WorkbenchError):
     """A report that cannot be built (unknown model or cohort, nothing predicted...)."""
-
-
-@dataclass(frozen=True)
-class Case:
-    """One evaluated study: catalog facts, its latest prediction and its latest reviews."""
-
-    study_key: str
-    patient: str
-    split: str | None
-    site: str
-    sex: str
-    age_band: str
-    label: str
-    label_index: int
-    predicted_label: str
-    probabilities: tuple[float, ...]  # calibrated, in the bundle's class order
-    raw_probabilities: tuple[float, ...]  # uncalibrated softmax
-    pixel_hashes: tuple[str, ...]  # as the prediction recorded them
-    pixels_changed: bool  # the catalog's pixel hashes differ from the prediction's
-    transform_hash: str
-    code_version: str
-    reviews: tuple[tuple[str, str], ...] = ()  # (reviewer, label), latest per reviewer
-    ood: bool | None = None  # flagged out-of-distribution, where the prediction says so
-    manufacturer: str = UNKNOWN  # of the study's series ('+'-joined when they differ)
-    view: str = UNKNOWN  # the study's view positions, sorted and '+'-joined (e.g. "LL+PA")
-    calibration_map: str | None = None  # "site:NAME" or "global"; None: not recorded (older)
-
-
-# --- entry point ---------------------------------------------------------------------------
 
 
 def build_report(
@@ -150,9 +121,6 @@ def build_report(
     json_path.write_text(dump_json(stable), encoding="utf-8")
     write_cases_csv(csv_path, bundle.classes, cases)
     return [html_path, pdf_path, json_path, csv_path]
-
-
-# --- computing -----------------------------------------------------------------------------
 
 
 def compute_report(
@@ -766,220 +734,3 @@ def _warnings(data: Mapping[str, Any]) -> list[str]:
                     f"{r['n_flips']} of {r['n']} studies."
                 )
     return out
-
-
-# --- normalising and looking up ------------------------------------------------------------
-
-
-def _escape(segment: str) -> str:
-    return segment.replace("~", "~0").replace(".", "~1")
-
-
-def _unescape(segment: str) -> str:
-    return segment.replace("~1", ".").replace("~0", "~")
-
-
-def key_path(*segments: str | int) -> str:
-    """The dotted key of a value in the report dict (``.`` in a name is written ``~1``)."""
-    return ".".join(_escape(str(s)) for s in segments)
-
-
-def lookup(data: Any, key: str) -> Any:
-    """The value at a dotted key (see :func:`key_path`); list items by index."""
-    value = data
-    for raw in key.split("."):
-        seg = _unescape(raw)
-        value = value[int(seg)] if isinstance(value, list) else value[seg]
-    return value
-
-
-def format_number(value: Any) -> str:
-    """How the HTML shows a number: floats to 3 decimals, integers as they are."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    return f"{float(value):.3f}"
-
-
-# --- plots (matplotlib's object API: no pyplot state, safe in threads) ---------------------
-
-
-def make_plots(data: Mapping[str, Any], cases: Sequence[Case]) -> dict[str, str]:
-    """The report's figures as PNG data URIs, drawn from the report dict (and, for the ROC
-    curves, the cases' probabilities)."""
-    classes = data["performance"]["classes"]
-    probs = np.asarray([c.probabilities for c in cases], dtype=np.float64)
-    labels = np.asarray([c.label_index for c in cases], dtype=np.int64)
-    cal = data["calibration"]
-    return {
-        "roc": _roc_plot(probs, labels, classes),
-        "confusion": _confusion_plot(np.asarray(data["performance"]["confusion_matrix"]), classes),
-        "reliability": _reliability_plot(
-            cal["reliability_before"], cal["reliability_after"], cal["method"]
-        ),
-    }
-
-
-def _png(fig: Any) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig
-
-
-def _roc_plot(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> str:
-    from sklearn.metrics import roc_curve
-
-    fig = _figure(4.2, 3.6)
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
-    for k, c in enumerate(classes):
-        y = labels == k
-        if y.all() or not y.any():
-            continue
-        fpr, tpr, _ = roc_curve(y, probs[:, k])
-        ax.plot(fpr, tpr, lw=1.5, label=c)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.02))
-    ax.set_title("ROC, one class vs rest", fontsize=10)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower right")
-    return _png(fig)
-
-
-def _confusion_plot(cm: np.ndarray, classes: Sequence[str]) -> str:
-    fig = _figure(3.8, 3.4)
-    ax = fig.add_subplot()
-    rows = cm.sum(axis=1, keepdims=True)
-    frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
-    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if frac[i, j] > 0.5 else "k")
-    ticks = range(len(classes))
-    ax.set_xticks(ticks, classes, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(ticks, classes, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true")
-    ax.set_title("Confusion matrix (row-normalised colour)", fontsize=10)
-    return _png(fig)
-
-
-def _reliability_plot(
-    before: Mapping[str, list[float]], after: Mapping[str, list[float]], method: str
-) -> str:
-    fig = _figure(7.0, 3.2)
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, curve, title in (
-        (axes[0], before, "before calibration (softmax)"),
-        (axes[1], after, f"after calibration ({method})"),
-    ):
-        lo, hi = np.asarray(curve["bin_lower"]), np.asarray(curve["bin_upper"])
-        ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
-        ax.bar(
-            lo,
-            curve["accuracy"],
-            width=hi - lo,
-            align="edge",
-            color="#4c78a8",
-            alpha=0.8,
-            edgecolor="white",
-            label="accuracy",
-        )
-        ax.plot(
-            curve["confidence"],
-            curve["accuracy"],
-            "o",
-            color="#e45756",
-            ms=4,
-            label="mean confidence",
-        )
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-label probability)")
-        ax.set_title(title, fontsize=10)
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize=8, loc="upper left")
-    return _png(fig)
-
-
-# --- rendering -----------------------------------------------------------------------------
-
-
-def render_html(data: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
-    """The report page: every number comes from the normalised dict ``data``; ``plots`` are
-    PNG data URIs (see :func:`make_plots`)."""
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-    from markupsafe import Markup
-
-    def num(*segments: str | int) -> Markup:
-        key = key_path(*segments)
-        return Markup('<span class="num" data-key="{}">{}</span>').format(
-            key, format_number(lookup(data, key))
-        )
-
-    def ci(*segments: str | int) -> Markup:
-        lo, hi = lookup(data, key_path(*segments))
-        if lo is None or hi is None:
-            return Markup('<span class="ci">(n/a)</span>')
-        return Markup('<span class="ci">({} – {})</span>').format(
-            num(*segments, 0), num(*segments, 1)
-        )
-
-    env = Environment(
-        loader=FileSystemLoader(TEMPLATE_DIR),
-        autoescape=select_autoescape(["html", "j2"]),
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    globals_: dict[str, Any] = {
-        "num": num,
-        "ci": ci,
-        "titles": SECTION_TITLES,
-        "subgroup_attrs": SUBGROUP_ATTRS,
-    }
-    env.globals.update(globals_)
-    return env.get_template(TEMPLATE).render(data=data, plots=plots or {})
-
-
-def write_pdf(html: str, path: Path, base_url: Path) -> int:
-    """Render the HTML to PDF with WeasyPrint; returns the number of pages."""
-    import logging
-
-    from weasyprint import HTML
-
-    # WeasyPrint logs every CSS property it ignores; keep the user's terminal quiet.
-    logging.getLogger("weasyprint").setLevel(logging.ERROR)
-    logging.getLogger("fontTools").setLevel(logging.ERROR)
-    document = HTML(string=html, base_url=str(base_url)).render()
-    document.write_pdf(path)
-    return len(document.pages)
-
-
-def write_cases_csv(path: Path, classes: Sequence[str], cases: Sequence[Case]) -> None:
-    """One row per evaluated study, pseudonymous only."""
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(
-            ["study_key", "patient", "split", "site", "sex", "age_band", "manufacturer", "view"]
-            + ["true_label"]
-            + ["predicted_label", "correct", *[f"p_{c}" for c in classes], "reviewer_labels"]
-            + ["calibration_map"]
-        )
-        for c in sorted(cases, key=lambda c: c.study_key):
-            w.writerow(
-                [c.study_key, c.patient, c.split or "", c.site, c.sex, c.age_band]
-                + [c.manufacturer, c.view, c.label]
-                + [c.predicted_label, int(c.predicted_label == c.label)]
-                + [f"{p:.{DECIMALS}f}" for p in c.probabilities]
-                + [";".join(f"{r}:{label}" for r, label in c.reviews)]
-                + [c.calibration_map or ""]
-            )
