@@ -32,7 +32,6 @@ import numpy as np
 from workbench.catalog.ingest import CatalogError, CohortItem, cohort_items
 from workbench.catalog.subgroups import (
     AGE_BANDS,
-    SUBGROUP_ATTRS,
     UNKNOWN,
     age_band,
     manufacturers,
@@ -44,7 +43,6 @@ from workbench.evaluation.jsonout import normalise
 from workbench.metrics import bootstrap_ci, macro_auroc
 from workbench.model.bundle import Bundle, load_bundle
 
-SUBGROUP_NAMES: tuple[str, ...] = tuple(attr for attr, _ in SUBGROUP_ATTRS)
 DEFAULT_MARGIN = 0.02
 
 
