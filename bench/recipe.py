@@ -78,7 +78,8 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from workbench.catalog.ingest import CohortItem, cohort_items, ingest
+from workbench.catalog.cohorts import CohortItem, cohort_items
+from workbench.catalog.ingest import ingest
 from workbench.config import Settings
 from workbench.dicom.plant import PACKAGE_SOURCES, package_source, planted_cohort
 from workbench.dicom.synth import synthesize_cohort

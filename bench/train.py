@@ -55,7 +55,8 @@ from monai.utils import set_determinism
 from torch import nn
 from torch.utils.data import DataLoader
 
-from workbench.catalog.ingest import cohort_items, ingest
+from workbench.catalog.cohorts import cohort_items
+from workbench.catalog.ingest import ingest
 from workbench.dicom.synth import DX_CLASSES, synthesize_cohort
 from workbench.model.data import InputSpec, make_dataset, to_records
 from workbench.model.nets import create_network

@@ -118,7 +118,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     The environment points at this home while the session runs, so code that reads
     ``get_settings()`` (the app, the CLI) sees the same catalog.
     """
-    from workbench.catalog.ingest import cohort_items, ingest
+    from workbench.catalog.cohorts import cohort_items
+    from workbench.catalog.ingest import ingest
     from workbench.dicom.synth import synthesize_cohort
     from workbench.model.bundle import load_bundle
     from workbench.predict.inference import predict_items

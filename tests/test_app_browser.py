@@ -92,7 +92,8 @@ def build_demo_home(home: Path) -> None:
     """The demo cohort in workbench home ``home``, ingested, a model trained on it for one short
     epoch (render time does not depend on the model's quality), its test split predicted with
     Grad-CAM, and the clinician ``USER``."""
-    from workbench.catalog.ingest import cohort_items, ingest
+    from workbench.catalog.cohorts import cohort_items
+    from workbench.catalog.ingest import ingest
     from workbench.dicom.synth import (
         DEMO_IMAGE_SIZE,
         DEMO_SEED,

@@ -12,7 +12,8 @@ import torch
 
 from tests.conftest import Pipeline, make_settings
 from workbench import cli
-from workbench.catalog.ingest import cohort_items, ingest
+from workbench.catalog.cohorts import cohort_items
+from workbench.catalog.ingest import ingest
 from workbench.cli import demo as cli_demo
 from workbench.cli import models as cli_models
 from workbench.dicom.plant import planted_cohort

@@ -11,14 +11,8 @@ import pytest
 from sqlalchemy import inspect, select, text
 
 from tests.conftest import make_settings
-from workbench.catalog.ingest import (
-    CatalogError,
-    cohort_items,
-    cohort_summary,
-    ingest,
-    retry_quarantine,
-    split_cohort,
-)
+from workbench.catalog.cohorts import cohort_items, cohort_summary, split_cohort
+from workbench.catalog.ingest import CatalogError, ingest, retry_quarantine
 from workbench.config import Settings
 from workbench.db.store import Instance, Quarantine, Series, Study, get_engine, session_scope
 from workbench.dicom.synth import synthesize_cohort

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Pipeline, run_cli
-from workbench.catalog.ingest import cohort_items
+from workbench.catalog.cohorts import cohort_items
 from workbench.model.bundle import load_bundle
 from workbench.model.bundle_info import BundleError, list_bundles, read_bundle_info
 from workbench.model.contract import CONTRACT_VERSION, ContractError, ModelContract

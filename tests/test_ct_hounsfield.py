@@ -16,7 +16,8 @@ from sqlalchemy import select
 from tests.conftest import make_settings
 from tests.test_app import PASSWORD, open_study_page, sign_in
 from workbench.catalog.cache import HU_CACHE_FORMAT, file_cache_key, hu_cache_key
-from workbench.catalog.ingest import cache_path, ingest, items_for_studies
+from workbench.catalog.cohorts import items_for_studies
+from workbench.catalog.ingest import cache_path, ingest
 from workbench.config import Settings, get_settings
 from workbench.db.store import Instance, Prediction, Series, Study, session_scope
 from workbench.dicom.read.header import FileWindow

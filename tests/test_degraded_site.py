@@ -53,7 +53,8 @@ def test_the_report_flags_the_degraded_site(tmp_path: Path) -> None:
     CI still ended 0.05-0.22 below the overall accuracy (with 120 studies, seed 2 missed:
     0.45, CI 0.33-0.60, against 0.57); 8 epochs left too little margin. The other seeds were
     not measured again with the compact network."""
-    from workbench.catalog.ingest import cohort_items, ingest
+    from workbench.catalog.cohorts import cohort_items
+    from workbench.catalog.ingest import ingest
     from workbench.evaluation.report import build_report
     from workbench.model.bundle import load_bundle
     from workbench.predict.inference import predict_items

@@ -327,7 +327,7 @@ def test_deidentify_returns_a_new_dataset_and_leaves_the_input_alone() -> None:
 
 
 def test_the_pseudonym_is_the_catalogs() -> None:
-    from workbench.catalog.ingest import keyed_hash
+    from workbench.dicom.deid import keyed_hash
 
     for pid in ("FAKEID-000001", "", "ÄÖ 123"):
         assert patient_pseudonym(pid, KEY) == "P" + keyed_hash(KEY, "patient:" + pid, 15)

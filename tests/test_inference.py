@@ -8,7 +8,8 @@ import numpy as np
 from sqlalchemy import select
 
 from tests.conftest import Pipeline
-from workbench.catalog.ingest import cache_path, cohort_items
+from workbench.catalog.cohorts import cohort_items
+from workbench.catalog.ingest import cache_path
 from workbench.db.store import Prediction, session_scope
 from workbench.model.bundle import load_bundle
 from workbench.predict.inference import write_csv

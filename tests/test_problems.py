@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import make_settings
-from workbench.catalog.ingest import cohort_items, ingest, patient_folds
+from workbench.catalog.cohorts import cohort_items, patient_folds
+from workbench.catalog.ingest import ingest
 from workbench.config import Settings
 from workbench.dicom.synth import synthesize_cohort
 from workbench.model.bundle import load_bundle

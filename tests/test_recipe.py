@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import Pipeline
-from workbench.catalog.ingest import cohort_items, holdout_patients
+from workbench.catalog.cohorts import cohort_items, holdout_patients
 from workbench.posthoc.calibration import TEMPERATURE_FLOOR, Calibrator, softmax
 from workbench.train.config import TrainConfig
 from workbench.train.recipe import (

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from workbench.catalog.ingest import cohort_items
+from workbench.catalog.cohorts import cohort_items
 from workbench.config import Settings
 from workbench.db.store import Cohort, CohortMember, Review, Study, session_scope, utcnow
 from workbench.evaluation.render import SECTION_TITLES, format_number, lookup

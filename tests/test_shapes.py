@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_settings, run_cli
-from workbench.catalog.ingest import MIN_VOLUME_SLICES, cohort_items, ingest
+from workbench.catalog.cohorts import MIN_VOLUME_SLICES, cohort_items
+from workbench.catalog.ingest import ingest
 from workbench.dicom.plant import planted_cohort
 from workbench.dicom.synth import synthesize_cohort
 from workbench.model.data import (

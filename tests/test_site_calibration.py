@@ -283,7 +283,8 @@ def test_train_and_predict_apply_the_studys_site_map_and_record_which(tmp_path: 
     applies it to that site's studies only."""
     from sqlalchemy import select
 
-    from workbench.catalog.ingest import cohort_items, ingest
+    from workbench.catalog.cohorts import cohort_items
+    from workbench.catalog.ingest import ingest
     from workbench.db.store import Prediction, new_session
     from workbench.dicom.synth import synthesize_cohort
     from workbench.model.bundle import load_bundle

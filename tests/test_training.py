@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from tests.conftest import Pipeline
-from workbench.catalog.ingest import CatalogError, cache_path, cohort_items, ingest
+from workbench.catalog.cohorts import cohort_items
+from workbench.catalog.ingest import CatalogError, cache_path, ingest
 from workbench.config import Settings
 from workbench.dicom.synth import synthesize_cohort
 from workbench.model.bundle import load_bundle

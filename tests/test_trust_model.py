@@ -34,7 +34,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from tests.conftest import make_settings, torch_threads
-from workbench.catalog.ingest import cache_path, cohort_items, ingest, items_for_studies
+from workbench.catalog.cohorts import cohort_items, items_for_studies
+from workbench.catalog.ingest import cache_path, ingest
 from workbench.config import Settings
 from workbench.db.store import Instance, Prediction, Study, session_scope
 from workbench.dicom.synth import synthesize_cohort

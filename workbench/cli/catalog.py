@@ -9,10 +9,10 @@ import dataclasses
 import getpass
 from pathlib import Path
 
+from workbench.catalog.cohorts import cohort_summary
 from workbench.catalog.export import export_cohort
 from workbench.catalog.ingest import (
     SIDECAR_SUFFIXES,
-    cohort_summary,
     ingest,
     iter_files,
     quarantine_report,

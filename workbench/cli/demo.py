@@ -7,7 +7,8 @@ import argparse
 import secrets
 import time
 
-from workbench.catalog.ingest import cohort_items, ingest
+from workbench.catalog.cohorts import cohort_items
+from workbench.catalog.ingest import ingest
 from workbench.cli.app import cmd_app
 from workbench.cli.common import actor
 from workbench.cli.models import train_and_report

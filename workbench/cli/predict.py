@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workbench.catalog.ingest import CohortItem, cohort_items, ingest, items_for_studies
+from workbench.catalog.cohorts import CohortItem, cohort_items, items_for_studies
+from workbench.catalog.ingest import ingest
 from workbench.cli.common import add_qido_filters, credentials, pull_studies
 from workbench.config import Settings, get_settings
 from workbench.errors import NotFoundError, UsageError, WorkbenchError

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from workbench.catalog.ingest import CatalogError, CohortItem, cohort_items
+from workbench.catalog.cohorts import CohortItem, cohort_items
+from workbench.catalog.ingest import CatalogError
 from workbench.catalog.subgroups import (
     AGE_BANDS,
     UNKNOWN,

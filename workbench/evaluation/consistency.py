@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workbench.catalog.ingest import CohortItem, cohort_items
+from workbench.catalog.cohorts import CohortItem, cohort_items
 from workbench.config import Settings
 from workbench.errors import WorkbenchError
 from workbench.model.bundle import Bundle, code_version, load_bundle

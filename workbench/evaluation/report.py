@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from workbench.catalog.ingest import CatalogError, CohortItem, cohort_hash, cohort_items
+from workbench.catalog.cohorts import CohortItem, cohort_hash, cohort_items
+from workbench.catalog.ingest import CatalogError
 from workbench.catalog.subgroups import (
     AGE_BANDS,
     SUBGROUP_ATTRS,

@@ -29,7 +29,7 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset as TorchDataset
 
-from workbench.catalog.ingest import MIN_VOLUME_SLICES, CohortItem
+from workbench.catalog.cohorts import MIN_VOLUME_SLICES, CohortItem
 from workbench.errors import UsageError, WorkbenchError
 
 PRESET_VERSION = 1
@@ -141,7 +141,7 @@ class LoadCachedd(MapTransform):
 
     Hand-written because the cache layout is the workbench's own; output is channel-first
     float32: (1, H, W) or (1, D, H, W). For a 2D model a short stack (fewer slices than
-    :data:`workbench.catalog.ingest.MIN_VOLUME_SLICES`, so a 2D study by the shape rule) gives its
+    :data:`workbench.catalog.cohorts.MIN_VOLUME_SLICES`, so a 2D study by the shape rule) gives its
     middle slice.
     """
 

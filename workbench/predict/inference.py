@@ -21,7 +21,7 @@ from monai.data import MetaTensor
 from sqlalchemy import select
 from tqdm import tqdm
 
-from workbench.catalog.ingest import CohortItem, study_headers
+from workbench.catalog.cohorts import CohortItem, study_headers
 from workbench.catalog.records import StudyHeader
 from workbench.config import Settings
 from workbench.db.store import Prediction, new_session

@@ -14,11 +14,7 @@ import torch
 from monai.data import DataLoader
 from torch import nn
 
-from workbench.catalog.ingest import (
-    CohortItem,
-    cohort_hash,
-    study_headers,
-)
+from workbench.catalog.cohorts import CohortItem, cohort_hash, study_headers
 from workbench.catalog.records import StudyHeader
 from workbench.config import Settings
 from workbench.metrics import (

@@ -36,7 +36,7 @@ from monai.data import DataLoader
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from workbench.catalog.ingest import (
+from workbench.catalog.cohorts import (
     MIN_VOLUME_SLICES,
     CohortItem,
     cohort_items,
@@ -144,7 +144,7 @@ def select_shape(
 ) -> tuple[list[CohortItem], int, dict[str, Any]]:
     """The studies a run trains on, their spatial dims, and a record of the choice.
 
-    A study is 2D or 3D by what it holds (:data:`workbench.catalog.ingest.MIN_VOLUME_SLICES`), not
+    A study is 2D or 3D by what it holds (:data:`workbench.catalog.cohorts.MIN_VOLUME_SLICES`), not
     by its modality. ``auto`` takes the cohort's one shape and refuses a mixed cohort in one
     line with the counts; ``2`` or ``3`` trains on the studies of that shape and leaves the
     others out, counted by reason. Studies with no usable input (every series inconsistent)

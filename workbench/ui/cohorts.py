@@ -9,7 +9,8 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from workbench.catalog.ingest import cohort_summary, quarantine_report
+from workbench.catalog.cohorts import cohort_summary
+from workbench.catalog.ingest import quarantine_report
 from workbench.config import Settings
 from workbench.model.bundle_info import BundleInfo, list_bundles
 from workbench.ui import data
