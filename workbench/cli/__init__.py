@@ -1,9 +1,10 @@
 """The ``workbench`` command: one sub-command per stage, one module per command group.
 
 ``catalog`` (synth, ingest, export, quarantine, cohort), ``models`` (models, train, weights),
-``predict`` (predict, send), ``evaluation`` (report, compare, promote), ``accounts`` (users,
-audit), ``app`` and ``demo``; ``common`` holds what several share. Each group module has a
-``register`` that adds its options and a ``COMMANDS`` table of its handlers.
+``predict`` (predict, send), ``evaluation`` (report, compare, promote), ``labelling``
+(suggest), ``accounts`` (users, audit), ``app`` and ``demo``; ``common`` holds what several
+share. Each group module has a ``register`` that adds its options and a ``COMMANDS`` table of
+its handlers.
 
 The group modules import the torch-free stages at the top. The stages that import torch, MONAI
 or Captum (training, inference, reports, model bundles) are imported inside the handlers that
@@ -25,12 +26,12 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy.exc import OperationalError
 
-from workbench.cli import accounts, app, catalog, demo, evaluation, models, predict
+from workbench.cli import accounts, app, catalog, demo, evaluation, labelling, models, predict
 from workbench.config import debug_enabled
 from workbench.errors import WorkbenchError
 
 #: The command groups, in the order ``workbench --help`` lists their commands.
-GROUPS = (catalog, models, predict, evaluation, accounts, app, demo)
+GROUPS = (catalog, models, predict, evaluation, labelling, accounts, app, demo)
 
 #: Every command's handler, by command name.
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
