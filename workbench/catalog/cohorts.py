@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,9 @@ class CohortItem:
     # Slices of each input: 1 for an image, the series' instances for a stacked volume, the
     # frames of a multi-frame file cached whole.
     depths: tuple[int, ...] = ()
+    # where the label came from: "csv" (the catalog's, from a labels file), "read" (clinicians
+    # who agreed) or "adjudicated"; None for an unlabelled study
+    label_source: str | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -162,7 +165,10 @@ def cohort_items(settings: Settings, cohort: str, split: str | None = None) -> l
             q = q.where(CohortMember.split == split)
         items = []
         for m in session.scalars(q):
-            items.append(_item(settings, m.study, m.split))
+            item = _item(settings, m.study, m.split)
+            if m.label is not None:  # a label of this cohort's own (from reads)
+                item = replace(item, label=m.label, label_source=m.label_source)
+            items.append(item)
         return sorted(items, key=lambda i: i.study_key)
 
 
@@ -202,6 +208,7 @@ def _item(settings: Settings, study: Study, split: str | None) -> CohortItem:
         study_key=study.study_key,
         patient=study.patient_pseudonym,
         label=study.label,
+        label_source="csv" if study.label else None,
         split=split,
         site=study.site,
         sex=study.patient.sex,
@@ -264,7 +271,8 @@ class CohortSummary:
 
 def cohort_summary(settings: Settings, cohort: str) -> CohortSummary:
     """Modalities, manufacturers, sites, views, sizes, transfer syntaxes, photometric
-    interpretations (per instance), and labels and splits (per study) of a cohort."""
+    interpretations (per instance), and labels, their sources and splits (per study) of a
+    cohort."""
     from collections import Counter
 
     with session_scope(settings.database_url) as session:
@@ -277,7 +285,10 @@ def cohort_summary(settings: Settings, cohort: str) -> CohortSummary:
         instances = problems = 0
         for m in members:
             st = m.study
-            facets["label"][st.label or "(none)"] += 1
+            label = m.label if m.label is not None else st.label
+            facets["label"][label or "(none)"] += 1
+            source = m.label_source or ("csv" if st.label else None)
+            facets["label source"][source or "(none)"] += 1
             facets["split"][m.split or "(not split)"] += 1
             for se in st.series:
                 problems += bool(se.problems)

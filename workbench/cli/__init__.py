@@ -6,10 +6,11 @@
 share. Each group module has a ``register`` that adds its options and a ``COMMANDS`` table of
 its handlers.
 
-The group modules import the torch-free stages at the top. The stages that import torch, MONAI
-or Captum (training, inference, reports, model bundles) are imported inside the handlers that
-use them, because importing them takes seconds: ``workbench users list``, ``audit verify`` or
-``--help`` must not pay for them (``tests/test_cli.py`` checks it).
+The group modules import the light stages at the top. The stages that import torch, MONAI,
+Captum or statsmodels (training, inference, reports, model bundles, reader agreement) are
+imported inside the handlers that use them, because importing them takes seconds:
+``workbench users list``, ``audit verify`` or ``--help`` must not pay for them
+(``tests/test_cli.py`` checks it).
 
 Every failure the user can act on prints one line (``error: ...``) and exits 1; a bug prints its
 traceback and :data:`BUG_LINE`, and exits :data:`EXIT_BUG`; ``WORKBENCH_DEBUG=1`` shows the

@@ -19,11 +19,11 @@ from workbench.catalog.ingest import (
     read_labels,
     retry_quarantine,
 )
-from workbench.cli.common import add_qido_filters, pull_studies
+from workbench.cli.common import actor, add_qido_filters, pull_studies
 from workbench.config import DEFAULT_MAX_PIXEL_MB, check_frames, get_settings, pseudonym_key
 from workbench.dicom.deid import DeidConfig, export_deidentified, remap_uid
 from workbench.dicom.synth import synthesize_cohort
-from workbench.errors import NotFoundError
+from workbench.errors import NotFoundError, UsageError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -95,8 +95,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("quarantine", help="list files that could not be ingested, with reasons")
     s.add_argument("--retry", action="store_true", help="try every quarantined file again")
 
-    s = sub.add_parser("cohort", help="what a cohort is made of (modalities, sites, sizes...)")
-    s.add_argument("name")
+    s = sub.add_parser(
+        "cohort",
+        help="what a cohort is made of; or make one from clinicians' reads",
+        usage="workbench cohort NAME\n       workbench cohort from-reads NAME [--source COHORT] "
+        "[--adjudicated-only] [--min-readers N] [--reads-only]",
+        description="`cohort NAME`: modalities, sites, views, sizes, transfer syntaxes and, for a "
+        "cohort made from reads, the source of its labels. `cohort from-reads NAME`: a new "
+        "labelled cohort from the reads of --source's studies (default: every study read): "
+        "an adjudication wins, then readers who agree, then the labels file's label (unless "
+        "--reads-only); conflicts are left out and counted, and the readers' agreement "
+        "(Fleiss' and Cohen's kappa) is reported.",
+    )
+    s.add_argument("words", nargs="+", metavar="NAME", help=argparse.SUPPRESS)
+    s.add_argument("--source", help="from-reads: the cohort whose studies are labelled")
+    s.add_argument(
+        "--adjudicated-only", action="store_true", help="from-reads: adjudicated studies only"
+    )
+    s.add_argument("--min-readers", type=int, default=1, help="from-reads: readers who must agree")
+    s.add_argument(
+        "--reads-only", action="store_true", help="from-reads: no labels from the labels file"
+    )
 
 
 def cmd_synth(a: argparse.Namespace) -> None:
@@ -181,7 +200,33 @@ def cmd_quarantine(a: argparse.Namespace) -> None:
 
 
 def cmd_cohort(a: argparse.Namespace) -> None:
-    print("\n".join(cohort_summary(get_settings(), a.name).lines()))
+    if a.words[0] != "from-reads":
+        if len(a.words) != 1:
+            raise UsageError("cohort takes one NAME, or: cohort from-reads NAME [options]")
+        print("\n".join(cohort_summary(get_settings(), a.words[0]).lines()))
+        return
+    if len(a.words) != 2:
+        raise UsageError("cohort from-reads takes one NAME: the cohort to make")
+    # statsmodels (the kappas) takes seconds to import: only this handler pays for it
+    from workbench.review.from_reads import cohort_from_reads
+
+    made = cohort_from_reads(
+        get_settings(),
+        a.words[1],
+        a.source,
+        adjudicated_only=a.adjudicated_only,
+        min_readers=a.min_readers,
+        reads_only=a.reads_only,
+        actor=actor(),
+    )
+    print(made.line())
+    for pair in made.agreement.get("pairs", []):
+        kappa, lo, hi = pair.get("kappa"), pair.get("ci_low"), pair.get("ci_high")
+        shown = "n/a" if kappa is None else f"{kappa:.2f}"
+        if kappa is not None and lo is not None and hi is not None:
+            shown += f" [{lo:.2f}, {hi:.2f}]"
+        who = " / ".join(pair["readers"])
+        print(f"  Cohen's kappa {who}: {shown} on {pair['studies']} studies")
 
 
 COMMANDS = {

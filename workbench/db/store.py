@@ -144,6 +144,9 @@ class Cohort(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     split_seed: Mapped[int | None] = mapped_column(Integer)
     split_fractions: Mapped[list[Any] | None] = mapped_column(JSON)
+    # how the cohort was made when not by ingest (e.g. `cohort from-reads`: its options, counts
+    # and reader agreement); None for an ingested cohort
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class CohortMember(Base):
@@ -153,6 +156,11 @@ class CohortMember(Base):
     cohort_name: Mapped[str] = mapped_column(ForeignKey("cohort.name"), index=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
     split: Mapped[str | None] = mapped_column(String(16))
+    # the study's label in this cohort when it is not the catalog's (Study.label, from a labels
+    # CSV): from clinicians' reads; label_source says where it came from ("read",
+    # "adjudicated"); both None: the catalog's label
+    label: Mapped[str | None] = mapped_column(String(256))
+    label_source: Mapped[str | None] = mapped_column(String(16))
     study: Mapped[Study] = relationship()
 
 

@@ -322,6 +322,7 @@ def _lineage(
             "cohort_hash": recorded_hash,
             "split_seed": wb.split_seed,
             "split_studies": wb.split_studies,
+            "label_sources": wb.label_sources,
         },
         "evaluated_cohort": {
             "name": cohort,

@@ -125,6 +125,19 @@ class ModelContract:
         return None if studies is None else {str(k): int(v) for k, v in studies.items()}
 
     @property
+    def label_sources(self) -> dict[str, int] | None:
+        """Training studies by where their label came from ("csv", "read", "adjudicated"),
+        over every split; None for a bundle trained before the sources were recorded."""
+        by_split = self.split.get("label_sources")
+        if not by_split:
+            return None
+        total: dict[str, int] = {}
+        for counts in by_split.values():
+            for source, n in counts.items():
+                total[str(source)] = total.get(str(source), 0) + int(n)
+        return dict(sorted(total.items()))
+
+    @property
     def conformal_record(self) -> dict[str, Any] | None:
         """The conformal predictor's record in the trust section, when the bundle has one."""
         record = self.trust.get("conformal")

@@ -4,6 +4,7 @@ pieces and saliency checks, and write the bundle."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +205,11 @@ def calibrate_test_and_bundle(ctx: RunContext, model: nn.Module) -> tuple[Path, 
             "fractions": list(cfg.split_fractions),
             "studies": ctx.split_counts,
             "patients": {s: len({i.patient for i in its}) for s, its in ctx.by_split.items()},
+            # where each split's labels came from: the labels file, or clinicians' reads
+            "label_sources": {
+                s: dict(sorted(Counter(i.label_source or "csv" for i in its).items()))
+                for s, its in ctx.by_split.items()
+            },
             # Which studies did what: validation chose the weights (early stopping),
             # calibration chose and fitted the calibrator; the two never share a patient.
             "validation_fraction": cfg.validation_fraction,
