@@ -8,8 +8,10 @@ from pathlib import Path
 
 from workbench.cli.common import num
 from workbench.config import Settings, environment_value, get_settings
+from workbench.errors import NotFoundError
 from workbench.model.bundle_info import list_bundles
 from workbench.model.contract import ModelContract
+from workbench.review.promotion import promoted_model
 from workbench.train.config import (
     ARCHITECTURES,
     DEFAULTS,
@@ -116,7 +118,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="MODEL_OR_FILE",
         help="start from a bundle (its head rebuilt for new classes), a weights file, e.g. "
         "an ImageNet DenseNet121 state dict in torchvision's layout (nothing is downloaded), "
-        "or weights:NAME from `workbench weights import` (with their input normalization)",
+        "or weights:NAME from `workbench weights import` (with their input normalization); "
+        "promoted: the model promoted for the task named --name (promoted:TASK for another)",
     )
     s.add_argument("--freeze-blocks", type=int, help="freeze the first N dense blocks")
     s.add_argument("--backbone-lr-factor", type=float, help="backbone lr = lr x this")
@@ -202,7 +205,28 @@ def train_config(a: argparse.Namespace, settings: Settings) -> TrainConfig:
     values = {k: v for k, v in vars(a).items() if k in fields}
     values["precision"] = a.precision or settings.precision
     values["device"] = a.device or settings.device
+    values["init_from"] = resolve_init_from(settings, a.init_from, a.name)
     return TrainConfig(**values)
+
+
+#: ``--init-from promoted`` starts from the model promoted for the task named like the new
+#: model; ``promoted:TASK`` from another task's.
+PROMOTED = "promoted"
+
+
+def resolve_init_from(settings: Settings, init_from: str | None, name: str) -> str | None:
+    """``--init-from`` with ``promoted[:TASK]`` replaced by the promoted ``NAME/VERSION``, so
+    that the bundle records which model it was fine-tuned from."""
+    if init_from is None or init_from.partition(":")[0] != PROMOTED:
+        return init_from
+    task = init_from.partition(":")[2] or name
+    ref = promoted_model(settings, task)
+    if ref is None:
+        raise NotFoundError(
+            f"--init-from {init_from}: no model is promoted for task {task!r} "
+            "(see `workbench promote`)"
+        )
+    return ref
 
 
 def cmd_models(a: argparse.Namespace) -> None:
