@@ -21,6 +21,7 @@ reviewer = current_reviewer()  # also ends an idle session
 PAGES = {  # name: (menu section, title, icon)
     "worklist": ("Review", "Worklist", ":material/format_list_numbered:"),
     "study": ("Review", "Study", ":material/radiology:"),
+    "labelling": ("Review", "Labelling", ":material/label:"),
     "adjudication": ("Review", "Adjudication", ":material/gavel:"),
     "cohorts": ("Cohorts and reports", "Cohorts and models", ":material/groups:"),
     "reports": ("Cohorts and reports", "Reports", ":material/summarize:"),

@@ -420,7 +420,16 @@ LANDING = {
     "audrey": "Consistency report",
     "bailey": "Worklist",
 }
-GUARDED = ("worklist", "study", "cohorts", "reports", "audit", "adjudication", "models")
+GUARDED = (
+    "worklist",
+    "study",
+    "labelling",
+    "cohorts",
+    "reports",
+    "audit",
+    "adjudication",
+    "models",
+)
 
 
 def page_app(name: str, user: str | None) -> AppTest:
@@ -455,7 +464,7 @@ def test_every_page_refuses_a_role_it_is_not_for(app_db: str) -> None:
 
 
 def test_each_role_lands_on_its_home_and_the_menu_lists_only_its_pages(app_db: str) -> None:
-    assert auth.allowed_pages("clinician") == ["signin", "worklist", "study"]
+    assert auth.allowed_pages("clinician") == ["signin", "worklist", "study", "labelling"]
     assert auth.allowed_pages("researcher") == ["signin", "cohorts", "reports"]
     assert auth.allowed_pages("auditor") == ["signin", "reports", "audit"]
     assert set(auth.allowed_pages("admin")) == set(auth.PAGE_ROLES)

@@ -103,6 +103,15 @@ def test_suggest_ranks_unlabelled_studies_and_stores_the_worklist(incoming, tmp_
     assert worklist.n_labelled_reference > 6  # the model's training studies and the 6 labelled
     stored = (incoming.home / "suggestions" / "incoming.json").read_text()
     assert "1.2.826" not in stored and "FAKE" not in stored  # keys only, no UIDs or names
+    # each pick has a stored prediction (no heat map) for the labelling page to open
+    from workbench.db.store import Prediction
+
+    with session_scope(incoming.database_url) as s:
+        for sug in worklist.suggestions:
+            pred = s.get(Prediction, sug.prediction_id)
+            assert pred is not None and pred.study.study_key == sug.study_key
+            assert pred.explain_method == "none"
+    assert worklist.classes and worklist.multilabel is False
     rows = list(csv.DictReader(out.open()))
     assert [r["study_key"] for r in rows] == keys
     with session_scope(incoming.database_url) as s:

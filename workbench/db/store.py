@@ -227,6 +227,9 @@ class Review(Base):
     seconds_spent: Mapped[float | None] = mapped_column(Float)
     # Every label the reader holds true (multi-label problems); ``label`` is the main one.
     corrected_labels: Mapped[list[Any] | None] = mapped_column(JSON)
+    # whether the reader saw the model's output before this read (labelling shows it only on
+    # request, so that a read is not anchored); None: a review page read, which always shows it
+    model_visible: Mapped[bool | None] = mapped_column(Boolean)
 
 
 class UserAccount(Base):

@@ -54,6 +54,7 @@ class ReviewRecord:
     reason: str = ""
     seconds_spent: float | None = None
     corrected_labels: tuple[str, ...] = ()
+    model_visible: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ def _record(r: Review) -> ReviewRecord:
         reason=r.reason,
         seconds_spent=r.seconds_spent,
         corrected_labels=tuple(r.corrected_labels or ()),
+        model_visible=r.model_visible,
     )
 
 
@@ -194,6 +196,8 @@ def save_review(
     reason: str = "",
     seconds_spent: float | None = None,
     corrected_labels: list[str] | None = None,
+    model_visible: bool | None = None,
+    negative_class: str | None = None,
 ) -> ReviewRecord:
     """Store a review and its audit event in one transaction; never overwrite one.
 
@@ -201,6 +205,8 @@ def save_review(
     the next version, names the one it supersedes and needs a ``reason`` ("review.revise").
     ``kind="adjudication"`` is an admin settling a dispute ("review.adjudicate"). Either the
     review and its event are committed or neither is; database errors propagate to the caller.
+    ``model_visible``: whether the reader saw the model's output before reading (the labelling
+    page records it; None where the page always shows it).
     """
     comment, reason = comment.strip(), reason.strip()
     if role not in REVIEW_ROLES[kind]:
@@ -213,7 +219,8 @@ def save_review(
         pred = session.get(Prediction, prediction_id)
         if pred is None:
             raise ReviewError(f"prediction {prediction_id} no longer exists")
-        if any(c not in pred.probabilities for c in labels):
+        # a multi-label read of no finding names the model's negative class (not a label)
+        if any(c not in pred.probabilities and c != negative_class for c in labels):
             raise ReviewError(f"{label!r} is not one of the model's classes")
         previous = session.scalars(
             select(Review)
@@ -241,6 +248,7 @@ def save_review(
             reason=reason,
             seconds_spent=seconds_spent,
             corrected_labels=labels,
+            model_visible=model_visible,
         )
         session.add(review)
         session.flush()
@@ -288,6 +296,7 @@ def save_review(
                 "confidence": confidence,
                 "seconds_spent": seconds_spent,
                 "corrected_labels": labels,
+                "model_visible": model_visible,
             },
             reason=reason or comment,
         )

@@ -46,6 +46,8 @@ from workbench.model.data import make_dataset, to_records
 from workbench.model.runtime import forward_dataset, mean_by_study, resolve_precision
 from workbench.posthoc.conformal import ConformalSets, MultiLabelConformal, study_uniform
 from workbench.posthoc.similar import normalise
+from workbench.predict.inference import predict_items
+from workbench.predict.results import latest_predictions
 from workbench.predict.trust import load_trust
 from workbench.review.worklist import STRATEGIES, Suggestion, Worklist, worklist_path
 
@@ -235,6 +237,11 @@ def suggest(
     picks = diverse_order(
         scores, outputs[0].embeddings, seen, n, pool_factor, seed, strategy == "coreset"
     )
+    # The picks are predicted and stored (no heat map: the labelling page shows the model's
+    # output only on request), so that reads attach to a prediction as reviews do.
+    picked = [by_id[int(outputs[0].study_ids[i])] for i in picks]
+    predict_items(settings, first, picked, explain="none", progress=False)
+    stored = latest_predictions(settings, first.bundle_hash, [i.study_id for i in picked])
     suggestions = tuple(
         Suggestion(
             rank=rank + 1,
@@ -242,8 +249,9 @@ def suggest(
             score=round(float(scores[i]), 6),
             predicted=_predicted(first, mean[i], sigmoid),
             set_size=None if sizes is None else int(sizes[i]),
+            prediction_id=stored[item.study_id].id if item.study_id in stored else None,
         )
-        for rank, i in enumerate(picks)
+        for rank, (i, item) in enumerate(zip(picks, picked, strict=True))
     )
     worklist = Worklist(
         cohort=cohort,
@@ -252,6 +260,9 @@ def suggest(
         n_unlabelled=len(unlabelled),
         n_labelled_reference=len(seen),
         suggestions=suggestions,
+        classes=first.classes,
+        multilabel=sigmoid,
+        negative_class=first.negative_class if sigmoid else None,
     )
     path = worklist_path(settings, cohort)
     path.parent.mkdir(parents=True, exist_ok=True)

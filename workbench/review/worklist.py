@@ -28,6 +28,8 @@ class Suggestion:
     score: float
     predicted: str
     set_size: int | None = None
+    # the stored prediction (no heat map) that the labelling page opens and reads attach to
+    prediction_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class Worklist:
     n_unlabelled: int
     n_labelled_reference: int
     suggestions: tuple[Suggestion, ...]
+    classes: tuple[str, ...] = ()
+    multilabel: bool = False  # a read names every finding present (sigmoid models)
+    negative_class: str | None = None  # a multi-label read of no finding (e.g. "normal")
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,6 +59,9 @@ class Worklist:
             n_unlabelled=int(d["n_unlabelled"]),
             n_labelled_reference=int(d["n_labelled_reference"]),
             suggestions=tuple(Suggestion(**s) for s in d["suggestions"]),
+            classes=tuple(d.get("classes", ())),
+            multilabel=bool(d.get("multilabel", False)),
+            negative_class=d.get("negative_class"),
             created=d["created"],
         )
 
@@ -67,6 +75,12 @@ class Worklist:
 
 def worklist_path(settings: Settings, cohort: str) -> Path:
     return settings.home / "suggestions" / f"{cohort}.json"
+
+
+def worklist_cohorts(settings: Settings) -> list[str]:
+    """The cohorts that have a stored worklist, by name."""
+    folder = settings.home / "suggestions"
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
 
 
 def load_worklist(settings: Settings, cohort: str) -> Worklist | None:

@@ -33,6 +33,7 @@ PAGE_ROLES: dict[PageName, frozenset[Role]] = {
     "signin": ALL_ROLES,
     "worklist": frozenset({"clinician", "admin"}),
     "study": frozenset({"clinician", "admin"}),
+    "labelling": frozenset({"clinician", "admin"}),
     "cohorts": frozenset({"researcher", "admin"}),
     "reports": frozenset({"researcher", "auditor", "admin"}),
     "audit": frozenset({"auditor", "admin"}),

@@ -17,7 +17,15 @@ from workbench.config import Settings, get_settings
 from workbench.predict.results import probability_text
 
 PageName = Literal[
-    "signin", "worklist", "study", "cohorts", "reports", "audit", "adjudication", "models"
+    "signin",
+    "worklist",
+    "study",
+    "labelling",
+    "cohorts",
+    "reports",
+    "audit",
+    "adjudication",
+    "models",
 ]
 
 _HERE = Path(__file__).resolve().parent
@@ -25,6 +33,7 @@ PAGE_FILES: dict[PageName, str] = {
     "signin": "signin.py",
     "worklist": "worklist.py",
     "study": "study.py",
+    "labelling": "labelling.py",
     "cohorts": "cohorts.py",
     "reports": "reports.py",
     "audit": "audit.py",
