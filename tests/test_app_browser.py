@@ -9,6 +9,7 @@ own steps: the checks before it clicks and the 20-500 ms intervals at which it p
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -288,3 +289,51 @@ def test_a_clinician_reviews_the_top_study_in_the_browser(
     (ARTIFACTS / "study_render_time.txt").write_text(line + "\n")
     with capsys.disabled():
         print(f"\n{line}")
+
+
+def test_a_clinician_labels_a_suggested_study_in_the_browser(
+    demo_home: Path, tmp_path: Path
+) -> None:
+    """The labelling page in Chromium: the suggested study opens with the model's output
+    hidden, a label is chosen and saved, and the read is stored as blind."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
+    from workbench.review.worklist import Suggestion, Worklist
+
+    with sqlite3.connect(demo_home / "workbench.db") as db:
+        pid, key, predicted, probabilities = db.execute(
+            "SELECT p.id, s.study_key, p.predicted_label, p.probabilities FROM prediction p "
+            "JOIN study s ON s.id = p.study_id ORDER BY p.id LIMIT 1"
+        ).fetchone()
+    classes = tuple(json.loads(probabilities))
+    label = next(c for c in classes if c != predicted)
+    with served_app(demo_home, tmp_path) as url:
+        made = Worklist("demo", ("chest-xray/v1",), "entropy", 1, 0,
+                        (Suggestion(1, key, 0.69, predicted, None, pid),), classes)  # fmt: skip
+        (tmp_path / "home" / "suggestions").mkdir()
+        (tmp_path / "home" / "suggestions" / "demo.json").write_text(json.dumps(made.to_dict()))
+        expect.set_options(timeout=60_000)
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1600, "height": 1300})
+                page.set_default_timeout(60_000)
+                page.goto(url)
+                sign_in(page)
+                page.get_by_role("link", name="Labelling").click()
+                expect(page.get_by_role("heading", name="Labelling")).to_be_visible()
+                expect(page.get_by_text("Show the model's output")).to_be_visible()
+                expect(page.get_by_text(f"predicted {predicted}")).to_have_count(0)
+                page.get_by_role("combobox", name="Label", exact=True).click()
+                page.get_by_role("option", name=label, exact=True).click()
+                page.get_by_role("button", name="Save read").click()
+                expect(page.get_by_text("saved and recorded in the audit log")).to_be_visible()
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "labelling.png"), full_page=True)
+            finally:
+                browser.close()
+        with sqlite3.connect(tmp_path / "home" / "workbench.db") as db:
+            row = db.execute(
+                "SELECT prediction_id, reviewer, label, model_visible FROM review"
+            ).fetchone()
+    assert row == (pid, USER, label, 0)

@@ -123,7 +123,12 @@ def read_form(
         submitted = st.form_submit_button(
             "Save read" if current is None else "Save new version", type="primary"
         )
+    receipt_key = f"{key}_receipt"
     if not submitted:
+        if st.session_state.get(receipt_key) is not None:
+            st.success(
+                f"Read #{st.session_state[receipt_key]} saved and recorded in the audit log."
+            )
         return
     problem = validate_read(chosen, worklist.negative_class, worklist.multilabel)
     if problem is None and current is not None and not reason.strip():
@@ -153,8 +158,9 @@ def read_form(
     except (SQLAlchemyError, OSError) as err:
         st.error(f"The read was not saved: the database reported “{err}”. Submit again later.")
     else:
-        st.session_state[f"{key}_opened"] = time.time()
-        st.success(f"Read #{saved.id} saved and recorded in the audit log.")
+        st.session_state[f"{key}_opened"] = time.time()  # a next version's own time
+        st.session_state[receipt_key] = saved.id
+        st.rerun()  # the list shows the read, the form its next version
 
 
 def validate_read(chosen: list[str], negative: str | None, multilabel: bool) -> str | None:
