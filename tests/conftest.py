@@ -111,6 +111,29 @@ def _env_for(settings: Settings) -> dict[str, str]:
     }
 
 
+def copy_home(
+    pipeline: Pipeline, home: Path, monkeypatch: pytest.MonkeyPatch, models: bool = False
+) -> Settings:
+    """A private copy of the pipeline's home at ``home``: the catalog (SQLite's backup API, so
+    the write-ahead log comes too), the pixel cache and, with ``models``, the trained bundles.
+    The environment points at it while the test runs."""
+    import shutil
+    import sqlite3
+
+    settings = make_settings(home)
+    src = sqlite3.connect(pipeline.settings.home / "workbench.db")
+    dst = sqlite3.connect(settings.home / "workbench.db")
+    src.backup(dst)
+    src.close()
+    dst.close()
+    shutil.copytree(pipeline.settings.cache_dir, settings.cache_dir)
+    if models:
+        shutil.copytree(pipeline.settings.models_dir, settings.models_dir)
+    for k, v in _env_for(settings).items():
+        monkeypatch.setenv(k, v)
+    return settings
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     """A tiny trained model with stored predictions: 36 synthetic studies, 2 epochs at 64 px.

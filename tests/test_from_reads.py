@@ -3,14 +3,12 @@ source, conflicts left out and counted, adjudication respected, and agreement re
 
 from __future__ import annotations
 
-import shutil
-import sqlite3
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import TINY_COHORT, Pipeline, _env_for, make_settings
+from tests.conftest import TINY_COHORT, Pipeline, copy_home
 from workbench.catalog.cohorts import cohort_items
 from workbench.cli import main
 from workbench.config import Settings
@@ -41,16 +39,7 @@ def read(pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A copy of the pipeline's catalog, cache and model with reads of four studies:
     S_agree (two readers agree, the second after revising), S_split (they disagree),
     S_settled (they disagree and an admin adjudicated) and S_single (one reader)."""
-    settings = make_settings(tmp_path / "home")
-    # the SQLite backup API: a consistent copy, write-ahead log included
-    src = sqlite3.connect(pipeline.settings.home / "workbench.db")
-    dst = sqlite3.connect(settings.home / "workbench.db")
-    src.backup(dst)
-    src.close()
-    dst.close()
-    shutil.copytree(pipeline.settings.cache_dir, settings.cache_dir)
-    for k, v in _env_for(settings).items():
-        monkeypatch.setenv(k, v)
+    settings = copy_home(pipeline, tmp_path / "home", monkeypatch)
     with session_scope(settings.database_url) as s:
         preds = s.scalars(select(Prediction).order_by(Prediction.id)).all()
         rows = [(p.id, p.study.study_key, p.study.label, tuple(p.probabilities)) for p in preds]

@@ -3,8 +3,6 @@ hidden unless asked for, and the read lands as a label with its provenance."""
 
 from __future__ import annotations
 
-import shutil
-import sqlite3
 import time
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import TINY_COHORT, TINY_MODEL, Pipeline, _env_for, make_settings
+from tests.conftest import TINY_COHORT, TINY_MODEL, Pipeline, copy_home
 from workbench.db.store import AuditEvent, Prediction, Review, session_scope
 from workbench.review import users
 from workbench.review.worklist import Suggestion, Worklist, worklist_path
@@ -27,15 +25,7 @@ PASSWORD = "labelling-fixture-password"  # test fixture only
 def worklist(pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A copy of the pipeline's home with a clinician and a worklist of three stored
     predictions (as `workbench suggest` leaves them)."""
-    settings = make_settings(tmp_path / "home")
-    src = sqlite3.connect(pipeline.settings.home / "workbench.db")
-    dst = sqlite3.connect(settings.home / "workbench.db")
-    src.backup(dst)
-    src.close()
-    dst.close()
-    shutil.copytree(pipeline.settings.cache_dir, settings.cache_dir)
-    for k, v in _env_for(settings).items():
-        monkeypatch.setenv(k, v)
+    settings = copy_home(pipeline, tmp_path / "home", monkeypatch)
     users.add_user(settings, "test", "ann", "clinician", PASSWORD)
     with session_scope(settings.database_url) as s:
         preds = s.scalars(select(Prediction).order_by(Prediction.id).limit(3)).all()

@@ -4,14 +4,12 @@ cohort, the promoted model is fine-tuned on it, compared, and promoted or refuse
 from __future__ import annotations
 
 import json
-import shutil
-import sqlite3
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import TINY_COHORT, TINY_MODEL, Pipeline, _env_for, make_settings
+from tests.conftest import TINY_COHORT, TINY_MODEL, Pipeline, copy_home
 from workbench.cli import main
 from workbench.db.store import AuditEvent, Prediction, session_scope
 from workbench.review.promotion import promoted_model
@@ -21,16 +19,7 @@ from workbench.review.reviews import save_review
 @pytest.fixture
 def home(pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A copy of the pipeline's home: catalog (SQLite's backup API), pixel cache and model."""
-    settings = make_settings(tmp_path / "home")
-    src = sqlite3.connect(pipeline.settings.home / "workbench.db")
-    dst = sqlite3.connect(settings.home / "workbench.db")
-    src.backup(dst)
-    src.close()
-    dst.close()
-    shutil.copytree(pipeline.settings.cache_dir, settings.cache_dir)
-    shutil.copytree(pipeline.settings.models_dir, settings.models_dir)
-    for k, v in _env_for(settings).items():
-        monkeypatch.setenv(k, v)
+    settings = copy_home(pipeline, tmp_path / "home", monkeypatch, models=True)
     return settings
 
 

@@ -305,11 +305,28 @@ TEMPERATURE_FLOOR = 100
 ECE_TARGET = 0.05
 
 
-def _not_fitted(model: object) -> ValueError:
-    return ValueError(f"this {type(model).__name__} is not fitted yet: call fit() first")
+class MapCalibrator:
+    """What the calibrators share: what they learn is a map (``map_``), the plain data a bundle
+    stores; applying and storing go through it."""
+
+    map_: Any
+
+    def fitted_map(self) -> Any:
+        """``map_``, or a ValueError saying that :meth:`fit` comes first."""
+        if not hasattr(self, "map_"):
+            raise ValueError(f"this {type(self).__name__} is not fitted yet: call fit() first")
+        return self.map_
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """Logits -> calibrated probabilities, through the fitted map."""
+        return np.asarray(self.fitted_map().apply(logits))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fitted map as plain data (what the bundle stores)."""
+        return dict(self.fitted_map().to_dict())
 
 
-class Calibrator:
+class Calibrator(MapCalibrator):
     """Chooses and fits the calibration map of a softmax model (the post-hoc protocol,
     :mod:`workbench.posthoc.protocol`).
 
@@ -421,18 +438,6 @@ class Calibrator:
         self.notes_ = tuple(notes)
         return self
 
-    def apply(self, logits: np.ndarray) -> np.ndarray:
-        """(n, k) logits -> (n, k) calibrated probabilities, through the fitted map."""
-        if not hasattr(self, "map_"):
-            raise _not_fitted(self)
-        return self.map_.apply(logits)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fitted map as plain data (what the bundle stores)."""
-        if not hasattr(self, "map_"):
-            raise _not_fitted(self)
-        return self.map_.to_dict()
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], /) -> Self:
         """A fitted calibrator from its stored map (no fit report: it is not stored)."""
@@ -507,7 +512,7 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return _expit(np.asarray(logits, dtype=np.float64))
 
 
-class LabelCalibrator:
+class LabelCalibrator(MapCalibrator):
     """Fits one binary calibration per sigmoid output (one-vs-rest or multi-label models), each
     chosen by :class:`Calibrator` on that label's logit (the post-hoc protocol).
 
@@ -543,17 +548,6 @@ class LabelCalibrator:
         self.map_ = LabelCalibration(tuple(fitted), self.classes)
         self.report_ = report
         return self
-
-    def apply(self, logits: np.ndarray) -> np.ndarray:
-        """(n, K) logits -> (n, K) calibrated per-label probabilities."""
-        if not hasattr(self, "map_"):
-            raise _not_fitted(self)
-        return self.map_.apply(logits)
-
-    def to_dict(self) -> dict[str, Any]:
-        if not hasattr(self, "map_"):
-            raise _not_fitted(self)
-        return self.map_.to_dict()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], /) -> Self:

@@ -19,6 +19,7 @@ from workbench.posthoc.calibration import (
     Calibrator,
     LabelCalibration,
     LabelCalibrator,
+    MapCalibrator,
     calibration_from_dict,
     sigmoid,
     softmax,
@@ -152,7 +153,7 @@ def _map_log_loss(cal: CalibrationMap, logits: np.ndarray, labels: np.ndarray) -
     return _scores(cal.apply(logits), labels)["log_loss"]
 
 
-class SiteCalibrator:
+class SiteCalibrator(MapCalibrator):
     """Fits a map per site, as the global one was fitted, and keeps it where it beats the
     global map (the post-hoc protocol, :mod:`workbench.posthoc.protocol`).
 
@@ -237,14 +238,7 @@ class SiteCalibrator:
 
     def apply(self, logits: np.ndarray, sites: Sequence[str | None] | None = None) -> np.ndarray:
         """(n, k) logits -> probabilities, each row through its site's map."""
-        if not hasattr(self, "map_"):
-            raise ValueError("this SiteCalibrator is not fitted yet: call fit() first")
-        return self.map_.apply(logits, sites)
-
-    def to_dict(self) -> dict[str, Any]:
-        if not hasattr(self, "map_"):
-            raise ValueError("this SiteCalibrator is not fitted yet: call fit() first")
-        return self.map_.to_dict()
+        return np.asarray(self.fitted_map().apply(logits, sites))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], global_map: CalibrationMap) -> Self:
