@@ -420,16 +420,7 @@ LANDING = {
     "audrey": "Consistency report",
     "bailey": "Worklist",
 }
-GUARDED = (
-    "worklist",
-    "study",
-    "labelling",
-    "cohorts",
-    "reports",
-    "audit",
-    "adjudication",
-    "models",
-)
+GUARDED = tuple(name for name in PAGE_FILES if name != "signin")  # every page but sign-in
 
 
 def page_app(name: str, user: str | None) -> AppTest:

@@ -145,6 +145,24 @@ def reviews_for(
         return [_record(r) for r in session.scalars(q.order_by(Review.id.desc()))]
 
 
+def read_versions(settings: Settings, reviewer: str, prediction_ids: list[int]) -> dict[int, int]:
+    """Prediction id -> the version of ``reviewer``'s current read, for those they have read
+    (one query for a whole worklist)."""
+    if not prediction_ids:
+        return {}
+    with new_session(settings.database_url) as session:
+        rows = session.execute(
+            select(Review.prediction_id, func.max(Review.version))
+            .where(
+                Review.prediction_id.in_(prediction_ids),
+                Review.reviewer == reviewer,
+                Review.kind == "read",
+            )
+            .group_by(Review.prediction_id)
+        ).all()
+    return {int(pid): int(version) for pid, version in rows}
+
+
 def other_readers(settings: Settings, prediction_id: int, reviewer: str) -> int:
     """How many other clinicians have read this prediction (their reads stay hidden)."""
     with new_session(settings.database_url) as session:

@@ -25,18 +25,6 @@ from workbench.ui.study import CONFIDENCE, view_name
 SHOW_MODEL = "labelling_show_model"
 
 
-def _my_reads(s: Settings, worklist: Worklist, reviewer: Reviewer) -> dict[int, int]:
-    """Prediction id -> the version of this reader's current read, for the list."""
-    out = {}
-    for item in worklist.suggestions:
-        if item.prediction_id is None:
-            continue
-        mine = review_store.reviews_for(s, item.prediction_id, reviewer=reviewer.name)
-        if mine:
-            out[item.prediction_id] = mine[0].version
-    return out
-
-
 def worklist_table(worklist: Worklist, mine: dict[int, int]) -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -189,7 +177,8 @@ def main() -> None:
         f"{len(worklist.suggestions)} studies suggested by {worklist.strategy} "
         f"({' + '.join(worklist.models)}), most useful first."
     )
-    mine = _my_reads(s, worklist, reviewer)
+    ids = [x.prediction_id for x in worklist.suggestions if x.prediction_id is not None]
+    mine = review_store.read_versions(s, reviewer.name, ids)
     st.dataframe(worklist_table(worklist, mine), hide_index=True)
     readable = [x for x in worklist.suggestions if x.prediction_id is not None]
     first_unread = next((x for x in readable if x.prediction_id not in mine), readable[0])
